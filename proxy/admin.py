@@ -1,0 +1,205 @@
+"""make_admin_app(deps): stats, health, keys, ttl, purge, clear, metrics (JSON on its own port)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.deps import DEPS, Deps
+from proxy.errors import BadRequest
+from proxy.keys import cache_key, escape_glob, key_url, parse_target
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_MAX_KEYS = 1000
+
+
+def _deps(request: web.Request) -> Deps:
+    return request.app[DEPS]
+
+
+def _bad(detail: str) -> web.Response:
+    return web.json_response({"error": "bad_request", "detail": detail}, status=400)
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Mutating calls need `Authorization: Bearer <token>` when a token is configured."""
+    token = _deps(request).config.server.admin_token
+    if token and request.method in _MUTATING:
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return web.json_response(
+                {"error": "unauthorized", "detail": "a valid bearer token is required"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="cacheproxy-admin"'},
+            )
+    return await handler(request)
+
+
+async def stats(request: web.Request) -> web.Response:
+    """Hit ratio overall and per route, requests, upstream calls, calls saved, L1 counters."""
+    deps = _deps(request)
+    store = deps.store
+    body: dict[str, Any] = deps.metrics.summary()
+    body["layers"] = {
+        "l1": {
+            "entries": len(store),
+            "bytes": store.bytes,
+            "max_entries": store.max_entries,
+            "max_bytes": store.max_bytes,
+            **vars_of(store.stats),
+        }
+    }
+    return web.json_response(body)
+
+
+def vars_of(obj: object) -> dict[str, Any]:
+    """A slotted dataclass's fields as a dict."""
+    return {name: getattr(obj, name) for name in getattr(obj, "__slots__", ())}
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness and the state of each part (200 ok; 503 when unhealthy)."""
+    deps = _deps(request)
+    store = deps.store
+    body = {
+        "status": "ok",
+        "l1": {"status": "ok", "entries": len(store), "bytes": store.bytes},
+        "upstreams": {name: {"url": str(u.url)} for name, u in deps.config.upstreams.items()},
+        "in_flight": len(deps.coalescer),
+    }
+    return web.json_response(body)
+
+
+async def keys(request: web.Request) -> web.Response:
+    """Cached keys matching `pattern` (a glob over the URL path, default all), up to `limit`."""
+    deps = _deps(request)
+    pattern = request.query.get("pattern", "*")
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        return _bad("limit must be an integer")
+    if not 1 <= limit <= _MAX_KEYS:
+        return _bad(f"limit must be between 1 and {_MAX_KEYS}")
+    now = deps.clock()
+    items: list[dict[str, Any]] = []
+    async for key, entry in deps.store.scan(_url_glob(pattern)):
+        items.append({
+            "key": key,
+            "url": key_url(key),
+            "route": entry.route,
+            "status": entry.status,
+            "layers": ["l1"],
+            "size": entry.size,
+            "ttl_left": round(entry.expires_at - now, 3),
+            "tags": list(entry.tags),
+        })  # fmt: skip
+        if len(items) >= limit:
+            break
+    return web.json_response({"keys": items, "count": len(items), "limit": limit})
+
+
+def _url_glob(pattern: str) -> str:
+    """A user's glob over URLs (`/v8/finance/chart/*`) as a glob over whole keys."""
+    if not pattern.startswith("/") and pattern != "*":
+        raise web.HTTPBadRequest(
+            text='{"error":"bad_request","detail":"pattern must start with / (or be *)"}',
+            content_type="application/json",
+        )
+    return "*" if pattern == "*" else f"* * {pattern}"
+
+
+async def ttl(request: web.Request) -> web.Response:
+    """TTL classes and routes as loaded."""
+    config = _deps(request).config
+    return web.json_response({
+        "ttl_classes": {
+            name: {"ttl": c.ttl, "negative_ttl": c.negative_ttl}
+            for name, c in config.ttl_classes.items()
+        },
+        "routes": [
+            {
+                "name": r.name,
+                "path": r.template,
+                "methods": sorted(r.methods),
+                "query": {name: sorted(values) for name, values in r.query},
+                "upstream": r.upstream,
+                "ttl_class": r.ttl_class.name if r.ttl_class else None,
+                "pass": r.ttl_class is None,
+            }
+            for r in config.routes
+        ],
+    })  # fmt: skip
+
+
+async def purge(request: web.Request) -> web.Response:
+    """`{"url": "/v8/finance/chart/AAPL?range=5d"}` or `{"pattern": "/v8/finance/chart/*"}`."""
+    deps = _deps(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        return _bad('body must be JSON such as {"url": "/path?query"} or {"pattern": "/path/*"}')
+    if not isinstance(body, dict) or len(body) != 1 or not {"url", "pattern"} & body.keys():
+        return _bad('body must have exactly one of "url" or "pattern"')
+    kind, value = next(iter(body.items()))
+    if not isinstance(value, str) or not value.startswith("/"):
+        return _bad(f"{kind} must be a string starting with /")
+    store = deps.store
+    if kind == "pattern":
+        purged = await store.delete_matching(_url_glob(value))
+    else:
+        try:
+            purged = await _purge_url(deps, value)
+        except BadRequest as e:
+            return _bad(str(e))
+    deps.metrics.purges.labels(kind).inc()
+    deps.metrics.purged_entries.labels(kind).inc(purged)
+    return web.json_response({"purged": purged, kind: value})
+
+
+async def _purge_url(deps: Deps, url: str) -> int:
+    """Every entry for this URL: all upstreams' routes and all key-header variants."""
+    config = deps.config
+    target = parse_target(url)
+    rules = config.cache.keys
+    purged = 0
+    for upstream in {r.upstream for r in config.routes}:
+        exact = cache_key("GET", upstream, target, rules.ignore_params, rules.secret_params)
+        purged += await deps.store.delete(exact)
+        purged += await deps.store.delete_matching(escape_glob(exact) + " *")
+    return purged
+
+
+async def clear(request: web.Request) -> web.Response:
+    """Drop every entry."""
+    deps = _deps(request)
+    cleared = await deps.store.clear()
+    deps.metrics.purges.labels("clear").inc()
+    deps.metrics.purged_entries.labels("clear").inc(cleared)
+    return web.json_response({"cleared": cleared})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of the app's registry."""
+    output = generate_latest(_deps(request).metrics.registry)
+    return web.Response(body=output, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def make_admin_app(deps: Deps) -> web.Application:
+    """The operator-facing application on its own listener."""
+    app = web.Application(middlewares=[require_token])
+    app[DEPS] = deps
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/health", health)
+    app.router.add_get("/keys", keys)
+    app.router.add_get("/ttl", ttl)
+    app.router.add_post("/purge", purge)
+    app.router.add_post("/clear", clear)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,152 @@
+"""Command line: serve, check-config, sim, demo. Wiring happens here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from proxy.admin import make_admin_app
+from proxy.config import Config, load_config
+from proxy.deps import build_deps
+from proxy.errors import ConfigError
+from proxy.server import make_proxy_app
+
+log = logging.getLogger("cacheproxy")
+EXIT_CONFIG = 2
+
+
+def routes_table(config: Config) -> str:
+    """The routes as a fixed-width table, in match order."""
+    rows = [("#", "ROUTE", "METHODS", "PATH", "QUERY", "UPSTREAM", "TTL CLASS", "TTL")]
+    for i, r in enumerate(config.routes):
+        query = " ".join(f"{n}={'|'.join(sorted(v))}" for n, v in r.query) or "-"
+        cls = r.ttl_class
+        rows.append((
+            str(i), r.name, ",".join(sorted(r.methods)), r.template, query, r.upstream,
+            cls.name if cls else "(pass)", _seconds(cls.ttl) if cls else "-",
+        ))  # fmt: skip
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _seconds(value: float) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if value >= size and value % size == 0:
+            return f"{int(value // size)}{unit}"
+    return f"{value:g}s"
+
+
+async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Set up a runner for app and listen on host:port."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, backlog=1024).start()
+    return runner
+
+
+async def serve(config: Config) -> None:
+    """Run the proxy and admin listeners until SIGINT or SIGTERM."""
+    deps = build_deps(config)
+    proxy_runner = await start_site(make_proxy_app(deps), config.server.host, config.server.port)
+    admin_runner = await start_site(
+        make_admin_app(deps), config.server.admin_host, config.server.admin_port
+    )
+    log.info(
+        "cacheproxy serving on %s:%d, admin on %s:%d, %d routes, backend %s",
+        config.server.host, config.server.port, config.server.admin_host,
+        config.server.admin_port, len(config.routes), config.cache.backend,
+    )  # fmt: skip
+    await wait_for_signal()
+    log.info("shutting down")
+    await admin_runner.cleanup()
+    await proxy_runner.cleanup()
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed, else the default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cacheproxy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("serve", "run the proxy and the admin port"),
+        ("check-config", "validate a config and print its routes table, without serving"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("-c", "--config", default="config/proxy.yaml", help="YAML config file")
+    sim = sub.add_parser("sim", help="serve the simulated market-data API")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=9000)
+    sim.add_argument("--latency-scale", type=float, default=1.0)
+    sim.add_argument("--error-rate", type=float, default=0.0)
+    sim.add_argument("--rate-429", type=float, default=0.0)
+    demo = sub.add_parser("demo", help="simulator + proxy + Zipf traffic, no network or Redis")
+    demo.add_argument("--seconds", type=float, default=30.0, help="how long to run")
+    demo.add_argument("--rate", type=float, default=50.0, help="page views per second")
+    demo.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of symbol popularity")
+    demo.add_argument(
+        "--port", type=int, default=8080, help="proxy port (sim and admin use +1000, +1)"
+    )
+    parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `cacheproxy` console script and `python -m proxy`."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=(args.log_level or "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command in ("serve", "check-config"):
+        try:
+            config = load_config(args.config)
+        except ConfigError as e:
+            print(f"cacheproxy: invalid config: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        if args.command == "check-config":
+            print(
+                f"{args.config}: ok ({len(config.routes)} routes, "
+                f"{len(config.ttl_classes)} TTL classes, backend {config.cache.backend})"
+            )
+            print(routes_table(config))
+            return 0
+        if not args.log_level:
+            logging.getLogger().setLevel(config.server.log_level.upper())
+        run(serve(config))
+        return 0
+    if args.command == "sim":
+        from proxy.demo import run_sim
+
+        run(run_sim(args))
+        return 0
+    from proxy.demo import run_demo
+
+    run(run_demo(args))
+    return 0

@@ -1,0 +1,419 @@
+"""YAML -> frozen dataclasses. Every error names its place, e.g. routes[3].ttl_class."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+import yaml
+from yarl import URL
+
+from proxy.errors import ConfigError
+from proxy.policy import TTLClass
+from proxy.routes import Route, RouteTable, compile_template
+from proxy.units import expand_env, parse_duration, parse_size
+
+Backend = Literal["memory", "redis", "layered"]
+BACKENDS: tuple[Backend, ...] = ("memory", "redis", "layered")
+T = TypeVar("T")
+
+DEFAULT_SECRET_PARAMS = (
+    "apikey", "api_key", "apiKey", "token", "access_token", "key", "secret", "password",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One external API the proxy may forward to, and what it adds to each call."""
+
+    name: str
+    url: URL
+    connect_timeout: float = 3.0
+    timeout: float = 15.0
+    max_connections: int = 100
+    headers: Mapping[str, str] = field(default_factory=dict)
+    query: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRules:
+    """What goes into a cache key besides method, upstream and path."""
+
+    ignore_params: frozenset[str] = frozenset({"_"})
+    headers: tuple[str, ...] = ()
+    secret_params: frozenset[str] = frozenset(DEFAULT_SECRET_PARAMS)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Which stores hold entries, and their bounds."""
+
+    backend: Backend = "memory"
+    l1_max_entries: int = 1000
+    l1_max_bytes: int = 100 * 1024 * 1024
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    max_object_size: int = 8 * 1024 * 1024
+    keys: KeyRules = field(default_factory=KeyRules)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Where the proxy and admin listeners bind."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8081
+    admin_token: str = ""
+    log_level: str = "info"
+    coalesce_timeout: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration."""
+
+    upstreams: Mapping[str, Upstream]
+    ttl_classes: Mapping[str, TTLClass]
+    routes: RouteTable
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+class Node:
+    """A value read from YAML together with its path, so errors can say where."""
+
+    __slots__ = ("path", "value")
+
+    def __init__(self, value: object, path: str) -> None:
+        self.value = value
+        self.path = path
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(self.path, message)
+
+    def child(self, key: str | int) -> Node:
+        if isinstance(key, int):
+            return Node(cast(list[object], self.value)[key], f"{self.path}[{key}]")
+        value = self.value.get(key) if isinstance(self.value, dict) else None
+        return Node(value, f"{self.path}.{key}" if self.path else key)
+
+    def mapping(self, allowed: tuple[str, ...] | None = None) -> dict[str, object]:
+        """The node as a mapping; unknown fields are errors (a typo must not pass silently)."""
+        if self.value is None:
+            return {}
+        if not isinstance(self.value, dict):
+            raise self.error(f"expected a mapping, got {type(self.value).__name__}")
+        for key in self.value:
+            if not isinstance(key, str):
+                raise self.error(f"keys must be strings, got {key!r}")
+            if allowed is not None and key not in allowed:
+                raise self.child(key).error(f"unknown field (expected one of {', '.join(allowed)})")
+        return cast(dict[str, object], self.value)
+
+    def items(self) -> Iterator[tuple[str, Node]]:
+        for key in self.mapping():
+            yield key, self.child(key)
+
+    def sequence(self) -> list[Node]:
+        if self.value is None:
+            return []
+        if not isinstance(self.value, list):
+            raise self.error(f"expected a list, got {type(self.value).__name__}")
+        return [self.child(i) for i in range(len(self.value))]
+
+    def present(self) -> bool:
+        return self.value is not None
+
+    def text(self, default: str | None = None) -> str:
+        if self.value is None:
+            if default is None:
+                raise self.error("is required")
+            return default
+        if isinstance(self.value, bool) or not isinstance(self.value, str | int | float):
+            raise self.error(f"expected a string, got {type(self.value).__name__}")
+        return str(self.value)
+
+    def convert(self, parse: Callable[[object], T], default: T) -> T:
+        if self.value is None:
+            return default
+        try:
+            return parse(self.value)
+        except ValueError as e:
+            raise self.error(str(e)) from e
+
+    def integer(self, default: int, minimum: int = 0) -> int:
+        value = self.convert(_parse_int, default)
+        if value < minimum:
+            raise self.error(f"must be at least {minimum}, got {value}")
+        return value
+
+    def duration(self, default: float) -> float:
+        return self.convert(parse_duration, default)
+
+    def size(self, default: int) -> int:
+        return self.convert(parse_size, default)
+
+    def flag(self, default: bool) -> bool:
+        if self.value is None:
+            return default
+        if not isinstance(self.value, bool):
+            raise self.error(f"expected true or false, got {self.value!r}")
+        return self.value
+
+    def strings(self) -> tuple[str, ...]:
+        """A string or a list of strings."""
+        if isinstance(self.value, str | int | float) and not isinstance(self.value, bool):
+            return (str(self.value),)
+        return tuple(n.text() for n in self.sequence())
+
+    def string_map(self) -> dict[str, str]:
+        return {key: node.text() for key, node in self.items()}
+
+
+def _parse_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def _expand(value: object, path: str, env: Mapping[str, str]) -> object:
+    """Expand ${VAR} inside every string scalar (after parsing, so values cannot break YAML)."""
+    if isinstance(value, str):
+        try:
+            return expand_env(value, env)
+        except KeyError as e:
+            raise ConfigError(path, f"environment variable {e.args[0]} is not set") from e
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    return value
+
+
+def _upstream(name: str, node: Node) -> Upstream:
+    node.mapping(("url", "connect_timeout", "timeout", "max_connections", "headers", "query"))
+    url_node = node.child("url")
+    url = URL(url_node.text())
+    if url.scheme not in ("http", "https") or not url.host:
+        raise url_node.error(f"expected an absolute http(s) URL, got {url_node.value!r}")
+    if url.query_string or url.fragment:
+        raise url_node.error("must not carry a query or fragment (use 'query:' to add parameters)")
+    return Upstream(
+        name=name,
+        url=url,
+        connect_timeout=node.child("connect_timeout").duration(3.0),
+        timeout=node.child("timeout").duration(15.0),
+        max_connections=node.child("max_connections").integer(100, minimum=1),
+        headers=node.child("headers").string_map(),
+        query=node.child("query").string_map(),
+    )
+
+
+def _ttl_class(name: str, node: Node) -> TTLClass:
+    if not isinstance(node.value, dict):  # shorthand: `news: 15m`
+        ttl = node.duration(0.0)
+        if not node.present():
+            raise node.error("is required")
+        return TTLClass(name=name, ttl=ttl, negative_ttl=min(ttl, 60.0))
+    node.mapping(("ttl", "negative_ttl"))
+    ttl_node = node.child("ttl")
+    if not ttl_node.present():
+        raise ttl_node.error("is required")
+    ttl = ttl_node.duration(0.0)
+    return TTLClass(
+        name=name, ttl=ttl, negative_ttl=node.child("negative_ttl").duration(min(ttl, 60.0))
+    )
+
+
+_ROUTE_FIELDS = (
+    "name", "path", "methods", "query", "upstream", "ttl_class", "pass", "shared", "key_headers",
+)  # fmt: skip
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _route(
+    index: int, node: Node, upstreams: Mapping[str, Upstream], classes: Mapping[str, TTLClass]
+) -> Route:
+    node.mapping(_ROUTE_FIELDS)
+    name = node.child("name").text(f"route{index}")
+    path_node = node.child("path")
+    try:
+        pattern, params = compile_template(path_node.text())
+    except ValueError as e:
+        raise path_node.error(str(e)) from e
+    methods_node = node.child("methods")
+    methods = tuple(m.upper() for m in methods_node.strings()) or ("GET", "HEAD")
+    for i, method in enumerate(methods):
+        if method not in _METHODS:
+            raise methods_node.child(i).error(f"unsupported method {method!r}")
+    upstream_node = node.child("upstream")
+    upstream = upstream_node.text()
+    if upstream not in upstreams:
+        raise upstream_node.error(f"unknown upstream {upstream!r}")
+    passthrough = node.child("pass").flag(False)
+    class_node = node.child("ttl_class")
+    ttl_class: TTLClass | None = None
+    if class_node.present():
+        class_name = class_node.text()
+        if class_name not in classes:
+            raise class_node.error(f"unknown class {class_name!r}")
+        ttl_class = classes[class_name]
+    elif not passthrough:
+        raise class_node.error("is required unless the route sets 'pass: true'")
+    query_node = node.child("query")
+    conditions = tuple((key, frozenset(value.strings())) for key, value in query_node.items())
+    return Route(
+        name=name,
+        template=path_node.text(),
+        pattern=pattern,
+        params=params,
+        methods=frozenset(methods),
+        query=conditions,
+        upstream=upstream,
+        ttl_class=None if passthrough else ttl_class,
+        shared=node.child("shared").flag(False),
+        key_headers=tuple(h.lower() for h in node.child("key_headers").strings()),
+    )
+
+
+def _cache(node: Node) -> CacheConfig:
+    node.mapping(("backend", "l1", "redis_url", "max_object_size", "keys"))
+    backend = node.child("backend").text("memory")
+    if backend not in BACKENDS:
+        raise node.child("backend").error(f"expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    l1 = node.child("l1")
+    l1.mapping(("max_entries", "max_memory"))
+    keys = node.child("keys")
+    keys.mapping(("ignore_params", "headers", "secret_params"))
+    secret = keys.child("secret_params")
+    return CacheConfig(
+        backend=backend,
+        l1_max_entries=l1.child("max_entries").integer(1000, minimum=1),
+        l1_max_bytes=l1.child("max_memory").size(100 * 1024 * 1024),
+        redis_url=node.child("redis_url").text("redis://127.0.0.1:6379/0"),
+        max_object_size=node.child("max_object_size").size(8 * 1024 * 1024),
+        keys=KeyRules(
+            ignore_params=frozenset(keys.child("ignore_params").strings())
+            if keys.child("ignore_params").present()
+            else frozenset({"_"}),
+            headers=tuple(h.lower() for h in keys.child("headers").strings()),
+            secret_params=frozenset(secret.strings())
+            if secret.present()
+            else frozenset(DEFAULT_SECRET_PARAMS),
+        ),
+    )
+
+
+def _server(node: Node) -> ServerConfig:
+    node.mapping(
+        ("host", "port", "admin_host", "admin_port", "admin_token", "log_level", "coalesce_timeout")
+    )
+    level = node.child("log_level").text("info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise node.child("log_level").error(
+            f"expected debug, info, warning or error, got {level!r}"
+        )
+    server = ServerConfig(
+        host=node.child("host").text("0.0.0.0"),
+        port=node.child("port").integer(8080),
+        admin_host=node.child("admin_host").text("127.0.0.1"),
+        admin_port=node.child("admin_port").integer(8081),
+        admin_token=node.child("admin_token").text(""),
+        log_level=level,
+        coalesce_timeout=node.child("coalesce_timeout").duration(15.0),
+    )
+    if not server.admin_token and not _is_loopback(server.admin_host):
+        raise node.child("admin_host").error(
+            f"refusing to expose the admin port on {server.admin_host!r} without admin_token"
+        )
+    for port_field in ("port", "admin_port"):
+        if getattr(server, port_field) > 65535:
+            raise node.child(port_field).error("must be at most 65535")
+    return server
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname that might resolve anywhere
+
+
+def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
+    """Validate parsed YAML (plus environment overrides) into a Config."""
+    environ = os.environ if env is None else env
+    root = Node(_expand(data, "", environ), "")
+    if not isinstance(root.value, dict):
+        raise ConfigError("", "the file must hold a mapping with upstreams, ttl_classes and routes")
+    root.mapping(("upstreams", "ttl_classes", "routes", "cache", "server"))
+    upstreams_node = root.child("upstreams")
+    upstreams = {name: _upstream(name, node) for name, node in upstreams_node.items()}
+    if not upstreams:
+        raise upstreams_node.error("at least one upstream is required")
+    classes = {name: _ttl_class(name, node) for name, node in root.child("ttl_classes").items()}
+    routes_node = root.child("routes")
+    routes = [_route(i, n, upstreams, classes) for i, n in enumerate(routes_node.sequence())]
+    if not routes:
+        raise routes_node.error("at least one route is required")
+    seen: dict[str, int] = {}
+    for i, route in enumerate(routes):
+        if route.name in seen:
+            raise (
+                routes_node.child(i)
+                .child("name")
+                .error(f"duplicate route name {route.name!r} (also routes[{seen[route.name]}])")
+            )
+        seen[route.name] = i
+    return Config(
+        upstreams=upstreams,
+        ttl_classes=classes,
+        routes=RouteTable(tuple(routes)),
+        cache=_apply_env_overrides(_cache(root.child("cache")), environ),
+        server=_server(root.child("server")),
+    )
+
+
+def _apply_env_overrides(cache: CacheConfig, env: Mapping[str, str]) -> CacheConfig:
+    """The seed's environment variables keep working and win over the file."""
+    changes: dict[str, Any] = {}
+    if backend := env.get("CACHE_BACKEND"):
+        if backend not in BACKENDS:
+            raise ConfigError(
+                "CACHE_BACKEND", f"expected one of {', '.join(BACKENDS)}, got {backend!r}"
+            )
+        changes["backend"] = backend
+    if url := env.get("CACHE_REDIS_URL"):
+        changes["redis_url"] = url
+    if entries := env.get("CACHE_L1_MAX_ENTRIES"):
+        changes["l1_max_entries"] = Node(entries, "CACHE_L1_MAX_ENTRIES").integer(0, minimum=1)
+    if megabytes := env.get("CACHE_L1_MAX_MEMORY_MB"):
+        changes["l1_max_bytes"] = (
+            Node(megabytes, "CACHE_L1_MAX_MEMORY_MB").integer(0, minimum=1) * 1024 * 1024
+        )
+    return replace(cache, **changes) if changes else cache
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML file; any problem is a ConfigError naming the field."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read: {e.strerror or e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(where, f"not valid YAML: {getattr(e, 'problem', None) or e}") from e
+    return parse_config(data, env)

@@ -1,0 +1,97 @@
+"""CachedResponse and its versioned byte encoding: the only serializer."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from proxy.errors import CorruptEntry
+
+MAGIC: Final = b"CP"
+VERSION: Final = 1
+# magic, version, status, stored_at, ttl, initial_age, metadata length, body length
+_HEAD: Final = struct.Struct(">2sBHdddII")
+# Per-entry bookkeeping that is neither body nor header text (object headers, dict slot).
+ENTRY_OVERHEAD: Final = 200
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResponse:
+    """A stored upstream response and what is needed to serve it later."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]  # end-to-end headers, as the upstream sent them
+    body: bytes
+    stored_at: float  # wall-clock seconds when stored
+    ttl: float  # seconds of freshness from stored_at
+    initial_age: float = 0.0  # the Age the upstream reported
+    route: str = ""
+    tags: tuple[str, ...] = ()  # e.g. "symbol=AAPL", for purges by tag
+
+    @property
+    def expires_at(self) -> float:
+        """When the entry stops being fresh."""
+        return self.stored_at + self.ttl
+
+    @property
+    def size(self) -> int:
+        """Bytes the entry costs in memory: body plus header text plus bookkeeping."""
+        return (
+            len(self.body)
+            + sum(len(name) + len(value) for name, value in self.headers)
+            + ENTRY_OVERHEAD
+        )
+
+    def header(self, name: str) -> str | None:
+        """The first value of a header, by case-insensitive name."""
+        lower = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lower:
+                return value
+        return None
+
+
+def encode(entry: CachedResponse) -> bytes:
+    """Bytes for an L2 store: fixed header, JSON metadata, then the body verbatim."""
+    meta = json.dumps(
+        {"h": entry.headers, "r": entry.route, "t": entry.tags}, separators=(",", ":")
+    ).encode()
+    head = _HEAD.pack(
+        MAGIC, VERSION, entry.status, entry.stored_at, entry.ttl, entry.initial_age,
+        len(meta), len(entry.body),
+    )  # fmt: skip
+    return head + meta + entry.body
+
+
+def decode(data: bytes) -> CachedResponse:
+    """Inverse of encode; anything else (corrupt, truncated, foreign, old) is CorruptEntry."""
+    if len(data) < _HEAD.size:
+        raise CorruptEntry("truncated header")
+    magic, version, status, stored_at, ttl, initial_age, meta_len, body_len = _HEAD.unpack_from(
+        data
+    )
+    if magic != MAGIC:
+        raise CorruptEntry("not a cacheproxy entry")
+    if version != VERSION:
+        raise CorruptEntry(f"entry version {version}, expected {VERSION}")
+    if len(data) != _HEAD.size + meta_len + body_len:
+        raise CorruptEntry("length mismatch")
+    try:
+        meta = json.loads(data[_HEAD.size : _HEAD.size + meta_len])
+        headers = tuple((str(k), str(v)) for k, v in meta["h"])
+        route = str(meta["r"])
+        tags = tuple(str(t) for t in meta["t"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptEntry(f"bad metadata: {e}") from e
+    return CachedResponse(
+        status=status,
+        headers=headers,
+        body=data[_HEAD.size + meta_len :],
+        stored_at=stored_at,
+        ttl=ttl,
+        initial_age=initial_age,
+        route=route,
+        tags=tags,
+    )

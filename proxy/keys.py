@@ -1,0 +1,158 @@
+"""Request-target checks and cache-key normalisation (pure; no I/O)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import quote, unquote_to_bytes
+
+from proxy.errors import BadRequest
+
+# RFC 3986 3.3: pchar = unreserved / pct-encoded / sub-delims / ":" / "@". quote() always
+# keeps ALPHA, DIGIT and "_.-~" (the unreserved set), so these are the extras.
+_PATH_SAFE = "!$&'()*+,;=:@"
+# In a query component, "&", "=" and "+" are structure (form encoding), so they stay encoded.
+_QUERY_SAFE = "!$'()*,;:@/?"
+_FORBIDDEN_BYTES = re.compile(rb"[\x00-\x1f\x7f\\]")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A validated request target: normalised path and query, and decoded query values."""
+
+    path: str
+    query: tuple[tuple[str, str], ...]  # normalised (still encoded) pairs, in request order
+    params: Mapping[str, str]  # decoded name -> first decoded value, for route conditions
+
+
+def _normalise_component(raw: str, safe: str, plus_is_space: bool) -> tuple[str, bytes]:
+    data = unquote_to_bytes(raw.replace("+", " ") if plus_is_space else raw)
+    return quote(data, safe=safe), data
+
+
+@lru_cache(maxsize=8192)
+def parse_target(raw: str) -> Target:
+    """Validate an origin-form request target and normalise its percent-encoding.
+
+    Refuses absolute-form and authority-form targets (the proxy is never an open proxy),
+    dot segments in any encoding, backslashes and control characters.
+    """
+    if not raw.startswith("/") or raw.startswith("//"):
+        raise BadRequest(
+            "request target must be an origin-form path such as /v8/finance/chart/AAPL"
+        )
+    path, _, query = raw.partition("?")
+    path, _, _fragment = path.partition("#")
+    segments: list[str] = []
+    for segment in path.split("/")[1:]:
+        encoded, data = _normalise_component(segment, _PATH_SAFE, plus_is_space=False)
+        # An encoded slash must not smuggle a dot segment to an upstream that decodes it.
+        if _FORBIDDEN_BYTES.search(data) or {b".", b".."} & set(data.split(b"/")):
+            raise BadRequest("path contains a dot segment, a backslash or a control character")
+        segments.append(encoded)
+    pairs: list[tuple[str, str]] = []
+    params: dict[str, str] = {}
+    for part in query.split("&") if query else ():
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        name_enc, name_raw = _normalise_component(name, _QUERY_SAFE, plus_is_space=True)
+        value_enc, value_raw = _normalise_component(value, _QUERY_SAFE, plus_is_space=True)
+        pairs.append((name_enc, value_enc))
+        params.setdefault(name_raw.decode("utf-8", "replace"), value_raw.decode("utf-8", "replace"))
+    return Target("/" + "/".join(segments), tuple(pairs), params)
+
+
+def _redact(value: str) -> str:
+    return "#" + hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+def key_query(target: Target, ignore: frozenset[str], secret: frozenset[str]) -> str:
+    """Sorted query for the key: ignored names dropped, repeats kept in order, secrets hashed."""
+    kept = [
+        (name, _redact(value) if name in secret else value)
+        for name, value in target.query
+        if name not in ignore
+    ]
+    kept.sort(key=lambda pair: pair[0])  # stable: repeated names keep their relative order
+    return "&".join(f"{name}={value}" for name, value in kept)
+
+
+def cache_key(
+    method: str,
+    upstream: str,
+    target: Target,
+    ignore: frozenset[str],
+    secret: frozenset[str],
+    headers: Iterable[tuple[str, str]] = (),
+) -> str:
+    """`GET yahoo /v8/finance/chart/AAPL?range=5d [accept-language=en]`.
+
+    Space-separated fields: spaces cannot occur in a normalised path or query, and header
+    values are percent-encoded, so a key always splits back into its parts. HEAD shares
+    GET's entries.
+    """
+    method = "GET" if method == "HEAD" else method
+    query = key_query(target, ignore, secret)
+    key = (
+        f"{method} {upstream} {target.path}?{query}"
+        if query
+        else f"{method} {upstream} {target.path}"
+    )
+    for name, value in headers:
+        key += f" {name}={quote(value, safe='')}"
+    return key
+
+
+def key_url(key: str) -> str:
+    """The path?query part of a cache key."""
+    parts = key.split(" ", 3)
+    return parts[2] if len(parts) > 2 else ""
+
+
+def upstream_target(target: Target, extra: Mapping[str, str]) -> str:
+    """Path and query to send upstream: the normalised target plus configured parameters.
+
+    Configured parameters replace any the client sent under the same name, so a client can
+    neither override nor learn the proxy's credentials.
+    """
+    pairs = [(n, v) for n, v in target.query if n not in extra] if extra else list(target.query)
+    pairs.extend((quote(n, safe=""), quote(v, safe="")) for n, v in extra.items())
+    if not pairs:
+        return target.path
+    return target.path + "?" + "&".join(f"{n}={v}" for n, v in pairs)
+
+
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a Redis-style glob (`*`, `?`, `[abc]`, `\\x` escapes) to an anchored regex."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[" and (end := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1 : end]
+            negate = body.startswith("^") or body.startswith("!")
+            body = re.escape(body[1:] if negate else body).replace("\\-", "-")
+            out.append(f"[{'^' if negate else ''}{body}]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+def escape_glob(text: str) -> str:
+    """Escape glob metacharacters so `text` matches only itself."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)

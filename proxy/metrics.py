@@ -1,0 +1,155 @@
+"""Metrics(registry): owns every Prometheus series and the counts behind /stats."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import Final, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy.store.base import StoreStats
+
+OUTCOMES: Final = (
+    "hit_l1", "hit_l2", "miss", "stale", "stale_error", "coalesced", "bypass", "error",
+)  # fmt: skip
+# Outcomes served without this request causing an upstream call of its own.
+SAVED_OUTCOMES: Final = frozenset({"hit_l1", "hit_l2", "stale", "stale_error", "coalesced"})
+CACHEABLE_OUTCOMES: Final = SAVED_OUTCOMES | {"miss"}
+UNMATCHED: Final = "unmatched"
+_LATENCY_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+)  # fmt: skip
+
+
+class _Observable(Protocol):
+    """What a store must expose to be watched (MemoryStore fits)."""
+
+    stats: StoreStats
+    bytes: int
+
+    def __len__(self) -> int: ...
+
+
+class _StoreCollector(Collector):
+    """Reads a store's size and counters at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, layer: str, store: _Observable) -> None:
+        self.layer = layer
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.store.stats
+        for name, doc, value in (
+            ("cacheproxy_cache_entries", "Entries held", len(self.store)),
+            ("cacheproxy_cache_bytes", "Bytes held (body + headers)", self.store.bytes),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=["layer"])
+            gauge.add_metric([self.layer], value)
+            yield gauge
+        for field, doc in (
+            ("hits", "Lookups that found a live entry"),
+            ("misses", "Lookups that found nothing live"),
+            ("sets", "Entries written"),
+            ("deletes", "Entries removed by purge, clear or delete"),
+            ("evictions", "Entries evicted to stay within bounds"),
+            ("expirations", "Entries dropped because they expired"),
+        ):
+            counter = CounterMetricFamily(f"cacheproxy_cache_{field}", doc, labels=["layer"])
+            counter.add_metric([self.layer], getattr(stats, field))
+            yield counter
+
+
+class Metrics:
+    """Every metric the proxy exports, on a registry the app owns."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "cacheproxy_requests", "Client requests by route and outcome",
+            ["route", "outcome"], registry=r,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "cacheproxy_request_duration_seconds", "Time to answer a client request",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.upstream_requests = Counter(
+            "cacheproxy_upstream_requests", "Requests sent upstream, by status class",
+            ["upstream", "status"], registry=r,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "cacheproxy_upstream_errors", "Upstream calls that failed, by kind",
+            ["upstream", "kind"], registry=r,
+        )  # fmt: skip
+        self.upstream_seconds = Histogram(
+            "cacheproxy_upstream_duration_seconds", "Time to upstream response headers",
+            ["upstream"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.purges = Counter("cacheproxy_purges", "Purge requests by kind", ["kind"], registry=r)
+        self.purged_entries = Counter(
+            "cacheproxy_purged_entries", "Entries removed by purges", ["kind"], registry=r
+        )
+        # Plain tallies behind /stats; cheaper to read than walking the registry.
+        self.by_route: Tally[tuple[str, str]] = Tally()
+        self.upstream_calls: Tally[str] = Tally()
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
+    def watch_store(self, layer: str, store: _Observable) -> None:
+        """Export a store's size and counters under layer=<layer>."""
+        self.registry.register(_StoreCollector(layer, store))
+
+    def request(self, route: str, outcome: str, seconds: float) -> None:
+        """Count one answered client request."""
+        children = self._children.get((route, outcome))
+        if children is None:
+            children = (
+                self.requests.labels(route, outcome),
+                self.request_seconds.labels(route),
+            )
+            self._children[(route, outcome)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+        self.by_route[(route, outcome)] += 1
+
+    def upstream_call(self, upstream: str, status: int, seconds: float) -> None:
+        """Count one upstream response (headers received)."""
+        self.upstream_requests.labels(upstream, f"{status // 100}xx").inc()
+        self.upstream_seconds.labels(upstream).observe(seconds)
+        self.upstream_calls[upstream] += 1
+
+    def upstream_error(self, upstream: str, kind: str, answered: bool = False) -> None:
+        """Count one failed upstream call (timeout, connect, protocol)."""
+        self.upstream_errors.labels(upstream, kind).inc()
+        if not answered:  # a call that got headers was counted by upstream_call already
+            self.upstream_calls[upstream] += 1
+
+    def summary(self) -> dict[str, object]:
+        """Hit ratio overall and per route, requests, upstream calls, calls saved."""
+        routes: dict[str, dict[str, int]] = {}
+        for (route, outcome), count in self.by_route.items():
+            routes.setdefault(route, {})[outcome] = count
+        per_route = {name: _ratios(outcomes) for name, outcomes in sorted(routes.items())}
+        total: Tally[str] = Tally()
+        for outcomes in routes.values():
+            total.update(outcomes)
+        return {
+            **_ratios(dict(total)),
+            "upstream_calls": dict(self.upstream_calls),
+            "upstream_calls_total": sum(self.upstream_calls.values()),
+            "routes": per_route,
+        }
+
+
+def _ratios(outcomes: dict[str, int]) -> dict[str, object]:
+    lookups = sum(n for o, n in outcomes.items() if o in CACHEABLE_OUTCOMES)
+    saved = sum(n for o, n in outcomes.items() if o in SAVED_OUTCOMES)
+    return {
+        "requests": sum(outcomes.values()),
+        "outcomes": {o: outcomes.get(o, 0) for o in OUTCOMES},
+        "cacheable_requests": lookups,
+        "calls_saved": saved,
+        "hit_ratio": round(saved / lookups, 4) if lookups else 0.0,
+    }

@@ -1,0 +1,144 @@
+"""Freshness and storability decisions. Pure: data and `now` in, a small verdict out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+# RFC 9110 15.1: heuristically cacheable status codes (501 excluded: we never store 5xx).
+_CACHEABLE_STATUS: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
+_NEGATIVE_STATUS: Final = frozenset({404, 410})
+
+
+@dataclass(frozen=True, slots=True)
+class TTLClass:
+    """How long responses of one kind stay fresh."""
+
+    name: str
+    ttl: float
+    negative_ttl: float  # for 404 and 410
+
+
+@dataclass(frozen=True, slots=True)
+class Fresh:
+    """The entry may be served as is; `ttl_left` seconds of freshness remain."""
+
+    ttl_left: float
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """The entry must not be served without going upstream."""
+
+
+Freshness = Fresh | Expired
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """Store the response; it stays fresh for `ttl` seconds."""
+
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class DontStore:
+    """Do not store the response, for `reason` (shown in Cache-Status detail)."""
+
+    reason: str
+
+
+Storability = Store | DontStore
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Serve the request from the cache when possible."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bypass:
+    """Forward the request without looking in or writing to the cache."""
+
+    reason: str
+
+
+RequestVerdict = Lookup | Bypass
+
+CACHEABLE_METHODS: Final = frozenset({"GET", "HEAD"})
+
+
+def parse_cache_control(value: str) -> dict[str, str | None]:
+    """`public, max-age=10` -> {"public": None, "max-age": "10"} (RFC 9111 5.2)."""
+    directives: dict[str, str | None] = {}
+    for part in value.split(","):
+        name, sep, arg = part.strip().partition("=")
+        if name:
+            directives[name.strip().lower()] = arg.strip().strip('"') if sep else None
+    return directives
+
+
+def classify_request(
+    method: str, ttl_class: TTLClass | None, has_credentials: bool, shared: bool
+) -> RequestVerdict:
+    """Whether a request may use the shared cache (DESIGN.md, Freshness and cost)."""
+    if ttl_class is None:
+        return Bypass("route-pass")
+    if method not in CACHEABLE_METHODS:
+        return Bypass("method")
+    # RFC 9111 3.5: a shared cache must not reuse a response to an authenticated request
+    # unless told it may; the route's `shared: true` is that statement.
+    if has_credentials and not shared:
+        return Bypass("credentials")
+    return Lookup()
+
+
+def storability(
+    status: int,
+    headers: Mapping[str, str],
+    set_cookie: bool,
+    body_size: int,
+    ttl_class: TTLClass,
+    max_object_size: int,
+) -> Storability:
+    """Whether an upstream response may be stored, and for how long (RFC 9111 3)."""
+    if status >= 500:
+        return DontStore("status-5xx")
+    if status == 429:
+        return DontStore("status-429")
+    if status not in _CACHEABLE_STATUS:
+        return DontStore(f"status-{status}")
+    if set_cookie:
+        return DontStore("set-cookie")
+    cache_control = parse_cache_control(headers.get("Cache-Control", ""))
+    if "no-store" in cache_control:  # RFC 9111 5.2.2.5
+        return DontStore("no-store")
+    if "private" in cache_control:  # RFC 9111 5.2.2.7: shared caches must not store
+        return DontStore("private")
+    if headers.get("Vary", "").strip() == "*":  # RFC 9111 4.1: never matches a later request
+        return DontStore("vary-star")
+    if body_size > max_object_size:
+        return DontStore("too-large")
+    ttl = ttl_class.negative_ttl if status in _NEGATIVE_STATUS else ttl_class.ttl
+    if ttl <= 0:
+        return DontStore("ttl-zero")
+    return Store(ttl)
+
+
+def freshness(stored_at: float, ttl: float, now: float) -> Freshness:
+    """Fresh while less than `ttl` seconds have passed since the entry was stored."""
+    left = stored_at + ttl - now
+    return Fresh(left) if left > 0 else Expired()
+
+
+def current_age(initial_age: float, stored_at: float, now: float) -> int:
+    """RFC 9111 4.2.3: the age the upstream reported plus our residence time, in seconds."""
+    return int(max(0.0, initial_age) + max(0.0, now - stored_at))
+
+
+def parse_age(value: str | None) -> float:
+    """The upstream's Age header as seconds; absent or invalid counts as 0 (RFC 9111 5.1)."""
+    if value and value.strip().isdigit():
+        return float(value.strip())
+    return 0.0

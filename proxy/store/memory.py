@@ -1,0 +1,99 @@
+"""L1: an in-process LRU bounded by entry count and by bytes, with lazy expiry."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+from proxy.clock import Clock, system_clock
+from proxy.entry import CachedResponse
+from proxy.keys import glob_to_regex
+from proxy.store.base import StoreStats
+
+
+class MemoryStore:
+    """LRU over an OrderedDict. Expired entries go when touched or when evicted."""
+
+    def __init__(self, max_entries: int, max_bytes: int, clock: Clock = system_clock) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.stats = StoreStats()
+        self._clock = clock
+        self._entries: OrderedDict[str, CachedResponse] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, key: str) -> CachedResponse | None:
+        """Synchronous get, for the hit path: counts, refreshes recency, expires lazily."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.stats.misses += 1
+            return None
+        if entry.expires_at <= self._clock():
+            self._remove(key)
+            self.stats.expirations += 1
+            self.stats.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.stats.hits += 1
+        return entry
+
+    async def get(self, key: str) -> CachedResponse | None:
+        """The live entry under key, or None."""
+        return self.peek(key)
+
+    async def set(self, key: str, entry: CachedResponse) -> None:
+        """Insert or replace, then evict least-recently-used entries until within bounds."""
+        size = entry.size
+        if size > self.max_bytes:
+            return  # would evict everything and still not fit
+        if key in self._entries:
+            self._remove(key)
+        self._entries[key] = entry
+        self.bytes += size
+        self.stats.sets += 1
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= evicted.size
+            self.stats.evictions += 1
+
+    async def delete(self, key: str) -> bool:
+        """Remove key; True if it was there."""
+        if key not in self._entries:
+            return False
+        self._remove(key)
+        self.stats.deletes += 1
+        return True
+
+    async def delete_matching(self, pattern: str) -> int:
+        """Remove every key matching the glob."""
+        regex = glob_to_regex(pattern)
+        doomed = [key for key in self._entries if regex.fullmatch(key)]
+        for key in doomed:
+            self._remove(key)
+        self.stats.deletes += len(doomed)
+        return len(doomed)
+
+    async def clear(self) -> int:
+        """Remove everything."""
+        count = len(self._entries)
+        self._entries.clear()
+        self.bytes = 0
+        self.stats.deletes += count
+        return count
+
+    async def scan(self, pattern: str = "*") -> AsyncIterator[tuple[str, CachedResponse]]:
+        """Live entries whose key matches, least recently used first."""
+        regex = glob_to_regex(pattern)
+        now = self._clock()
+        for key, entry in list(self._entries.items()):
+            if entry.expires_at > now and regex.fullmatch(key):
+                yield key, entry
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    def _remove(self, key: str) -> None:
+        self.bytes -= self._entries.pop(key).size

@@ -1,0 +1,311 @@
+"""End to end: a real client, the proxy, and a real upstream that counts its calls."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+
+from conftest import CountingUpstream, Proxy, ProxyFactory, Reply
+
+
+async def test_second_identical_get_is_a_hit_without_upstream_call(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    first = await proxy.client.get("/v8/finance/chart/AAPL?range=5d")
+    assert first.status == 200
+    assert first.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    second = await proxy.client.get("/v8/finance/chart/AAPL?range=5d")
+    assert second.status == 200
+    assert second.headers["Cache-Status"].startswith("cacheproxy; hit;")
+    assert "detail=l1" in second.headers["Cache-Status"]
+    assert await second.read() == await first.read()
+    assert upstream.total == 1
+
+
+async def test_ignored_and_reordered_query_parameters_share_an_entry(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    await proxy.client.get("/v8/finance/chart/AAPL?range=5d&interval=1m")
+    for url in (
+        "/v8/finance/chart/AAPL?interval=1m&range=5d",
+        "/v8/finance/chart/AAPL?range=5d&_=1700000000123&interval=1m",
+        "/v8/finance/chart/%41APL?range=5d&interval=1m",
+    ):
+        response = await proxy.client.get(url)
+        assert response.headers["Cache-Status"].startswith("cacheproxy; hit"), url
+    assert upstream.total == 1
+    await proxy.client.get("/v8/finance/chart/AAPL?range=1mo&interval=1m")
+    assert upstream.total == 2
+
+
+async def test_age_grows_with_the_clock(proxy: Proxy) -> None:
+    await proxy.client.get("/quote/AAPL")
+    proxy.clock.advance(42.5)
+    response = await proxy.client.get("/quote/AAPL")
+    assert response.headers["Age"] == "42"
+    assert "ttl=3557" in response.headers["Cache-Status"]
+
+
+async def test_upstream_age_is_added_to_residence_time(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    upstream.replies["/quote/MSFT"] = Reply(headers={"Age": "100"})
+    miss = await proxy.client.get("/quote/MSFT")
+    assert miss.headers["Age"] == "100"
+    proxy.clock.advance(5)
+    hit = await proxy.client.get("/quote/MSFT")
+    assert hit.headers["Age"] == "105"
+
+
+async def test_entry_expires_after_its_ttl(proxy: Proxy, upstream: CountingUpstream) -> None:
+    await proxy.client.get("/v8/finance/chart/AAPL")
+    proxy.clock.advance(59)
+    assert (await proxy.client.get("/v8/finance/chart/AAPL")).headers["Age"] == "59"
+    proxy.clock.advance(1)
+    response = await proxy.client.get("/v8/finance/chart/AAPL")
+    assert response.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    assert upstream.total == 2
+
+
+async def test_responses_that_must_not_be_stored_are_not(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    upstream.replies.update({
+        "/quote/COOKIE": Reply(headers={"Set-Cookie": "session=abc"}),
+        "/quote/NOSTORE": Reply(headers={"Cache-Control": "no-store"}),
+        "/quote/PRIVATE": Reply(headers={"Cache-Control": "private, max-age=60"}),
+        "/quote/VARY": Reply(headers={"Vary": "*"}),
+        "/quote/ERROR": Reply(status=503, body=b'{"error":"down"}'),
+        "/quote/LIMIT": Reply(status=429, body=b"Too Many Requests"),
+        "/quote/FORBIDDEN": Reply(status=403),
+    })  # fmt: skip
+    expected = {
+        "COOKIE": "set-cookie", "NOSTORE": "no-store", "PRIVATE": "private",
+        "VARY": "vary-star", "ERROR": "status-5xx", "LIMIT": "status-429",
+        "FORBIDDEN": "status-403",
+    }  # fmt: skip
+    for symbol, reason in expected.items():
+        for _ in range(2):
+            response = await proxy.client.get(f"/quote/{symbol}")
+            assert response.headers["Cache-Status"] == f"cacheproxy; fwd=miss; detail={reason}"
+        assert upstream.calls[f"/quote/{symbol}"] == 2, symbol
+    cookie = await proxy.client.get("/quote/COOKIE")
+    assert cookie.headers["Set-Cookie"].startswith("session=abc")
+    assert (await proxy.client.get("/quote/ERROR")).status == 503
+    assert len(proxy.deps.store) == 0
+
+
+async def test_404_is_stored_for_the_negative_ttl(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    upstream.replies["/v8/finance/chart/NOPE"] = Reply(status=404, body=b'{"error":"Not Found"}')
+    assert (await proxy.client.get("/v8/finance/chart/NOPE")).status == 404
+    proxy.clock.advance(9)
+    hit = await proxy.client.get("/v8/finance/chart/NOPE")
+    assert hit.status == 404
+    assert hit.headers["Cache-Status"].startswith("cacheproxy; hit")
+    proxy.clock.advance(1)
+    await proxy.client.get("/v8/finance/chart/NOPE")
+    assert upstream.calls["/v8/finance/chart/NOPE"] == 2
+
+
+async def test_concurrent_misses_make_one_upstream_call(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    upstream.gate = asyncio.Event()
+    requests = [
+        asyncio.ensure_future(proxy.client.get("/v8/finance/chart/TSLA?range=5d"))
+        for _ in range(100)
+    ]
+    while upstream.total == 0 or len(proxy.deps.coalescer) == 0:
+        await asyncio.sleep(0.001)  # wait for the leader to reach the upstream
+    upstream.gate.set()
+    responses = await asyncio.gather(*requests)
+    assert upstream.total == 1
+    assert all(r.status == 200 for r in responses)
+    statuses = [r.headers["Cache-Status"] for r in responses]
+    assert statuses.count("cacheproxy; fwd=miss; stored") == 1
+    assert statuses.count("cacheproxy; fwd=miss; collapsed") == 99
+
+
+async def test_head_is_served_from_the_get_entry(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    get = await proxy.client.get("/quote/AAPL")
+    head = await proxy.client.head("/quote/AAPL")
+    assert head.status == 200
+    assert head.headers["Cache-Status"].startswith("cacheproxy; hit")
+    assert head.headers["Content-Length"] == str(len(await get.read()))
+    assert await head.read() == b""
+    assert upstream.total == 1
+
+
+async def test_head_miss_fills_the_entry_with_a_get(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    head = await proxy.client.head("/quote/NVDA")
+    assert head.status == 200
+    assert upstream.seen[0].method == "GET"
+    get = await proxy.client.get("/quote/NVDA")
+    assert get.headers["Cache-Status"].startswith("cacheproxy; hit")
+    assert await get.read() == b'{"ok": true}'
+
+
+async def test_post_passes_through_with_its_body(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    upstream.replies["/xhr/ncp"] = Reply(body=b"<echo>")
+    payload = b'{"serviceConfig": {"snippetCount": 5, "s": ["AAPL"]}}' * 1000
+    for _ in range(2):
+        response = await proxy.client.post("/xhr/ncp?queryRef=latestNews", data=payload)
+        assert response.status == 200
+        assert await response.read() == payload
+        assert response.headers["Cache-Status"] == "cacheproxy; fwd=bypass; detail=route-pass"
+    assert upstream.calls["/xhr/ncp"] == 2
+    assert upstream.seen[0].path_qs == "/xhr/ncp?queryRef=latestNews"
+
+
+async def test_post_on_a_cached_route_is_forwarded_uncached(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    await proxy.client.get("/quote/AAPL")
+    response = await proxy.client.post("/quote/AAPL", data=b"x=1")
+    assert response.headers["Cache-Status"] == "cacheproxy; fwd=method; detail=method"
+    assert upstream.seen[-1].method == "POST"
+    assert upstream.seen[-1].body == b"x=1"
+
+
+async def test_unmatched_path_is_404_without_upstream_call(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    response = await proxy.client.get("/admin/secrets")
+    assert response.status == 404
+    assert (await response.json())["error"] == "no_route"
+    wrong_method = await proxy.client.delete("/v8/finance/chart/AAPL")
+    assert wrong_method.status == 405
+    assert upstream.total == 0
+
+
+def _raw_request(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        return sock.recv(65536)
+
+
+async def test_absolute_form_connect_and_traversal_are_refused(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    port = proxy.client.port
+    assert port is not None
+    for raw in (
+        b"GET http://evil.example/v8/finance/chart/AAPL HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
+        b"GET /v8/finance/chart/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /v8/finance/chart/%2e%2e HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /v8/finance/chart/%2E%2E%2Fx HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET //evil.example/x HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        answer = await asyncio.to_thread(_raw_request, port, raw)
+        status = int(answer.split(b" ", 2)[1])
+        assert 400 <= status < 500, (raw, answer[:80])
+    assert upstream.total == 0
+
+
+async def test_gzip_is_stored_once_and_decoded_for_clients_without_gzip(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    plain = b'{"quote": "' + b"x" * 5000 + b'"}'
+    upstream.replies["/quote/GZ"] = Reply(
+        body=gzip.compress(plain), headers={"Content-Encoding": "gzip"}
+    )
+    zipped = await proxy.client.get(
+        "/quote/GZ", headers={"Accept-Encoding": "gzip"}, auto_decompress=False
+    )
+    assert zipped.headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(await zipped.read()) == plain
+    identity = await proxy.client.get(
+        "/quote/GZ", headers={"Accept-Encoding": "identity"}, auto_decompress=False
+    )
+    assert "Content-Encoding" not in identity.headers
+    assert await identity.read() == plain
+    assert upstream.total == 1
+    assert upstream.seen[0].headers["Accept-Encoding"] == "gzip"
+
+
+async def test_oversized_bodies_stream_through_uncached(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(cache={"max_object_size": "1KB"})
+    upstream.replies["/quote/BIG"] = Reply(body=b"y" * 50_000)
+    for _ in range(2):
+        response = await proxy.client.get("/quote/BIG")
+        assert await response.read() == b"y" * 50_000
+        assert response.headers["Cache-Status"] == "cacheproxy; fwd=miss; detail=too-large"
+    assert upstream.total == 2
+
+
+async def test_forwarding_headers_and_credentials(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(
+        upstreams={
+            "api": {
+                "url": upstream.url,
+                "headers": {"User-Agent": "cacheproxy-test"},
+                "query": {"apikey": "s3cret"},
+            }
+        }
+    )
+    response = await proxy.client.get(
+        "/quote/AAPL?apikey=client-guess",
+        headers={"X-Forwarded-Host": "evil.example", "Connection": "keep-alive, X-Drop",
+                 "X-Drop": "1", "X-Forwarded-For": "10.0.0.1"},
+    )  # fmt: skip
+    assert response.status == 200
+    seen = upstream.seen[0]
+    assert seen.path_qs == "/quote/AAPL?apikey=s3cret"
+    assert seen.headers["User-Agent"] == "cacheproxy-test"
+    assert seen.headers["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
+    assert "X-Forwarded-Host" not in seen.headers
+    assert "X-Drop" not in seen.headers
+    assert seen.headers["Host"] == upstream.url.split("//", 1)[1].rstrip("/")
+    keys = [key async for key, _ in proxy.deps.store.scan()]
+    assert len(keys) == 1
+    assert "s3cret" not in keys[0] and "client-guess" not in keys[0]
+
+
+async def test_requests_with_credentials_bypass_the_shared_cache(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    await proxy.client.get("/quote/AAPL")
+    response = await proxy.client.get("/quote/AAPL", headers={"Authorization": "Bearer user1"})
+    assert response.headers["Cache-Status"] == "cacheproxy; fwd=bypass; detail=credentials"
+    assert upstream.seen[-1].headers["Authorization"] == "Bearer user1"
+    assert upstream.total == 2
+
+
+async def test_upstream_down_is_502_and_slow_is_504(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    proxy = await make_proxy(
+        upstreams={
+            "api": {"url": f"http://127.0.0.1:{dead_port}", "connect_timeout": "1s"},
+            "slow": {"url": upstream.url, "timeout": "200ms"},
+        },
+        routes=[
+            {"name": "dead", "path": "/quote/{symbol}", "upstream": "api", "ttl_class": "short"},
+            {"name": "slow", "path": "/slow", "upstream": "slow", "ttl_class": "short"},
+        ],
+    )
+    down = await proxy.client.get("/quote/AAPL")
+    assert down.status == 502
+    assert (await down.json())["error"] == "upstream_connect"
+    upstream.gate = asyncio.Event()  # never set: the upstream hangs
+    slow = await proxy.client.get("/slow")
+    assert slow.status == 504
+    assert (await slow.json())["error"] == "upstream_timeout"
+    assert len(proxy.deps.store) == 0
