@@ -110,9 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=30.0, help="how long to run")
     demo.add_argument("--rate", type=float, default=50.0, help="page views per second")
     demo.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of symbol popularity")
-    demo.add_argument(
-        "--port", type=int, default=8080, help="proxy port (sim and admin use +1000, +1)"
-    )
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (admin +1, sim +920)")
+    demo.add_argument("-c", "--config", default="config/proxy.yaml", help="YAML config file")
     parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
     return parser
 
@@ -137,6 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(routes_table(config))
             return 0
+        if config.cache.backend != "memory":
+            print(
+                f"cacheproxy: cache.backend {config.cache.backend!r} needs the Redis store, which "
+                "this version does not have yet; use 'memory' (or unset CACHE_BACKEND)",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
         if not args.log_level:
             logging.getLogger().setLevel(config.server.log_level.upper())
         run(serve(config))

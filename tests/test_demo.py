@@ -1,0 +1,117 @@
+"""The demo and the `serve` command, run for real on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import yaml
+from conftest import CountingUpstream, base_config
+
+from proxy.demo import Workload, demo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port_block() -> int:
+    """A port p with p, p+1 and p+920 free (the demo's proxy, admin and simulator)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 920 < 65535 and all(_free(p) for p in (port, port + 1, port + 920)):
+            return port
+    raise RuntimeError("no free port block")
+
+
+async def test_demo_serves_mostly_from_cache() -> None:
+    result = await demo(
+        seconds=1.5, rate=40, alpha=1.0, port=_free_port_block(),
+        config_path=ROOT / "config/proxy.yaml", latency_scale=0, quiet=True,
+    )  # fmt: skip
+    assert result.requests > 50
+    assert result.errors == 0
+    assert 0 < result.upstream_calls < result.requests
+    assert result.hit_ratio > 0.2
+
+
+def test_workload_mix_and_busters() -> None:
+    workload = Workload(random.Random(3), briefing_ids=[str(i) for i in range(1, 61)])
+    urls = [url for _ in range(2000) for url in workload.page_view()]
+    busted = sum("_=" in url for url in urls) / len(urls)
+    assert 0.15 < busted < 0.25
+    charts = sum(url.startswith("/v8/finance/chart/") for url in urls) / len(urls)
+    assert 0.15 < charts < 0.3
+    symbols = [u.split("/")[4].split("?")[0] for u in urls if u.startswith("/v8/finance/chart/")]
+    assert symbols.count("AAPL") > symbols.count("SYM0100") * 10  # Zipf: rank 1 dominates
+
+
+async def _wait_listening(port: int) -> None:
+    for _ in range(200):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+async def test_serve_proxies_and_exits_cleanly_on_sigterm(
+    upstream: CountingUpstream, tmp_path: Path
+) -> None:
+    port = _free_port_block()
+    admin_port = port + 1
+    data = base_config(upstream.url, server={"host": "127.0.0.1", "port": port,
+                                             "admin_port": admin_port})  # fmt: skip
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "-c", str(path),
+        env={**os.environ, "CACHE_BACKEND": ""}, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        await _wait_listening(port)
+        await _wait_listening(admin_port)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.get(f"http://127.0.0.1:{port}/quote/AAPL") as r:
+                    assert r.status == 200
+            async with session.get(f"http://127.0.0.1:{admin_port}/stats") as r:
+                stats = await r.json()
+        assert upstream.total == 1
+        assert stats["routes"]["quote"]["outcomes"]["hit_l1"] == 2
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_serve_refuses_a_backend_it_does_not_have(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:9")))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "-c", str(path),
+        env={**os.environ, "CACHE_BACKEND": "layered"}, cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 2
+    assert b"layered" in stderr
