@@ -23,7 +23,9 @@ from proxy.sim import SimConfig, make_sim_app
 from proxy.sim.app import SIM_STATS
 from proxy.tasks import Tasks
 
-_RANGES = (("1mo", 50), ("3mo", 20), ("6mo", 15), ("1y", 10), ("5y", 5))
+# Range switches on the detail page: half to 1mo, half to 3mo/6mo/1y/5y weighted 40/30/20/10.
+_RANGES = ("1mo", "3mo", "6mo", "1y", "5y")
+_RANGE_WEIGHTS = (50, 20, 15, 10, 5)
 _REAL = ("AAPL", "MSFT", "TSLA", "NVDA", "GOOG", "AMZN", "META", "005930.KS")
 
 
@@ -76,10 +78,9 @@ class Workload:
                 self._url("/v2/finance/news", [("symbol", symbol)]),
             ]
             if self.rng.random() < 0.35:
-                chart_range = self.rng.choices(*zip(*_RANGES, strict=True))[0]
-                urls.append(
-                    self._url(f"/v8/finance/chart/{symbol}", [("range", chart_range), ("interval", "1d")])
-                )
+                chart_range = self.rng.choices(_RANGES, _RANGE_WEIGHTS)[0]
+                params = [("range", chart_range), ("interval", "1d")]
+                urls.append(self._url(f"/v8/finance/chart/{symbol}", params))
             return urls
         if roll < 0.92 and self.briefing_ids:
             return [f"/briefings/{self.briefing_ids[self._briefing.draw()]}"]
@@ -191,8 +192,7 @@ async def demo(
                 if now >= next_report and not quiet:
                     next_report += report_every
                     _report(now - started, result, deps.metrics.summary(), sim_app)
-            while len(tasks):
-                await asyncio.sleep(0.05)
+            await tasks.wait()
         summary = deps.metrics.summary()
         result.hit_ratio = float(summary["hit_ratio"])  # type: ignore[arg-type]
         result.upstream_calls = sim_app[SIM_STATS].total

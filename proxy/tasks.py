@@ -31,6 +31,11 @@ class Tasks:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    async def wait(self) -> None:
+        """Wait until every task, including any spawned meanwhile, has finished."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def close(self) -> None:
         """Cancel what is still running and wait for it to stop."""
         tasks = list(self._tasks)

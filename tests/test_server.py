@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
+from typing import Any
 
 from conftest import CountingUpstream, Proxy, ProxyFactory, Reply
 
@@ -96,9 +97,7 @@ async def test_responses_that_must_not_be_stored_are_not(
     assert len(proxy.deps.store) == 0
 
 
-async def test_404_is_stored_for_the_negative_ttl(
-    proxy: Proxy, upstream: CountingUpstream
-) -> None:
+async def test_404_is_stored_for_the_negative_ttl(proxy: Proxy, upstream: CountingUpstream) -> None:
     upstream.replies["/v8/finance/chart/NOPE"] = Reply(status=404, body=b'{"error":"Not Found"}')
     assert (await proxy.client.get("/v8/finance/chart/NOPE")).status == 404
     proxy.clock.advance(9)
@@ -114,12 +113,25 @@ async def test_concurrent_misses_make_one_upstream_call(
     proxy: Proxy, upstream: CountingUpstream
 ) -> None:
     upstream.gate = asyncio.Event()
+    coalescer = proxy.deps.coalescer
+    all_waiting = asyncio.Event()
+    waiting = 0
+    original_wait = coalescer.wait
+
+    async def counting_wait(future: Any, seconds: float) -> Any:
+        nonlocal waiting
+        waiting += 1
+        if waiting == 99:
+            all_waiting.set()
+        return await original_wait(future, seconds)
+
+    coalescer.wait = counting_wait  # type: ignore[method-assign]
     requests = [
         asyncio.ensure_future(proxy.client.get("/v8/finance/chart/TSLA?range=5d"))
         for _ in range(100)
     ]
-    while upstream.total == 0 or len(proxy.deps.coalescer) == 0:
-        await asyncio.sleep(0.001)  # wait for the leader to reach the upstream
+    # Hold the upstream until every other request waits on the leader's fetch.
+    await asyncio.wait_for(all_waiting.wait(), 10)
     upstream.gate.set()
     responses = await asyncio.gather(*requests)
     assert upstream.total == 1
@@ -129,9 +141,7 @@ async def test_concurrent_misses_make_one_upstream_call(
     assert statuses.count("cacheproxy; fwd=miss; collapsed") == 99
 
 
-async def test_head_is_served_from_the_get_entry(
-    proxy: Proxy, upstream: CountingUpstream
-) -> None:
+async def test_head_is_served_from_the_get_entry(proxy: Proxy, upstream: CountingUpstream) -> None:
     get = await proxy.client.get("/quote/AAPL")
     head = await proxy.client.head("/quote/AAPL")
     assert head.status == 200
@@ -152,9 +162,7 @@ async def test_head_miss_fills_the_entry_with_a_get(
     assert await get.read() == b'{"ok": true}'
 
 
-async def test_post_passes_through_with_its_body(
-    proxy: Proxy, upstream: CountingUpstream
-) -> None:
+async def test_post_passes_through_with_its_body(proxy: Proxy, upstream: CountingUpstream) -> None:
     upstream.replies["/xhr/ncp"] = Reply(body=b"<echo>")
     payload = b'{"serviceConfig": {"snippetCount": 5, "s": ["AAPL"]}}' * 1000
     for _ in range(2):
