@@ -83,7 +83,7 @@ def decode(data: bytes) -> CachedResponse:
         headers = tuple((str(k), str(v)) for k, v in meta["h"])
         route = str(meta["r"])
         tags = tuple(str(t) for t in meta["t"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise CorruptEntry(f"bad metadata: {e}") from e
     return CachedResponse(
         status=status,

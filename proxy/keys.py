@@ -24,7 +24,8 @@ class Target:
     """A validated request target: normalised path and query, and decoded query values."""
 
     path: str
-    query: tuple[tuple[str, str], ...]  # normalised (still encoded) pairs, in request order
+    # Normalised (still encoded) pairs in request order; the second item keeps its "=".
+    query: tuple[tuple[str, str], ...]
     params: Mapping[str, str]  # decoded name -> first decoded value, for route conditions
 
 
@@ -44,8 +45,8 @@ def parse_target(raw: str) -> Target:
         raise BadRequest(
             "request target must be an origin-form path such as /v8/finance/chart/AAPL"
         )
+    raw, _, _fragment = raw.partition("#")  # never part of a request; dropped, not keyed
     path, _, query = raw.partition("?")
-    path, _, _fragment = path.partition("#")
     segments: list[str] = []
     for segment in path.split("/")[1:]:
         encoded, data = _normalise_component(segment, _PATH_SAFE, plus_is_space=False)
@@ -58,10 +59,10 @@ def parse_target(raw: str) -> Target:
     for part in query.split("&") if query else ():
         if not part:
             continue
-        name, _, value = part.partition("=")
+        name, eq, value = part.partition("=")
         name_enc, name_raw = _normalise_component(name, _QUERY_SAFE, plus_is_space=True)
         value_enc, value_raw = _normalise_component(value, _QUERY_SAFE, plus_is_space=True)
-        pairs.append((name_enc, value_enc))
+        pairs.append((name_enc, eq + value_enc))  # "=v", "=" or "": `?a` stays unlike `?a=`
         params.setdefault(name_raw.decode("utf-8", "replace"), value_raw.decode("utf-8", "replace"))
     return Target("/" + "/".join(segments), tuple(pairs), params)
 
@@ -73,12 +74,12 @@ def _redact(value: str) -> str:
 def key_query(target: Target, ignore: frozenset[str], secret: frozenset[str]) -> str:
     """Sorted query for the key: ignored names dropped, repeats kept in order, secrets hashed."""
     kept = [
-        (name, _redact(value) if name in secret else value)
+        (name, "=" + _redact(value[1:]) if value and name in secret else value)
         for name, value in target.query
         if name not in ignore
     ]
     kept.sort(key=lambda pair: pair[0])  # stable: repeated names keep their relative order
-    return "&".join(f"{name}={value}" for name, value in kept)
+    return "&".join(name + value for name, value in kept)
 
 
 def cache_key(
@@ -120,10 +121,10 @@ def upstream_target(target: Target, extra: Mapping[str, str]) -> str:
     neither override nor learn the proxy's credentials.
     """
     pairs = [(n, v) for n, v in target.query if n not in extra] if extra else list(target.query)
-    pairs.extend((quote(n, safe=""), quote(v, safe="")) for n, v in extra.items())
+    pairs.extend((quote(n, safe=""), "=" + quote(v, safe="")) for n, v in extra.items())
     if not pairs:
         return target.path
-    return target.path + "?" + "&".join(f"{n}={v}" for n, v in pairs)
+    return target.path + "?" + "&".join(name + value for name, value in pairs)
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:

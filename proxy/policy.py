@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -9,6 +10,8 @@ from typing import Final
 # RFC 9110 15.1: heuristically cacheable status codes (501 excluded: we never store 5xx).
 _CACHEABLE_STATUS: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
 _NEGATIVE_STATUS: Final = frozenset({404, 410})
+_DELTA_SECONDS: Final = re.compile(r"[0-9]+")  # ASCII digits only; \d admits others
+_MAX_DELTA: Final = 2**31
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +141,12 @@ def current_age(initial_age: float, stored_at: float, now: float) -> int:
 
 
 def parse_age(value: str | None) -> float:
-    """The upstream's Age header as seconds; absent or invalid counts as 0 (RFC 9111 5.1)."""
-    if value and value.strip().isdigit():
-        return float(value.strip())
+    """The upstream's Age header as seconds; absent or invalid counts as 0 (RFC 9111 5.1).
+
+    Values beyond 2^31 are capped there (RFC 9111 1.2.2, delta-seconds).
+    """
+    if value and (m := _DELTA_SECONDS.fullmatch(value.strip())):
+        digits = m.group()
+        # Longer than 2^31 has digits: cap without int(), which refuses >4300 digits.
+        return float(_MAX_DELTA if len(digits) > 10 else min(int(digits), _MAX_DELTA))
     return 0.0

@@ -263,10 +263,15 @@ class ProxyHandler:
         if resp.content_length is not None:
             out.content_length = resp.content_length
         await out.prepare(request)
-        for chunk in prefix:
-            await out.write(chunk)
-        async for chunk in resp.content.iter_chunked(_CHUNK):
-            await out.write(chunk)
+        try:
+            for chunk in prefix:
+                await out.write(chunk)
+            async for chunk in resp.content.iter_chunked(_CHUNK):
+                await out.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            # Headers are gone, so no error status can follow: abort the connection so
+            # the client sees a truncated response rather than a short one that looks whole.
+            raise ConnectionResetError(f"upstream {detail} broke mid-body: {e!r}") from e
         await out.write_eof()
         return out
 

@@ -26,6 +26,7 @@ class Reply:
     status: int = 200
     body: bytes = b'{"ok": true}'
     headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+    truncate: bool = False  # promise the whole body in Content-Length, send 10 bytes, hang up
 
 
 @dataclass
@@ -64,6 +65,14 @@ class CountingUpstream:
         if self.gate is not None:
             await self.gate.wait()
         reply = self.replies.get(request.path, Reply())
+        if reply.truncate:
+            response = web.StreamResponse(status=reply.status, headers=reply.headers)
+            response.content_length = len(reply.body)
+            await response.prepare(request)
+            await response.write(reply.body[:10])
+            assert request.transport is not None
+            request.transport.close()
+            return response
         if reply.body == b"<echo>":
             return web.Response(body=body or b"(empty)", headers=reply.headers)
         return web.Response(status=reply.status, body=reply.body, headers=reply.headers)

@@ -7,6 +7,8 @@ import gzip
 import socket
 from typing import Any
 
+import aiohttp
+import pytest
 from conftest import CountingUpstream, Proxy, ProxyFactory, Reply
 
 
@@ -317,3 +319,27 @@ async def test_upstream_down_is_502_and_slow_is_504(
     assert slow.status == 504
     assert (await slow.json())["error"] == "upstream_timeout"
     assert len(proxy.deps.store) == 0
+
+
+async def test_truncated_upstream_body_is_502_and_never_stored(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    upstream.replies["/quote/CUT"] = Reply(body=b"z" * 5000, truncate=True)
+    response = await proxy.client.get("/quote/CUT")
+    assert response.status == 502
+    assert (await response.json())["error"] == "upstream_protocol"
+    assert len(proxy.deps.store) == 0
+
+
+async def test_truncated_streamed_body_aborts_the_client_connection(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(cache={"max_object_size": "1KB"})
+    upstream.replies["/quote/CUT"] = Reply(body=b"z" * 50_000, truncate=True)
+    response = await proxy.client.get("/quote/CUT")
+    assert response.status == 200  # headers were relayed before the upstream broke
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(response.read(), 10)
+    assert len(proxy.deps.store) == 0
+    # The proxy keeps serving other requests.
+    assert (await proxy.client.get("/quote/AAPL")).status == 200

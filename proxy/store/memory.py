@@ -47,10 +47,10 @@ class MemoryStore:
     async def set(self, key: str, entry: CachedResponse) -> None:
         """Insert or replace, then evict least-recently-used entries until within bounds."""
         size = entry.size
+        if key in self._entries:
+            self._remove(key)  # the older response must not outlive a newer one
         if size > self.max_bytes:
             return  # would evict everything and still not fit
-        if key in self._entries:
-            self._remove(key)
         self._entries[key] = entry
         self.bytes += size
         self.stats.sets += 1

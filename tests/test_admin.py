@@ -1,0 +1,333 @@
+"""proxy/admin.py through a live proxy and a real counting upstream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import CountingUpstream, Proxy, ProxyFactory
+from prometheus_client.parser import text_string_to_metric_families
+
+CHART = "/v8/finance/chart/{}"
+
+
+async def get(proxy: Proxy, url: str) -> str:
+    """GET through the proxy; the Cache-Status it answered with."""
+    response = await proxy.client.get(url)
+    assert response.status == 200, await response.text()
+    await response.read()
+    return response.headers["Cache-Status"]
+
+
+async def admin_json(proxy: Proxy, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    response = await proxy.admin.request(method, path, **kwargs)
+    return response.status, await response.json()
+
+
+async def test_stats_counts_hits_misses_and_ratios(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    for url in (
+        "/v8/finance/chart/AAPL",  # miss
+        "/v8/finance/chart/AAPL",  # hit
+        "/v8/finance/chart/AAPL",  # hit
+        "/v8/finance/chart/MSFT",  # miss
+        "/quote/AAPL",  # miss
+        "/quote/AAPL",  # hit
+    ):
+        await get(proxy, url)
+    await proxy.client.get("/nowhere")  # unmatched: an error, not a lookup
+    status, stats = await admin_json(proxy, "GET", "/stats")
+    assert status == 200
+    assert upstream.total == 3
+    assert stats["requests"] == 7
+    assert stats["cacheable_requests"] == 6
+    assert stats["outcomes"]["hit_l1"] == 3
+    assert stats["outcomes"]["miss"] == 3
+    assert stats["outcomes"]["error"] == 1
+    assert stats["calls_saved"] == 3
+    assert stats["hit_ratio"] == 0.5
+    assert stats["upstream_calls_total"] == upstream.total
+    assert stats["upstream_calls"] == {"api": upstream.total}
+    chart = stats["routes"]["chart"]
+    assert chart["requests"] == 4
+    assert chart["outcomes"]["hit_l1"] == 2
+    assert chart["outcomes"]["miss"] == 2
+    assert chart["hit_ratio"] == 0.5
+    assert chart["calls_saved"] == 2
+    quote = stats["routes"]["quote"]
+    assert quote["requests"] == 2
+    assert quote["hit_ratio"] == 0.5
+    assert quote["calls_saved"] == 1
+    assert stats["layers"]["l1"]["entries"] == 3
+    assert stats["layers"]["l1"]["hits"] == 3
+    assert stats["layers"]["l1"]["sets"] == 3
+
+
+async def test_stats_before_any_request(proxy: Proxy) -> None:
+    status, stats = await admin_json(proxy, "GET", "/stats")
+    assert status == 200
+    assert stats["requests"] == 0
+    assert stats["hit_ratio"] == 0.0
+    assert stats["routes"] == {}
+    assert stats["layers"]["l1"]["entries"] == 0
+
+
+async def test_stats_counts_bypass_as_neither_hit_nor_lookup(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    await get(proxy, "/quote/AAPL")
+    response = await proxy.client.post("/xhr/ncp", data=b"{}")
+    assert response.status == 200
+    _, stats = await admin_json(proxy, "GET", "/stats")
+    assert stats["outcomes"]["bypass"] == 1
+    assert stats["cacheable_requests"] == 1
+    assert stats["upstream_calls_total"] == upstream.total == 2
+    assert stats["routes"]["news"]["hit_ratio"] == 0.0
+
+
+async def test_health(proxy: Proxy) -> None:
+    await get(proxy, "/quote/AAPL")
+    response = await proxy.admin.get("/health")
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert body["status"] == "ok"
+    assert body["l1"]["entries"] == 1
+    assert set(body["upstreams"]) == {"api"}
+
+
+async def test_keys_lists_entries_with_route_size_and_ttl_left(proxy: Proxy) -> None:
+    await get(proxy, "/v8/finance/chart/AAPL?range=5d")
+    await get(proxy, "/quote/MSFT")
+    proxy.clock.advance(10)
+    status, body = await admin_json(proxy, "GET", "/keys")
+    assert status == 200
+    assert body["count"] == 2
+    by_url = {item["url"]: item for item in body["keys"]}
+    assert set(by_url) == {"/v8/finance/chart/AAPL?range=5d", "/quote/MSFT"}
+    chart = by_url["/v8/finance/chart/AAPL?range=5d"]
+    assert chart["route"] == "chart"
+    assert chart["ttl_left"] == 50
+    assert chart["status"] == 200
+    assert chart["tags"] == ["symbol=AAPL"]
+    stored = await proxy.deps.store.get(chart["key"])
+    assert stored is not None
+    assert chart["size"] == stored.size
+    assert by_url["/quote/MSFT"]["route"] == "quote"
+    assert by_url["/quote/MSFT"]["ttl_left"] == 3590
+
+
+async def test_keys_skips_expired_entries(proxy: Proxy) -> None:
+    await get(proxy, "/v8/finance/chart/AAPL")  # 60 s
+    await get(proxy, "/quote/AAPL")  # 1 h
+    proxy.clock.advance(61)
+    _, body = await admin_json(proxy, "GET", "/keys")
+    assert [item["url"] for item in body["keys"]] == ["/quote/AAPL"]
+
+
+async def test_keys_pattern_and_limit(proxy: Proxy) -> None:
+    for symbol in ("AAPL", "MSFT", "GOOG"):
+        await get(proxy, CHART.format(symbol))
+    await get(proxy, "/quote/AAPL")
+    _, body = await admin_json(proxy, "GET", "/keys", params={"pattern": "/v8/finance/chart/*"})
+    assert body["count"] == 3
+    assert all(item["route"] == "chart" for item in body["keys"])
+    _, body = await admin_json(proxy, "GET", "/keys", params={"pattern": "/quote/*"})
+    assert [item["url"] for item in body["keys"]] == ["/quote/AAPL"]
+    _, body = await admin_json(proxy, "GET", "/keys", params={"pattern": "/v8/finance/chart/M*"})
+    assert [item["url"] for item in body["keys"]] == ["/v8/finance/chart/MSFT"]
+    _, body = await admin_json(proxy, "GET", "/keys", params={"limit": "2"})
+    assert body["count"] == 2
+    assert len(body["keys"]) == 2
+    assert body["limit"] == 2
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"limit": "abc"}, {"limit": "0"}, {"limit": "-1"}, {"limit": "100000"}, {"pattern": "abc"}],
+)
+async def test_keys_bad_query_is_400(proxy: Proxy, params: dict[str, str]) -> None:
+    await get(proxy, "/quote/AAPL")
+    status, body = await admin_json(proxy, "GET", "/keys", params=params)
+    assert status == 400
+    assert body["error"] == "bad_request"
+
+
+async def test_ttl_shows_classes_and_routes(proxy: Proxy) -> None:
+    status, body = await admin_json(proxy, "GET", "/ttl")
+    assert status == 200
+    assert body["ttl_classes"] == {
+        "short": {"ttl": 60, "negative_ttl": 10},
+        "long": {"ttl": 3600, "negative_ttl": 60},
+    }
+    routes = {r["name"]: r for r in body["routes"]}
+    assert [r["name"] for r in body["routes"]] == ["chart", "quote", "news"]
+    assert routes["chart"]["path"] == "/v8/finance/chart/{symbol}"
+    assert routes["chart"]["ttl_class"] == "short"
+    assert routes["chart"]["methods"] == ["GET", "HEAD"]
+    assert routes["chart"]["pass"] is False
+    assert routes["quote"]["methods"] == ["GET", "HEAD", "POST"]
+    assert routes["news"]["ttl_class"] is None
+    assert routes["news"]["pass"] is True
+    assert routes["news"]["upstream"] == "api"
+
+
+async def test_purge_url_then_next_get_is_a_miss(proxy: Proxy, upstream: CountingUpstream) -> None:
+    url = "/v8/finance/chart/AAPL?range=5d"
+    await get(proxy, url)
+    await get(proxy, "/v8/finance/chart/MSFT?range=5d")
+    assert (await get(proxy, url)).startswith("cacheproxy; hit")
+    status, body = await admin_json(proxy, "POST", "/purge", json={"url": url})
+    assert status == 200
+    assert body["purged"] == 1
+    assert (await get(proxy, url)) == "cacheproxy; fwd=miss; stored"
+    assert upstream.calls["/v8/finance/chart/AAPL"] == 2
+    assert (await get(proxy, "/v8/finance/chart/MSFT?range=5d")).startswith("cacheproxy; hit")
+
+
+@pytest.mark.parametrize(
+    "purge_url",
+    [
+        "/v8/finance/chart/AAPL?range=5d&_=1700000000123",
+        "/v8/finance/chart/AAPL?_=1&range=5d",
+        "/v8/finance/chart/%41APL?range=5d",
+    ],
+)
+async def test_purge_url_normalises_like_the_cache_key(
+    proxy: Proxy, upstream: CountingUpstream, purge_url: str
+) -> None:
+    await get(proxy, "/v8/finance/chart/AAPL?range=5d")
+    status, body = await admin_json(proxy, "POST", "/purge", json={"url": purge_url})
+    assert status == 200
+    assert body["purged"] == 1
+    assert len(proxy.deps.store) == 0
+    assert (await get(proxy, "/v8/finance/chart/AAPL?range=5d")).startswith("cacheproxy; fwd=miss")
+    assert upstream.total == 2
+
+
+async def test_purge_url_that_is_not_cached(proxy: Proxy) -> None:
+    await get(proxy, "/quote/AAPL")
+    status, body = await admin_json(proxy, "POST", "/purge", json={"url": "/quote/MSFT"})
+    assert status == 200
+    assert body["purged"] == 0
+    assert len(proxy.deps.store) == 1
+
+
+async def test_purge_pattern_purges_only_matching(proxy: Proxy, upstream: CountingUpstream) -> None:
+    await get(proxy, "/v8/finance/chart/AAPL?range=5d")
+    await get(proxy, "/v8/finance/chart/MSFT")
+    await get(proxy, "/quote/AAPL")
+    status, body = await admin_json(
+        proxy, "POST", "/purge", json={"pattern": "/v8/finance/chart/*"}
+    )
+    assert status == 200
+    assert body["purged"] == 2
+    assert (await get(proxy, "/quote/AAPL")).startswith("cacheproxy; hit")
+    assert (await get(proxy, "/v8/finance/chart/MSFT")).startswith("cacheproxy; fwd=miss")
+    assert upstream.total == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs"),
+    [
+        {"data": b"not json", "headers": {"Content-Type": "application/json"}},
+        {"data": b"\xff\xfe", "headers": {"Content-Type": "application/json"}},
+        {"data": b""},
+        {"json": {"url": "/quote/AAPL", "pattern": "/quote/*"}},
+        {"json": {}},
+        {"json": {"key": "/quote/AAPL"}},
+        {"json": {"url": 5}},
+        {"json": {"pattern": ["/quote/*"]}},
+        {"json": {"url": None}},
+        {"json": {"url": "quote/AAPL"}},
+        {"json": {"pattern": "*"}},
+        {"json": {"url": "http://evil.example/quote/AAPL"}},
+        {"json": {"url": "/quote/../quote/AAPL"}},
+        {"json": ["/quote/AAPL"]},
+        {"json": "/quote/AAPL"},
+        {"json": None},
+    ],
+    ids=lambda kw: repr(kw)[:40],
+)
+async def test_bad_purge_bodies_are_400_and_purge_nothing(
+    proxy: Proxy, kwargs: dict[str, Any]
+) -> None:
+    await get(proxy, "/quote/AAPL")
+    await get(proxy, "/v8/finance/chart/AAPL")
+    status, body = await admin_json(proxy, "POST", "/purge", **kwargs)
+    assert status == 400
+    assert body["error"] == "bad_request"
+    assert len(proxy.deps.store) == 2
+    assert proxy.deps.store.stats.deletes == 0
+
+
+async def test_clear(proxy: Proxy, upstream: CountingUpstream) -> None:
+    await get(proxy, "/quote/AAPL")
+    await get(proxy, "/v8/finance/chart/AAPL")
+    status, body = await admin_json(proxy, "POST", "/clear")
+    assert status == 200
+    assert body["cleared"] == 2
+    assert len(proxy.deps.store) == 0
+    assert (await get(proxy, "/quote/AAPL")).startswith("cacheproxy; fwd=miss")
+    assert upstream.total == 3
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_metrics_is_prometheus_text(proxy: Proxy) -> None:
+    await get(proxy, "/v8/finance/chart/AAPL")
+    await get(proxy, "/v8/finance/chart/AAPL")
+    await get(proxy, "/quote/AAPL")
+    await proxy.admin.post("/purge", json={"url": "/quote/AAPL"})
+    response = await proxy.admin.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = await response.text()
+    assert "# TYPE cacheproxy_requests_total counter" in text
+    assert 'cacheproxy_cache_entries{layer="l1"} 1.0' in text
+    samples = _samples(text)
+    requests = "cacheproxy_requests_total"
+    assert samples[(requests, (("outcome", "miss"), ("route", "chart")))] == 1
+    assert samples[(requests, (("outcome", "hit_l1"), ("route", "chart")))] == 1
+    assert samples[(requests, (("outcome", "miss"), ("route", "quote")))] == 1
+    assert samples[("cacheproxy_cache_entries", (("layer", "l1"),))] == 1  # after the purge
+    assert samples[("cacheproxy_purges_total", (("kind", "url"),))] == 1
+    # labels carry route names, never raw paths
+    assert "/v8/finance" not in "".join(v for (_, labels), _ in samples.items() for _, v in labels)
+
+
+async def test_admin_token_guards_mutating_calls(make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy(server={"admin_token": "t0k"})
+    await get(proxy, "/quote/AAPL")
+    purge = {"url": "/quote/AAPL"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "t0k"},
+                    {"Authorization": "Bearer t0k0"}, {"Authorization": "Basic t0k"}):  # fmt: skip
+        response = await proxy.admin.post("/purge", json=purge, headers=headers)
+        assert response.status == 401, headers
+        assert (await response.json())["error"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert len(proxy.deps.store) == 1
+    response = await proxy.admin.post("/clear")
+    assert response.status == 401
+    assert len(proxy.deps.store) == 1
+    response = await proxy.admin.get("/stats")
+    assert response.status == 200
+    response = await proxy.admin.get("/keys")
+    assert response.status == 200
+    response = await proxy.admin.post("/purge", json=purge, headers={"Authorization": "Bearer t0k"})
+    assert response.status == 200
+    assert (await response.json())["purged"] == 1
+    assert len(proxy.deps.store) == 0
+
+
+async def test_without_a_token_mutating_calls_are_open(proxy: Proxy) -> None:
+    await get(proxy, "/quote/AAPL")
+    response = await proxy.admin.post("/purge", json={"url": "/quote/AAPL"})
+    assert response.status == 200

@@ -1,0 +1,336 @@
+"""proxy/keys.py: request-target checks, normalisation and cache keys (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import BadRequest
+from proxy.keys import (
+    cache_key,
+    escape_glob,
+    glob_to_regex,
+    key_query,
+    key_url,
+    parse_target,
+    upstream_target,
+)
+
+IGNORE = frozenset({"_", "crumb"})
+SECRET = frozenset({"apikey", "token"})
+
+
+def key(url: str, method: str = "GET", headers: tuple[tuple[str, str], ...] = ()) -> str:
+    return cache_key(method, "api", parse_target(url), IGNORE, SECRET, headers)
+
+
+# --- parse_target: refusals ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # absolute-form and authority-form: never an open proxy
+        "http://evil.example/x",
+        "https://evil.example/x",
+        "evil.example:443",
+        "//evil.example/x",
+        "//evil.example",
+        "",
+        "*",
+        # dot segments, in every encoding
+        "/..",
+        "/a/..",
+        "/a/../b",
+        "/a/./b",
+        "/.",
+        "/a/%2e%2e/b",
+        "/a/%2E%2E/b",
+        "/a/.%2E/b",
+        "/a/%2e./b",
+        "/a/%2e/b",
+        "/%2E%2E%2Fx",
+        "/a%2F..%2Fb",
+        "/a%2f.%2fb",
+        "/v8/finance/chart/..%2F..%2Fadmin",
+        # backslashes and control characters, raw or encoded
+        "/a\\b",
+        "/a%5Cb",
+        "/a%5c..%5cb",
+        "/a%00b",
+        "/a\x00b",
+        "/a%0Ab",
+        "/a%0d%0aSet-Cookie:x",
+        "/a%09b",
+        "/a%7Fb",
+        "/a\x7fb",
+    ],
+)
+def test_parse_target_refuses(raw: str) -> None:
+    with pytest.raises(BadRequest):
+        parse_target(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["/", "/a/.hidden", "/a/...", "/a/..b", "/a/b..", "/v8/finance/chart/BRK.B", "/a?x=../y"],
+)
+def test_parse_target_accepts_dots_that_are_not_segments(raw: str) -> None:
+    assert parse_target(raw).path.startswith("/")
+
+
+# --- parse_target: normalisation -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("/v8/finance/chart/%41APL", "/v8/finance/chart/AAPL"),
+        ("/a%2fb", "/a%2Fb"),
+        ("/caf%c3%a9", "/caf%C3%A9"),
+        ("/caf%C3%A9", "/café"),
+        ("/%5EGSPC", "/^GSPC"),
+        ("/%5eGSPC", "/^GSPC"),
+        ("/%7Euser", "/~user"),
+        ("/a%20b", "/a b"),
+        ("/x?q=a+b", "/x?q=a%20b"),
+        ("/x?q=%5E", "/x?q=^"),
+        ("/x?q=%5e", "/x?q=^"),
+        ("/x?q=%7e", "/x?q=~"),
+        ("/x?q=%2f", "/x?q=/"),
+        ("/x?%71=1", "/x?q=1"),
+        ("/x?a=1&&b=2", "/x?a=1&b=2"),
+        ("/x?a=1#frag", "/x?a=1"),
+        ("/x#frag", "/x"),
+    ],
+)
+def test_equivalent_targets_normalise_equal(a: str, b: str) -> None:
+    assert parse_target(a) == parse_target(b)
+    assert key(a) == key(b)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("/a%2Fb", "/a/b"),  # an encoded slash is data, not a separator
+        ("/x?q=a%2Bb", "/x?q=a+b"),  # '+' means space in a query, '%2B' means plus
+        ("/x?q=a%26b", "/x?q=a&b"),
+        ("/A", "/a"),
+        ("/x/", "/x"),
+    ],
+)
+def test_distinct_targets_stay_distinct(a: str, b: str) -> None:
+    assert parse_target(a) != parse_target(b)
+
+
+def test_parse_target_decodes_params_for_route_conditions() -> None:
+    target = parse_target("/x?range=5d&q=a+b%21&range=1mo&sym=%5EGSPC")
+    assert target.params == {"range": "5d", "q": "a b!", "sym": "^GSPC"}  # first value wins
+    assert target.query == (
+        ("range", "=5d"),
+        ("q", "=a%20b!"),
+        ("range", "=1mo"),
+        ("sym", "=%5EGSPC"),
+    )
+
+
+# --- cache_key -----------------------------------------------------------------------------
+
+
+def test_key_shape() -> None:
+    assert key("/v8/finance/chart/AAPL?range=5d") == "GET api /v8/finance/chart/AAPL?range=5d"
+    assert key("/v8/finance/chart/AAPL") == "GET api /v8/finance/chart/AAPL"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("/x?b=2&a=1", "/x?a=1&b=2"),
+        ("/x?c=3&a=1&b=2", "/x?b=2&c=3&a=1"),
+        ("/x?a=1&_=1700000000", "/x?a=1"),
+        ("/x?_=1&a=1&crumb=zzz", "/x?a=1"),
+        ("/x?_=1", "/x"),
+        ("/x?s=A&t=1&s=B", "/x?t=1&s=A&s=B"),  # repeats keep their relative order
+    ],
+)
+def test_keys_equal(a: str, b: str) -> None:
+    assert key(a) == key(b)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("/x?s=B&s=A", "/x?s=A&s=B"),  # repeated params keep their order
+        ("/x?a=1&b=2", "/x?a=1%26b%3D2"),
+        ("/x?a=", "/x?a"),
+        ("/x?a=1", "/x?a=2"),
+        ("/x?a=1", "/x"),
+        ("/x?a%3D1=2", "/x?a=1%3D2"),
+        ("/x?q=a%2Bb", "/x?q=a+b"),
+        ("/a%2Fb", "/a/b"),
+        ("/a%3Fb=1", "/a?b=1"),
+        ("/x?a=1&a=1", "/x?a=1"),
+        ("/x?a=%20", "/x?a="),
+    ],
+)
+def test_different_urls_never_collide(a: str, b: str) -> None:
+    assert key(a) != key(b)
+
+
+def test_head_shares_get_entries_and_other_methods_do_not() -> None:
+    assert key("/x?a=1", "HEAD") == key("/x?a=1", "GET")
+    assert key("/x?a=1", "POST") != key("/x?a=1", "GET")
+
+
+def test_headers_are_part_of_the_key() -> None:
+    plain = key("/x")
+    english = key("/x", headers=(("accept-language", "en"),))
+    german = key("/x", headers=(("accept-language", "de"),))
+    assert len({plain, english, german}) == 3
+    assert english == "GET api /x accept-language=en"
+    # values are percent-encoded, so a header value cannot forge another field
+    spaced = key("/x", headers=(("accept-language", "en x=1"),))
+    assert spaced == "GET api /x accept-language=en%20x%3D1"
+    assert spaced != key("/x", headers=(("accept-language", "en"), ("x", "1")))
+
+
+def test_upstreams_separate_keys() -> None:
+    target = parse_target("/x")
+    assert cache_key("GET", "a", target, IGNORE, SECRET) != cache_key(
+        "GET", "b", target, IGNORE, SECRET
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/x?apikey=SUPERSECRET123&a=1",
+        "/x?token=SUPERSECRET123",
+        "/x?api%6Bey=SUPERSECRET123",
+        "/x?apikey=SUPER%53ECRET123",
+        "/x?a=1&apikey=SUPERSECRET123&apikey=SUPERSECRET123",
+    ],
+)
+def test_secret_values_never_appear_in_the_key(url: str) -> None:
+    k = key(url)
+    assert "SUPERSECRET123" not in k
+    assert "SUPER%53ECRET123" not in k
+    assert "=#" in k  # replaced by a hash
+
+
+def test_different_secrets_give_different_keys() -> None:
+    assert key("/x?apikey=one") != key("/x?apikey=two")
+    assert key("/x?apikey=one") == key("/x?apikey=one")
+    # a client cannot forge the hashed form by sending it as a plain value
+    hashed = key("/x?apikey=one").split("apikey=")[1]
+    assert key(f"/x?apikey={hashed}") != key("/x?apikey=one")
+
+
+def test_key_query_drops_ignored_and_sorts() -> None:
+    target = parse_target("/x?z=1&_=2&a=3")
+    assert key_query(target, frozenset({"_"}), frozenset()) == "a=3&z=1"
+    assert key_query(target, frozenset(), frozenset()) == "_=2&a=3&z=1"
+
+
+@pytest.mark.parametrize(
+    ("k", "url"),
+    [
+        ("GET api /v8/finance/chart/AAPL?range=5d", "/v8/finance/chart/AAPL?range=5d"),
+        ("GET api /x accept-language=en", "/x"),
+        ("GET api /x?a=1 h=v h2=v2", "/x?a=1"),
+        ("garbage", ""),
+    ],
+)
+def test_key_url(k: str, url: str) -> None:
+    assert key_url(k) == url
+
+
+# --- upstream_target -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "extra", "expected"),
+    [
+        ("/x", {}, "/x"),
+        ("/x?a=1&b=2", {}, "/x?a=1&b=2"),
+        ("/x", {"apikey": "K"}, "/x?apikey=K"),
+        ("/x?a=1", {"apikey": "K"}, "/x?a=1&apikey=K"),
+        ("/x?apikey=mine&a=1", {"apikey": "K"}, "/x?a=1&apikey=K"),
+        ("/x?apikey=a&apikey=b", {"apikey": "K"}, "/x?apikey=K"),
+        ("/x?api%6Bey=mine", {"apikey": "K"}, "/x?apikey=K"),
+        ("/x", {"k": "a b&c=d"}, "/x?k=a%20b%26c%3Dd"),
+        ("/x?q=a+b", {}, "/x?q=a%20b"),
+    ],
+)
+def test_upstream_target_adds_configured_params(
+    url: str, extra: dict[str, str], expected: str
+) -> None:
+    assert upstream_target(parse_target(url), extra) == expected
+
+
+# --- globs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text", "matches"),
+    [
+        ("*", "", True),
+        ("*", "GET api /x?a=1 h=v", True),
+        ("* * /v8/finance/chart/*", "GET api /v8/finance/chart/AAPL?range=5d", True),
+        ("* * /v8/finance/chart/*", "GET api /quote/AAPL", False),
+        ("a?c", "abc", True),
+        ("a?c", "ac", False),
+        ("a?c", "abbc", False),
+        ("[abc]x", "bx", True),
+        ("[abc]x", "dx", False),
+        ("[^abc]x", "bx", False),
+        ("[^abc]x", "dx", True),
+        ("[!abc]x", "dx", True),
+        ("[a-c]", "b", True),
+        ("[a-c]", "d", False),
+        ("a[b", "a[b", True),  # an unclosed bracket is literal
+        ("a.b", "a.b", True),
+        ("a.b", "axb", False),  # regex metacharacters are literal
+        ("a+b", "a+b", True),
+        ("a+b", "aab", False),
+        ("(x)|y", "(x)|y", True),
+        ("(x)|y", "y", False),
+        ("a\\*b", "a*b", True),
+        ("a\\*b", "axb", False),
+        ("a\\?b", "a?b", True),
+        ("a\\?b", "axb", False),
+        ("abc", "abcd", False),  # anchored at both ends
+        ("abc", "xabc", False),
+        ("a*", "a\nb", True),
+    ],
+)
+def test_glob_to_regex(pattern: str, text: str, matches: bool) -> None:
+    assert bool(glob_to_regex(pattern).fullmatch(text)) is matches
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "GET api /x?a=1",
+        "GET api /v8/finance/chart/%5EGSPC?range=5d",
+        "a*b?c[d]e\\f",
+        "[abc]",
+        "*",
+        "?",
+        "\\",
+    ],
+)
+def test_escape_glob_matches_only_itself(text: str) -> None:
+    regex = glob_to_regex(escape_glob(text))
+    assert regex.fullmatch(text)
+    assert not regex.fullmatch(text + "x")
+    assert not regex.fullmatch("x" + text)
+    if len(text) > 1:
+        assert not regex.fullmatch(text[:-1] + "Z")
+
+
+def test_escaped_key_plus_wildcard_matches_its_header_variants_only() -> None:
+    exact = key("/x?a=1")
+    regex = glob_to_regex(escape_glob(exact) + " *")
+    assert regex.fullmatch(key("/x?a=1", headers=(("accept-language", "en"),)))
+    assert not regex.fullmatch(exact)
+    assert not regex.fullmatch(key("/x?a=12", headers=(("accept-language", "en"),)))

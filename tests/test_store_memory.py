@@ -1,0 +1,240 @@
+"""proxy/store/memory.py: the L1 LRU, bounded by entries and bytes, with lazy expiry."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.clock import ManualClock
+from proxy.entry import ENTRY_OVERHEAD, CachedResponse
+from proxy.store.base import StoreStats
+from proxy.store.memory import MemoryStore
+
+BIG = 10**9
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+def entry(
+    clock: ManualClock,
+    body: bytes = b"x",
+    ttl: float = 60.0,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> CachedResponse:
+    return CachedResponse(status=200, headers=headers, body=body, stored_at=clock(), ttl=ttl)
+
+
+async def keys_of(store: MemoryStore, pattern: str = "*") -> list[str]:
+    return [k async for k, _ in store.scan(pattern)]
+
+
+def test_entry_size_counts_body_and_headers(clock: ManualClock) -> None:
+    e = entry(clock, body=b"x" * 100, headers=(("Content-Type", "application/json"),))
+    assert e.size == 100 + len("Content-Type") + len("application/json") + ENTRY_OVERHEAD
+
+
+async def test_lru_by_entry_count(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=2, max_bytes=BIG, clock=clock)
+    for k in ("a", "b", "c"):
+        await store.set(k, entry(clock))
+    assert await keys_of(store) == ["b", "c"]
+    assert len(store) == 2
+    assert store.stats.evictions == 1
+    assert store.bytes == 2 * entry(clock).size
+
+
+async def test_get_refreshes_recency(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=2, max_bytes=BIG, clock=clock)
+    await store.set("a", entry(clock))
+    await store.set("b", entry(clock))
+    assert await store.get("a") is not None
+    await store.set("c", entry(clock))
+    assert await keys_of(store) == ["a", "c"]
+    assert await store.get("b") is None
+
+
+async def test_lru_by_bytes_counts_body_and_headers(clock: ManualClock) -> None:
+    small = entry(clock, body=b"x" * 100)  # 300 bytes with overhead
+    heavy = entry(clock, body=b"x" * 100, headers=(("X-Pad", "p" * 50),))  # same body
+    limit = 4 * small.size + 10
+
+    plain = MemoryStore(max_entries=1000, max_bytes=limit, clock=clock)
+    for k in ("a", "b", "c", "d"):
+        await plain.set(k, small)
+    assert len(plain) == 4
+    assert plain.stats.evictions == 0
+
+    # The same body with headers no longer fits: headers count, so the oldest must go.
+    store = MemoryStore(max_entries=1000, max_bytes=limit, clock=clock)
+    for k in ("a", "b", "c"):
+        await store.set(k, small)
+    await store.set("d", heavy)
+    assert await keys_of(store) == ["b", "c", "d"]
+    assert store.bytes == 2 * small.size + heavy.size
+    assert store.stats.evictions == 1
+
+    # A bigger entry evicts as many as it takes, oldest first.
+    big = entry(clock, body=b"x" * (2 * small.size))  # 800 bytes
+    await store.set("e", big)
+    assert await keys_of(store) == ["d", "e"]
+    assert store.bytes == heavy.size + big.size <= store.max_bytes
+    assert store.stats.evictions == 3
+
+
+async def test_replacing_a_key_keeps_byte_accounting_exact(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=10, max_bytes=BIG, clock=clock)
+    first = entry(clock, body=b"x" * 100)
+    second = entry(clock, body=b"y" * 500)
+    await store.set("k", first)
+    await store.set("k", second)
+    assert len(store) == 1
+    assert store.bytes == second.size
+    got = await store.get("k")
+    assert got is not None
+    assert got.body == b"y" * 500
+    await store.set("k", first)
+    assert store.bytes == first.size
+    assert store.stats.sets == 3
+    assert store.stats.evictions == 0
+    assert await store.delete("k")
+    assert store.bytes == 0
+
+
+async def test_replacing_moves_the_key_to_most_recent(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=2, max_bytes=BIG, clock=clock)
+    await store.set("a", entry(clock))
+    await store.set("b", entry(clock))
+    await store.set("a", entry(clock, body=b"new"))
+    await store.set("c", entry(clock))
+    assert await keys_of(store) == ["a", "c"]
+
+
+async def test_entry_bigger_than_max_bytes_is_not_stored(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=10, max_bytes=1000, clock=clock)
+    await store.set("small", entry(clock))
+    huge = entry(clock, body=b"x" * 1000)
+    assert huge.size > store.max_bytes
+    await store.set("huge", huge)
+    assert await store.get("huge") is None
+    assert await keys_of(store) == ["small"]  # and nothing was evicted to make room
+    assert store.bytes == entry(clock).size
+    assert store.stats.sets == 1
+    assert store.stats.evictions == 0
+
+
+async def test_entry_exactly_max_bytes_is_stored(clock: ManualClock) -> None:
+    exact = entry(clock, body=b"x" * 800)
+    store = MemoryStore(max_entries=10, max_bytes=exact.size, clock=clock)
+    await store.set("k", exact)
+    assert await store.get("k") == exact
+    assert store.bytes == store.max_bytes
+
+
+async def test_oversized_replacement_does_not_leave_the_old_entry(clock: ManualClock) -> None:
+    # Store.set: "Store entry under key ... (replacing any older one)". An entry too big to
+    # keep must not leave the previous response under the key to be served later.
+    store = MemoryStore(max_entries=10, max_bytes=1000, clock=clock)
+    await store.set("k", entry(clock, body=b"old"))
+    await store.set("k", entry(clock, body=b"x" * 1000))
+    assert await store.get("k") is None
+
+
+async def test_lazy_expiry(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=10, max_bytes=BIG, clock=clock)
+    e = entry(clock, ttl=10)
+    await store.set("k", e)
+    clock.advance(9.999)
+    assert await store.get("k") == e
+    assert len(store) == 1
+    clock.advance(0.001)  # expires_at is exclusive
+    assert await store.get("k") is None
+    assert len(store) == 0
+    assert store.bytes == 0
+    assert store.stats == StoreStats(hits=1, misses=1, sets=1, expirations=1)
+
+
+async def test_expired_entries_stay_until_touched(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=10, max_bytes=BIG, clock=clock)
+    await store.set("k", entry(clock, ttl=1))
+    clock.advance(5)
+    assert len(store) == 1  # lazy: nothing happens until the key is touched
+    assert store.stats.expirations == 0
+    assert store.peek("k") is None
+    assert len(store) == 0
+    assert store.stats.expirations == 1
+
+
+async def test_counters_are_exact(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=2, max_bytes=BIG, clock=clock)
+    await store.set("a", entry(clock))  # set
+    await store.set("b", entry(clock))  # set
+    assert await store.get("a") is not None  # hit
+    assert await store.get("zzz") is None  # miss
+    await store.set("c", entry(clock))  # set, evicts b
+    assert await store.get("b") is None  # miss
+    assert await store.delete("a")  # delete
+    assert not await store.delete("a")  # nothing to delete: not counted
+    await store.set("a", entry(clock))  # set
+    assert await store.get("a") is not None  # hit
+    assert await store.get("c") is not None  # hit
+    assert store.stats == StoreStats(
+        hits=3, misses=2, sets=4, deletes=1, evictions=1, expirations=0
+    )
+
+
+async def test_delete_matching_with_glob(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=10, max_bytes=BIG, clock=clock)
+    keys = [
+        "GET api /v8/finance/chart/AAPL?range=5d",
+        "GET api /v8/finance/chart/MSFT",
+        "GET api /quote/AAPL",
+        "GET other /v8/finance/chart/AAPL accept-language=en",
+    ]
+    for k in keys:
+        await store.set(k, entry(clock))
+    assert await store.delete_matching("* * /v8/finance/chart/*") == 3
+    assert await keys_of(store) == ["GET api /quote/AAPL"]
+    assert store.bytes == entry(clock).size
+    assert store.stats.deletes == 3
+    assert await store.delete_matching("nothing*") == 0
+    assert store.stats.deletes == 3
+
+
+async def test_clear(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=10, max_bytes=BIG, clock=clock)
+    for k in ("a", "b", "c"):
+        await store.set(k, entry(clock))
+    assert await store.clear() == 3
+    assert len(store) == 0
+    assert store.bytes == 0
+    assert await keys_of(store) == []
+    assert store.stats.deletes == 3
+    assert await store.clear() == 0
+
+
+async def test_scan_skips_expired_and_filters_by_glob(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=10, max_bytes=BIG, clock=clock)
+    await store.set("GET api /a", entry(clock, ttl=5))
+    await store.set("GET api /b", entry(clock, ttl=50))
+    await store.set("GET api /c", entry(clock, ttl=50))
+    clock.advance(10)
+    assert await keys_of(store) == ["GET api /b", "GET api /c"]
+    assert await keys_of(store, "* * /c") == ["GET api /c"]
+    assert await keys_of(store, "* * /[ab]") == ["GET api /b"]
+    # scanning is not a lookup
+    assert store.stats.hits == 0
+    assert store.stats.misses == 0
+
+
+async def test_scan_tolerates_changes_while_iterating(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=10, max_bytes=BIG, clock=clock)
+    for k in ("a", "b", "c"):
+        await store.set(k, entry(clock))
+    seen = []
+    async for k, _ in store.scan():
+        seen.append(k)
+        await store.delete(k)
+    assert seen == ["a", "b", "c"]
+    assert len(store) == 0
