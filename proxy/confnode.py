@@ -1,0 +1,126 @@
+"""Node: a YAML value with its path, so every validation error can say where it is."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar, cast
+
+from proxy.errors import ConfigError
+from proxy.units import expand_env, parse_duration, parse_size
+
+T = TypeVar("T")
+
+
+class Node:
+    """A value read from YAML together with its path, so errors can say where."""
+
+    __slots__ = ("path", "value")
+
+    def __init__(self, value: object, path: str) -> None:
+        self.value = value
+        self.path = path
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(self.path, message)
+
+    def child(self, key: str | int) -> Node:
+        if isinstance(key, int):
+            return Node(cast(list[object], self.value)[key], f"{self.path}[{key}]")
+        value = self.value.get(key) if isinstance(self.value, dict) else None
+        return Node(value, f"{self.path}.{key}" if self.path else key)
+
+    def mapping(self, allowed: tuple[str, ...] | None = None) -> dict[str, object]:
+        """The node as a mapping; unknown fields are errors (a typo must not pass silently)."""
+        if self.value is None:
+            return {}
+        if not isinstance(self.value, dict):
+            raise self.error(f"expected a mapping, got {type(self.value).__name__}")
+        for key in self.value:
+            if not isinstance(key, str):
+                raise self.error(f"keys must be strings, got {key!r}")
+            if allowed is not None and key not in allowed:
+                raise self.child(key).error(f"unknown field (expected one of {', '.join(allowed)})")
+        return cast(dict[str, object], self.value)
+
+    def items(self) -> Iterator[tuple[str, Node]]:
+        for key in self.mapping():
+            yield key, self.child(key)
+
+    def sequence(self) -> list[Node]:
+        if self.value is None:
+            return []
+        if not isinstance(self.value, list):
+            raise self.error(f"expected a list, got {type(self.value).__name__}")
+        return [self.child(i) for i in range(len(self.value))]
+
+    def present(self) -> bool:
+        return self.value is not None
+
+    def text(self, default: str | None = None) -> str:
+        if self.value is None:
+            if default is None:
+                raise self.error("is required")
+            return default
+        if isinstance(self.value, bool) or not isinstance(self.value, str | int | float):
+            raise self.error(f"expected a string, got {type(self.value).__name__}")
+        return str(self.value)
+
+    def convert(self, parse: Callable[[object], T], default: T) -> T:
+        if self.value is None:
+            return default
+        try:
+            return parse(self.value)
+        except ValueError as e:
+            raise self.error(str(e)) from e
+
+    def integer(self, default: int, minimum: int = 0) -> int:
+        value = self.convert(parse_int, default)
+        if value < minimum:
+            raise self.error(f"must be at least {minimum}, got {value}")
+        return value
+
+    def duration(self, default: float) -> float:
+        return self.convert(parse_duration, default)
+
+    def size(self, default: int) -> int:
+        return self.convert(parse_size, default)
+
+    def flag(self, default: bool) -> bool:
+        if self.value is None:
+            return default
+        if not isinstance(self.value, bool):
+            raise self.error(f"expected true or false, got {self.value!r}")
+        return self.value
+
+    def strings(self) -> tuple[str, ...]:
+        """A string or a list of strings."""
+        if isinstance(self.value, str | int | float) and not isinstance(self.value, bool):
+            return (str(self.value),)
+        return tuple(n.text() for n in self.sequence())
+
+    def string_map(self) -> dict[str, str]:
+        return {key: node.text() for key, node in self.items()}
+
+
+def parse_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def expand_tree(value: object, path: str, env: Mapping[str, str]) -> object:
+    """Expand ${VAR} inside every string scalar (after parsing, so values cannot break YAML)."""
+    if isinstance(value, str):
+        try:
+            return expand_env(value, env)
+        except KeyError as e:
+            raise ConfigError(path, f"environment variable {e.args[0]} is not set") from e
+    if isinstance(value, list):
+        return [expand_tree(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: expand_tree(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    return value
