@@ -93,26 +93,29 @@ def run(coro: Coroutine[Any, Any, None]) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cacheproxy", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=None, help="debug, info, warning, error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("serve", "run the proxy and the admin port"),
         ("check-config", "validate a config and print its routes table, without serving"),
     ):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, parents=[common])
         p.add_argument("-c", "--config", default="config/proxy.yaml", help="YAML config file")
-    sim = sub.add_parser("sim", help="serve the simulated market-data API")
+    sim = sub.add_parser("sim", help="serve the simulated market-data API", parents=[common])
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=9000)
     sim.add_argument("--latency-scale", type=float, default=1.0)
     sim.add_argument("--error-rate", type=float, default=0.0)
     sim.add_argument("--rate-429", type=float, default=0.0)
-    demo = sub.add_parser("demo", help="simulator + proxy + Zipf traffic, no network or Redis")
+    demo = sub.add_parser(
+        "demo", help="simulator + proxy + Zipf traffic, no network or Redis", parents=[common]
+    )
     demo.add_argument("--seconds", type=float, default=30.0, help="how long to run")
     demo.add_argument("--rate", type=float, default=50.0, help="page views per second")
     demo.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of symbol popularity")
     demo.add_argument("--port", type=int, default=8080, help="proxy port (admin +1, sim +920)")
     demo.add_argument("-c", "--config", default="config/proxy.yaml", help="YAML config file")
-    parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
     return parser
 
 

@@ -6,7 +6,6 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from urllib.parse import quote, unquote_to_bytes
 
 from proxy.errors import BadRequest
@@ -34,7 +33,6 @@ def _normalise_component(raw: str, safe: str, plus_is_space: bool) -> tuple[str,
     return quote(data, safe=safe), data
 
 
-@lru_cache(maxsize=8192)
 def parse_target(raw: str) -> Target:
     """Validate an origin-form request target and normalise its percent-encoding.
 
@@ -98,14 +96,13 @@ def cache_key(
     """
     method = "GET" if method == "HEAD" else method
     query = key_query(target, ignore, secret)
-    key = (
-        f"{method} {upstream} {target.path}?{query}"
-        if query
-        else f"{method} {upstream} {target.path}"
-    )
-    for name, value in headers:
-        key += f" {name}={quote(value, safe='')}"
-    return key
+    key = f"{method} {upstream} {target.path}" + (f"?{query}" if query else "")
+    return key + header_suffix(headers)
+
+
+def header_suffix(headers: Iterable[tuple[str, str]]) -> str:
+    """The key's header part: ` name=value` per header, values percent-encoded."""
+    return "".join(f" {name}={quote(value, safe='')}" for name, value in headers)
 
 
 def key_url(key: str) -> str:

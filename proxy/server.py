@@ -9,16 +9,18 @@ import gzip
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.coalesce import Flight
+from proxy.config import Config
 from proxy.deps import DEPS, Deps
 from proxy.entry import CachedResponse
 from proxy.errors import BadRequest, UpstreamError
-from proxy.keys import Target, cache_key, parse_target, upstream_target
+from proxy.keys import Target, cache_key, header_suffix, parse_target, upstream_target
 from proxy.metrics import UNMATCHED
 from proxy.policy import (
     Bypass,
@@ -68,18 +70,32 @@ def serve_entry(
     request: web.Request, entry: CachedResponse, cache_status: str, age: int | None
 ) -> web.Response:
     """Build the client response from an entry: Age, Cache-Status, gzip as the client accepts."""
-    headers = CIMultiDict(entry.headers)
+    # A plain list: aiohttp copies headers into its own CIMultiDict once anyway.
+    headers = [*entry.headers, ("Cache-Status", cache_status)]
+    if age is not None:
+        headers.append(("Age", str(age)))
     body = entry.body
-    if headers.get("Content-Encoding", "").lower() == "gzip" and not _accepts_gzip(request):
+    encoding = entry.header("Content-Encoding")
+    if encoding is not None and encoding.lower() == "gzip" and not _accepts_gzip(request):
         try:
             body = gzip.decompress(body)
-            del headers["Content-Encoding"]
+            headers = [(n, v) for n, v in headers if n.lower() != "content-encoding"]
         except (OSError, EOFError):
             log.warning("stored gzip body does not decompress; serving it as stored")
-    if age is not None:
-        headers["Age"] = str(age)
-    headers["Cache-Status"] = cache_status
     return web.Response(status=entry.status, headers=headers, body=body)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A request target resolved against the routes; memoised per (method, raw target)."""
+
+    match: Match
+    target: Target
+    key: str  # the cache key without its header part
+    key_headers: tuple[str, ...]  # request headers that complete the key
+
+
+_MEMO_SIZE = 16384
 
 
 class ProxyHandler:
@@ -87,6 +103,10 @@ class ProxyHandler:
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
+        # Hot targets repeat: skip parsing, matching and key building for them. Cleared
+        # when the config object changes (reload) or when it fills up.
+        self._memo: dict[tuple[str, str], Resolved] = {}
+        self._memo_config: Config = deps.config
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one client request and count it by route and outcome."""
@@ -98,57 +118,63 @@ class ProxyHandler:
         finally:
             self.deps.metrics.request(route_name, outcome, time.perf_counter() - started)
 
-    async def _handle(self, request: web.Request) -> tuple[web.StreamResponse, str, str]:
+    def _resolve(self, method: str, raw: str) -> Resolved | web.Response:
+        """Route and key for a target, or the error response when there is none."""
         config = self.deps.config
-        if request.method == "CONNECT":
-            return (
-                json_error(405, "method_not_allowed", "cacheproxy is not a forward proxy"),
-                UNMATCHED,
-                "error",
-            )
+        if config is not self._memo_config:
+            self._memo.clear()
+            self._memo_config = config
+        if (resolved := self._memo.get((method, raw))) is not None:
+            return resolved
         try:
-            target = parse_target(request.raw_path)
+            target = parse_target(raw)
         except BadRequest as e:
-            return json_error(400, "bad_request", str(e)), UNMATCHED, "error"
-        match = config.routes.match(request.method, target.path, target.params)
+            return json_error(400, "bad_request", str(e))
+        match = config.routes.match(method, target.path, target.params)
         if match is None:
             if allowed := config.routes.allowed_methods(target.path):
-                response = json_error(
-                    405, "method_not_allowed", f"allowed: {', '.join(sorted(allowed))}"
-                )
-                response.headers["Allow"] = ", ".join(sorted(allowed))
-                return response, UNMATCHED, "error"
-            return json_error(404, "no_route", "no route matches this request"), UNMATCHED, "error"
+                methods = ", ".join(sorted(allowed))
+                response = json_error(405, "method_not_allowed", f"allowed: {methods}")
+                response.headers["Allow"] = methods
+                return response
+            return json_error(404, "no_route", "no route matches this request")
+        rules = config.cache.keys
         route = match.route
+        key = cache_key(method, route.upstream, target, rules.ignore_params, rules.secret_params)
+        resolved = Resolved(match, target, key, (*rules.headers, *route.key_headers))
+        if len(self._memo) >= _MEMO_SIZE:
+            self._memo.clear()
+        self._memo[(method, raw)] = resolved
+        return resolved
+
+    async def _handle(self, request: web.Request) -> tuple[web.StreamResponse, str, str]:
+        if request.method == "CONNECT":
+            error = json_error(405, "method_not_allowed", "cacheproxy is not a forward proxy")
+            return error, UNMATCHED, "error"
+        resolved = self._resolve(request.method, request.raw_path)
+        if isinstance(resolved, web.Response):
+            return resolved, UNMATCHED, "error"
+        route = resolved.match.route
         has_credentials = "Authorization" in request.headers or "Cookie" in request.headers
         verdict = classify_request(request.method, route.ttl_class, has_credentials, route.shared)
         try:
             if isinstance(verdict, Bypass):
-                return (
-                    await self._forward(request, match, target, verdict.reason),
-                    route.name,
-                    "bypass",
-                )
-            served, outcome = await self._cached(request, match, target)
+                forwarded = await self._forward(request, resolved, verdict.reason)
+                return forwarded, route.name, "bypass"
+            served, outcome = await self._cached(request, resolved)
             return served, route.name, outcome
         except UpstreamError as e:
             return self._upstream_error(e, route.upstream), route.name, "error"
 
     async def _cached(
-        self, request: web.Request, match: Match, target: Target
+        self, request: web.Request, resolved: Resolved
     ) -> tuple[web.StreamResponse, str]:
-        config = self.deps.config
-        route = match.route
-        rules = config.cache.keys
         key_headers = [
             (name, request.headers[name])
-            for name in (*rules.headers, *route.key_headers)
+            for name in resolved.key_headers
             if name in request.headers
         ]
-        key = cache_key(
-            request.method, route.upstream, target, rules.ignore_params, rules.secret_params,
-            key_headers,
-        )  # fmt: skip
+        key = resolved.key + header_suffix(key_headers) if key_headers else resolved.key
         now = self.deps.clock()
         entry = await self.deps.store.get(key)
         if entry is not None:
@@ -158,17 +184,18 @@ class ProxyHandler:
                 age = current_age(entry.initial_age, entry.stored_at, now)
                 return serve_entry(request, entry, status, age), "hit_l1"
         coalescer = self.deps.coalescer
+        upstream = resolved.match.route.upstream
         if (future := coalescer.in_flight(key)) is not None:
-            shared = await coalescer.wait(future, config.server.coalesce_timeout)
+            shared = await coalescer.wait(future, self.deps.config.server.coalesce_timeout)
             if isinstance(shared, CachedResponse):
                 status = f"{NAME}; fwd=miss; collapsed"
                 return serve_entry(request, shared, status, self._miss_age(shared)), "coalesced"
             if isinstance(shared, UpstreamError):
-                return self._upstream_error(shared, route.upstream), "error"
-            return await self._fetch(request, match, target, key, key_headers, None), "miss"
+                return self._upstream_error(shared, upstream), "error"
+            return await self._fetch(request, resolved, key, key_headers, None), "miss"
         with coalescer.lead(key) as flight:
             try:
-                return await self._fetch(request, match, target, key, key_headers, flight), "miss"
+                return await self._fetch(request, resolved, key, key_headers, flight), "miss"
             except UpstreamError as e:
                 flight.result = e
                 raise
@@ -176,14 +203,14 @@ class ProxyHandler:
     async def _fetch(
         self,
         request: web.Request,
-        match: Match,
-        target: Target,
+        resolved: Resolved,
         key: str,
         key_headers: list[tuple[str, str]],
         flight: Flight | None,
     ) -> web.StreamResponse:
         """Fetch a cacheable request upstream (as GET, so HEAD can fill the entry too)."""
         config = self.deps.config
+        match, target = resolved.match, resolved.target
         route = match.route
         assert route.ttl_class is not None
         upstream = config.upstreams[route.upstream]
@@ -276,10 +303,10 @@ class ProxyHandler:
         return out
 
     async def _forward(
-        self, request: web.Request, match: Match, target: Target, reason: str
+        self, request: web.Request, resolved: Resolved, reason: str
     ) -> web.StreamResponse:
         """Pass a request through uncached, streaming its body both ways."""
-        route = match.route
+        route, target = resolved.match.route, resolved.target
         upstream = self.deps.config.upstreams[route.upstream]
         headers = {
             name: value
