@@ -43,20 +43,40 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 async def stats(request: web.Request) -> web.Response:
-    """Hit ratio overall and per route, requests, upstream calls, calls saved, L1 counters."""
+    """Hit ratio overall and per route, requests, upstream calls, calls saved, per layer."""
     deps = _deps(request)
-    store = deps.store
     body: dict[str, Any] = deps.metrics.summary()
-    body["layers"] = {
-        "l1": {
-            "entries": len(store),
-            "bytes": store.bytes,
-            "max_entries": store.max_entries,
-            "max_bytes": store.max_bytes,
-            **vars_of(store.stats),
-        }
-    }
+    body["layers"] = _layers(deps)
     return web.json_response(body)
+
+
+def _layers(deps: Deps) -> dict[str, Any]:
+    store = deps.store
+    layers: dict[str, Any] = {}
+    if store.l1 is not None:
+        l1 = store.l1
+        layers["l1"] = {
+            "entries": len(l1),
+            "bytes": l1.bytes,
+            "max_entries": l1.max_entries,
+            "max_bytes": l1.max_bytes,
+            **vars_of(l1.stats),
+        }
+    if store.l2 is not None:
+        layers["l2"] = {
+            **vars_of(store.l2.stats),
+            "breaker": store.breaker.state,
+            "breaker_reason": store.breaker.reason,
+            "backplane": _backplane(deps),
+        }
+    return layers
+
+
+def _backplane(deps: Deps) -> dict[str, Any]:
+    bp = deps.backplane
+    if bp is None:
+        return {"connected": False}
+    return {"connected": bp.connected, "received": bp.received, "reconnects": bp.reconnects}
 
 
 def vars_of(obj: object) -> dict[str, Any]:
@@ -65,15 +85,24 @@ def vars_of(obj: object) -> dict[str, Any]:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Liveness and the state of each part (200 ok; 503 when unhealthy)."""
+    """Liveness and the state of each part: `ok`, or `degraded` with the reason (still 200:
+    a proxy without its L2 keeps serving from L1 and upstream)."""
     deps = _deps(request)
-    store = deps.store
-    body = {
-        "status": "ok",
-        "l1": {"status": "ok", "entries": len(store), "bytes": store.bytes},
-        "upstreams": {name: {"url": str(u.url)} for name, u in deps.config.upstreams.items()},
-        "in_flight": len(deps.coalescer),
-    }
+    status, reason = deps.store.health()
+    body: dict[str, Any] = {"status": status, "instance": deps.instance}
+    if reason:
+        body["reason"] = reason
+    l1 = deps.store.l1
+    if l1 is not None:
+        body["l1"] = {"status": "ok", "entries": len(l1), "bytes": l1.bytes}
+    if deps.store.l2 is not None:
+        body["l2"] = {
+            "status": "ok" if status == "ok" else "unavailable",
+            "breaker": deps.store.breaker.state,
+            "backplane": _backplane(deps),
+        }
+    body["upstreams"] = {name: {"url": str(u.url)} for name, u in deps.config.upstreams.items()}
+    body["in_flight"] = len(deps.coalescer)
     return web.json_response(body)
 
 
@@ -88,6 +117,7 @@ async def keys(request: web.Request) -> web.Response:
     if not 1 <= limit <= _MAX_KEYS:
         return _bad(f"limit must be between 1 and {_MAX_KEYS}")
     now = deps.clock()
+    l1 = deps.store.l1
     items: list[dict[str, Any]] = []
     async for key, entry in deps.store.scan(_url_glob(pattern)):
         items.append({
@@ -95,7 +125,7 @@ async def keys(request: web.Request) -> web.Response:
             "url": key_url(key),
             "route": entry.route,
             "status": entry.status,
-            "layers": ["l1"],
+            "layers": ["l1"] if l1 is not None and key in l1 else ["l2"],
             "size": entry.size,
             "ttl_left": round(entry.expires_at - now, 3),
             "tags": list(entry.tags),
@@ -150,34 +180,42 @@ async def purge(request: web.Request) -> web.Response:
     kind, value = next(iter(body.items()))
     if not isinstance(value, str) or not value.startswith("/"):
         return _bad(f"{kind} must be a string starting with /")
-    store = deps.store
     if kind == "pattern":
-        purged = await store.delete_matching(_url_glob(value))
+        counts = await deps.store.purge(_url_glob(value))
     else:
         try:
-            purged = await _purge_url(deps, value)
+            counts = await _purge_url(deps, value)
         except BadRequest as e:
             return _bad(str(e))
+    purged = max((n for n in counts.values() if n is not None), default=0)
     deps.metrics.purges.labels(kind).inc()
     deps.metrics.purged_entries.labels(kind).inc(purged)
-    return web.json_response({"purged": purged, kind: value})
+    return web.json_response({"purged": purged, "layers": counts, kind: value})
 
 
-async def _purge_url(deps: Deps, url: str) -> int:
+async def _purge_url(deps: Deps, url: str) -> dict[str, int | None]:
     """Every entry for this URL: all upstreams' routes and all key-header variants."""
     config = deps.config
     target = parse_target(url)
     rules = config.cache.keys
-    purged = 0
-    for upstream in {r.upstream for r in config.routes}:
+    variants = bool(rules.headers) or any(r.key_headers for r in config.routes)
+    totals: dict[str, int | None] = {}
+    for upstream in sorted({r.upstream for r in config.routes}):
         exact = cache_key("GET", upstream, target, rules.ignore_params, rules.secret_params)
-        purged += await deps.store.delete(exact)
-        purged += await deps.store.delete_matching(escape_glob(exact) + " *")
-    return purged
+        _add(totals, await deps.store.purge_key(exact))
+        if variants:  # a SCAN, so only when some key carries headers
+            _add(totals, await deps.store.purge(escape_glob(exact) + " *"))
+    return totals
+
+
+def _add(totals: dict[str, int | None], counts: dict[str, int | None]) -> None:
+    for layer, n in counts.items():
+        before = totals.get(layer, 0)
+        totals[layer] = None if n is None or before is None else before + n
 
 
 async def clear(request: web.Request) -> web.Response:
-    """Drop every entry."""
+    """Drop every entry, in every layer and every instance."""
     deps = _deps(request)
     cleared = await deps.store.clear()
     deps.metrics.purges.labels("clear").inc()

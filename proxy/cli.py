@@ -139,13 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(routes_table(config))
             return 0
-        if config.cache.backend != "memory":
-            print(
-                f"cacheproxy: cache.backend {config.cache.backend!r} needs the Redis store, which "
-                "this version does not have yet; use 'memory' (or unset CACHE_BACKEND)",
-                file=sys.stderr,
-            )
-            return EXIT_CONFIG
         if not args.log_level:
             logging.getLogger().setLevel(config.server.log_level.upper())
         run(serve(config))

@@ -48,13 +48,29 @@ class KeyRules:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """The shared L2: where it is, how long to wait for it, and how to back off."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "cacheproxy:"
+    command_timeout: float = 0.05  # a slow Redis must not slow the request it serves
+    connect_timeout: float = 0.25
+    breaker_failures: int = 3  # consecutive failures that open the circuit
+    breaker_backoff: float = 0.5  # first probe after this long, doubling ...
+    breaker_max_backoff: float = 30.0  # ... up to this
+    lease_ttl: float = 10.0  # how long one instance may hold the right to fetch a key
+    lease_wait: float = 5.0  # how long other instances wait for that fetch to land in L2
+    popularity_sample: float = 0.05  # fraction of requests counted in the popularity set
+
+
+@dataclass(frozen=True, slots=True)
 class CacheConfig:
     """Which stores hold entries, and their bounds."""
 
     backend: Backend = "memory"
     l1_max_entries: int = 1000
     l1_max_bytes: int = 100 * 1024 * 1024
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis: RedisConfig = field(default_factory=RedisConfig)
     max_object_size: int = 8 * 1024 * 1024
     keys: KeyRules = field(default_factory=KeyRules)
 
@@ -169,8 +185,39 @@ def _route(
     )
 
 
+def _fraction(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _redis(node: Node) -> RedisConfig:
+    node.mapping(tuple(RedisConfig.__dataclass_fields__))
+    d = RedisConfig()
+    url_node = node.child("url")
+    url = url_node.text(d.url)
+    if URL(url).scheme not in ("redis", "rediss", "unix"):
+        raise url_node.error(f"expected a redis://, rediss:// or unix:// URL, got {url!r}")
+    sample_node = node.child("popularity_sample")
+    sample = sample_node.convert(_fraction, d.popularity_sample)
+    if not 0.0 <= sample <= 1.0:
+        raise sample_node.error(f"must be between 0 and 1, got {sample}")
+    return RedisConfig(
+        url=url,
+        key_prefix=node.child("key_prefix").text(d.key_prefix),
+        command_timeout=node.child("command_timeout").duration(d.command_timeout),
+        connect_timeout=node.child("connect_timeout").duration(d.connect_timeout),
+        breaker_failures=node.child("breaker_failures").integer(d.breaker_failures, minimum=1),
+        breaker_backoff=node.child("breaker_backoff").duration(d.breaker_backoff),
+        breaker_max_backoff=node.child("breaker_max_backoff").duration(d.breaker_max_backoff),
+        lease_ttl=node.child("lease_ttl").duration(d.lease_ttl),
+        lease_wait=node.child("lease_wait").duration(d.lease_wait),
+        popularity_sample=sample,
+    )
+
+
 def _cache(node: Node) -> CacheConfig:
-    node.mapping(("backend", "l1", "redis_url", "max_object_size", "keys"))
+    node.mapping(("backend", "l1", "redis", "max_object_size", "keys"))
     backend = node.child("backend").text("memory")
     if backend not in BACKENDS:
         raise node.child("backend").error(f"expected one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -183,7 +230,7 @@ def _cache(node: Node) -> CacheConfig:
         backend=backend,
         l1_max_entries=l1.child("max_entries").integer(1000, minimum=1),
         l1_max_bytes=l1.child("max_memory").size(100 * 1024 * 1024),
-        redis_url=node.child("redis_url").text("redis://127.0.0.1:6379/0"),
+        redis=_redis(node.child("redis")),
         max_object_size=node.child("max_object_size").size(8 * 1024 * 1024),
         keys=KeyRules(
             ignore_params=frozenset(keys.child("ignore_params").strings())
@@ -278,7 +325,9 @@ def _apply_env_overrides(cache: CacheConfig, env: Mapping[str, str]) -> CacheCon
             )
         changes["backend"] = backend
     if url := env.get("CACHE_REDIS_URL"):
-        changes["redis_url"] = url
+        if URL(url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError("CACHE_REDIS_URL", f"expected a redis:// URL, got {url!r}")
+        changes["redis"] = replace(cache.redis, url=url)
     if entries := env.get("CACHE_L1_MAX_ENTRIES"):
         changes["l1_max_entries"] = Node(entries, "CACHE_L1_MAX_ENTRIES").integer(0, minimum=1)
     if megabytes := env.get("CACHE_L1_MAX_MEMORY_MB"):

@@ -1,16 +1,21 @@
-"""Deps: everything the handlers need, built once in cli.build_deps and reached by AppKey."""
+"""Deps: everything the handlers need, built once in build_deps and reached by AppKey."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from proxy.backplane import Backplane
+from proxy.breaker import CircuitBreaker
 from proxy.clock import Clock, system_clock
 from proxy.coalesce import Coalescer
 from proxy.config import Config
 from proxy.metrics import Metrics
+from proxy.store.layered import LayeredStore
 from proxy.store.memory import MemoryStore
+from proxy.store.redis import RedisStore
 from proxy.tasks import Tasks
 from proxy.upstream import UpstreamPool
 
@@ -20,25 +25,55 @@ class Deps:
     """The running proxy's parts. `config` may be swapped by a reload; the rest persist."""
 
     config: Config
-    store: MemoryStore
+    store: LayeredStore
     metrics: Metrics
     upstreams: UpstreamPool
+    tasks: Tasks
+    instance: str
     clock: Clock = system_clock
     coalescer: Coalescer = field(default_factory=Coalescer)
-    tasks: Tasks = field(default_factory=Tasks)
+    backplane: Backplane | None = None
 
 
-def build_deps(config: Config, clock: Clock = system_clock, metrics: Metrics | None = None) -> Deps:
-    """Wire the stores, metrics and upstream sessions for a config (sessions open on start)."""
+def build_deps(
+    config: Config,
+    clock: Clock = system_clock,
+    metrics: Metrics | None = None,
+    instance: str | None = None,
+) -> Deps:
+    """Wire stores, breaker, backplane, metrics and upstream sessions for a config.
+
+    Nothing connects here: sessions open and the backplane subscribes when the app starts.
+    """
     metrics = metrics or Metrics()
-    store = MemoryStore(config.cache.l1_max_entries, config.cache.l1_max_bytes, clock)
-    metrics.watch_store("l1", store)
+    tasks = Tasks()
+    instance = instance or uuid.uuid4().hex[:12]
+    cache = config.cache
+    l1 = l2 = None
+    if cache.backend in ("memory", "layered"):
+        l1 = MemoryStore(cache.l1_max_entries, cache.l1_max_bytes, clock)
+        metrics.watch_store("l1", l1)
+    if cache.backend in ("redis", "layered"):
+        l2 = RedisStore(cache.redis, tasks, clock)
+        metrics.watch_store("l2", l2)
+    breaker = CircuitBreaker(
+        cache.redis.breaker_failures, cache.redis.breaker_backoff, cache.redis.breaker_max_backoff
+    )
+    store = LayeredStore(l1, l2, breaker, tasks, instance, clock)
+    if l2 is not None:
+        metrics.watch_breaker(breaker)
+    backplane = (
+        Backplane(cache.redis, instance, store.apply, store.resync) if l2 is not None else None
+    )
     return Deps(
         config=config,
         store=store,
         metrics=metrics,
         upstreams=UpstreamPool(config.upstreams, metrics),
+        tasks=tasks,
+        instance=instance,
         clock=clock,
+        backplane=backplane,
     )
 
 

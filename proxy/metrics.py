@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from itertools import accumulate
 from typing import Final, Protocol
 
@@ -17,6 +17,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from proxy.breaker import STATE_VALUES, CircuitBreaker
 from proxy.store.base import StoreStats
 
 OUTCOMES: Final = (
@@ -32,41 +33,58 @@ _LATENCY_BUCKETS: Final = (
 
 
 class _Observable(Protocol):
-    """What a store must expose to be watched (MemoryStore fits)."""
+    """What a store must expose to be watched (MemoryStore and RedisStore fit)."""
 
     stats: StoreStats
-    bytes: int
-
-    def __len__(self) -> int: ...
 
 
 class _StoreCollector(Collector):
-    """Reads a store's size and counters at scrape time (no bookkeeping on the hot path)."""
+    """Reads stores' sizes and counters and the L2 breaker at scrape time, so the hot path
+    does no bookkeeping for them."""
 
-    def __init__(self, layer: str, store: _Observable) -> None:
-        self.layer = layer
-        self.store = store
+    def __init__(self) -> None:
+        self.stores: dict[str, _Observable] = {}
+        self.breaker: CircuitBreaker | None = None
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.store.stats
-        for name, doc, value in (
-            ("cacheproxy_cache_entries", "Entries held", len(self.store)),
-            ("cacheproxy_cache_bytes", "Bytes held (body + headers)", self.store.bytes),
-        ):
-            gauge = GaugeMetricFamily(name, doc, labels=["layer"])
-            gauge.add_metric([self.layer], value)
-            yield gauge
-        for field, doc in (
-            ("hits", "Lookups that found a live entry"),
-            ("misses", "Lookups that found nothing live"),
-            ("sets", "Entries written"),
-            ("deletes", "Entries removed by purge, clear or delete"),
-            ("evictions", "Entries evicted to stay within bounds"),
-            ("expirations", "Entries dropped because they expired"),
-        ):
+        entries = GaugeMetricFamily("cacheproxy_cache_entries", "Entries held", labels=["layer"])
+        size = GaugeMetricFamily(
+            "cacheproxy_cache_bytes", "Bytes held (body + headers)", labels=["layer"]
+        )
+        for layer, store in self.stores.items():
+            if isinstance(store, Sized) and hasattr(store, "bytes"):  # L1 knows; L2 would scan
+                entries.add_metric([layer], len(store))
+                size.add_metric([layer], store.bytes)
+        yield entries
+        yield size
+        for field, doc in _STORE_COUNTERS:
             counter = CounterMetricFamily(f"cacheproxy_cache_{field}", doc, labels=["layer"])
-            counter.add_metric([self.layer], getattr(stats, field))
+            for layer, store in self.stores.items():
+                counter.add_metric([layer], getattr(store.stats, field))
             yield counter
+        if self.breaker is not None:
+            state = GaugeMetricFamily(
+                "cacheproxy_l2_breaker_state", "L2 circuit breaker: 0 closed, 1 open, 2 half-open"
+            )
+            state.add_metric([], STATE_VALUES[self.breaker.state])
+            yield state
+            opened = CounterMetricFamily(
+                "cacheproxy_l2_breaker_opened", "Times the L2 circuit breaker opened"
+            )
+            opened.add_metric([], self.breaker.opened)
+            yield opened
+
+
+_STORE_COUNTERS: Final = (
+    ("hits", "Lookups that found a live entry"),
+    ("misses", "Lookups that found nothing live"),
+    ("sets", "Entries written"),
+    ("deletes", "Entries removed by purge, clear or delete"),
+    ("evictions", "Entries evicted to stay within bounds"),
+    ("expirations", "Entries dropped because they expired"),
+    ("errors", "Store calls that failed (refused, timed out)"),
+    ("corrupt", "Stored values that did not decode (dropped, served as misses)"),
+)
 
 
 class _Buckets:
@@ -139,10 +157,16 @@ class Metrics:
         self.latency: dict[str, _Buckets] = {}
         self.upstream_calls: Tally[str] = Tally()
         r.register(_RequestCollector(self))
+        self._stores = _StoreCollector()
+        r.register(self._stores)
 
     def watch_store(self, layer: str, store: _Observable) -> None:
         """Export a store's size and counters under layer=<layer>."""
-        self.registry.register(_StoreCollector(layer, store))
+        self._stores.stores[layer] = store
+
+    def watch_breaker(self, breaker: CircuitBreaker) -> None:
+        """Export the L2 circuit breaker's state."""
+        self._stores.breaker = breaker
 
     def request(self, route: str, outcome: str, seconds: float) -> None:
         """Count one answered client request."""

@@ -175,14 +175,17 @@ class ProxyHandler:
             if name in request.headers
         ]
         key = resolved.key + header_suffix(key_headers) if key_headers else resolved.key
-        now = self.deps.clock()
-        entry = await self.deps.store.get(key)
-        if entry is not None:
+        store = self.deps.store
+        found = await store.lookup(key)
+        store.count_request(key)
+        if found is not None:
+            now = self.deps.clock()
+            entry = found.entry
             verdict = freshness(entry.stored_at, entry.ttl, now)
             if isinstance(verdict, Fresh):
-                status = f"{NAME}; hit; ttl={int(verdict.ttl_left)}; detail=l1"
+                status = f"{NAME}; hit; ttl={int(verdict.ttl_left)}; detail={found.layer}"
                 age = current_age(entry.initial_age, entry.stored_at, now)
-                return serve_entry(request, entry, status, age), "hit_l1"
+                return serve_entry(request, entry, status, age), f"hit_{found.layer}"
         coalescer = self.deps.coalescer
         upstream = resolved.match.route.upstream
         if (future := coalescer.in_flight(key)) is not None:
@@ -195,10 +198,38 @@ class ProxyHandler:
             return await self._fetch(request, resolved, key, key_headers, None), "miss"
         with coalescer.lead(key) as flight:
             try:
-                return await self._fetch(request, resolved, key, key_headers, flight), "miss"
+                return await self._lead(request, resolved, key, key_headers, flight)
             except UpstreamError as e:
                 flight.result = e
                 raise
+
+    async def _lead(
+        self,
+        request: web.Request,
+        resolved: Resolved,
+        key: str,
+        key_headers: list[tuple[str, str]],
+        flight: Flight,
+    ) -> tuple[web.StreamResponse, str]:
+        """This instance's one fetch of key, first asking other instances (a Redis lease)."""
+        store = self.deps.store
+        if store.l2 is None:
+            return await self._fetch(request, resolved, key, key_headers, flight), "miss"
+        redis = self.deps.config.cache.redis
+        if not await store.acquire_lease(key, redis.lease_ttl):
+            # Another instance is fetching it: wait (bounded) for its answer to reach L2.
+            found = await store.wait_for_l2(key, redis.lease_wait)
+            if found is not None:
+                flight.result = found.entry
+                status = f"{NAME}; fwd=miss; collapsed; detail=l2"
+                return serve_entry(request, found.entry, status, self._miss_age(found.entry)), (
+                    "coalesced"
+                )
+            return await self._fetch(request, resolved, key, key_headers, flight), "miss"
+        try:
+            return await self._fetch(request, resolved, key, key_headers, flight), "miss"
+        finally:
+            store.release_lease(key)
 
     async def _fetch(
         self,
@@ -343,9 +374,12 @@ def make_proxy_app(deps: Deps) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await deps.upstreams.start()
+        if deps.backplane is not None:
+            deps.tasks.spawn(deps.backplane.run(), "backplane")
         yield
         await deps.tasks.close()
         await deps.upstreams.close()
+        await deps.store.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app

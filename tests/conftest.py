@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +25,7 @@ from proxy.clock import ManualClock
 from proxy.config import Config, parse_config
 from proxy.deps import Deps, build_deps
 from proxy.server import make_proxy_app
+from proxy.store.memory import MemoryStore
 
 
 @dataclass
@@ -124,6 +133,11 @@ class Proxy:
     def config(self) -> Config:
         return self.deps.config
 
+    @property
+    def l1(self) -> MemoryStore:
+        assert self.deps.store.l1 is not None
+        return self.deps.store.l1
+
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 
@@ -152,3 +166,96 @@ async def make_proxy(upstream: CountingUpstream) -> Any:
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> Proxy:
     return await make_proxy()
+
+
+# --- a real redis-server on a free port ------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server process the tests own: they may stop, hang (SIGSTOP) and restart it."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            message = "redis-server is not installed (apt-get install -y redis-server)"
+            if os.environ.get("CI"):
+                pytest.fail(message)  # in CI a Redis test must run, never skip
+            pytest.skip(message)
+        self.binary = binary
+        self.directory = directory
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)  # waiting for a process to come up, not for time to pass
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        """Kill it (SIGKILL: like a crash; nothing is saved)."""
+        if self.process is not None:
+            self.resume()
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def hang(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One redis-server for the session; tests keep apart with their own key prefix."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_proc(tmp_path: Path) -> Any:
+    """A redis-server of this test's own, to stop, hang and restart."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def layered_cache(url: str, prefix: str | None = None, **redis: Any) -> dict[str, Any]:
+    """A `cache:` section for a layered backend on the given Redis, with its own prefix."""
+    redis_section = {"url": url, "key_prefix": prefix or f"t{uuid.uuid4().hex[:8]}:",
+                     "command_timeout": "500ms", "breaker_backoff": "50ms",
+                     "breaker_max_backoff": "200ms", **redis}  # fmt: skip
+    return {"backend": "layered", "redis": redis_section}

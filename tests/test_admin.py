@@ -201,7 +201,7 @@ async def test_purge_url_normalises_like_the_cache_key(
     status, body = await admin_json(proxy, "POST", "/purge", json={"url": purge_url})
     assert status == 200
     assert body["purged"] == 1
-    assert len(proxy.deps.store) == 0
+    assert len(proxy.l1) == 0
     assert (await get(proxy, "/v8/finance/chart/AAPL?range=5d")).startswith("cacheproxy; fwd=miss")
     assert upstream.total == 2
 
@@ -211,7 +211,7 @@ async def test_purge_url_that_is_not_cached(proxy: Proxy) -> None:
     status, body = await admin_json(proxy, "POST", "/purge", json={"url": "/quote/MSFT"})
     assert status == 200
     assert body["purged"] == 0
-    assert len(proxy.deps.store) == 1
+    assert len(proxy.l1) == 1
 
 
 async def test_purge_pattern_purges_only_matching(proxy: Proxy, upstream: CountingUpstream) -> None:
@@ -258,8 +258,8 @@ async def test_bad_purge_bodies_are_400_and_purge_nothing(
     status, body = await admin_json(proxy, "POST", "/purge", **kwargs)
     assert status == 400
     assert body["error"] == "bad_request"
-    assert len(proxy.deps.store) == 2
-    assert proxy.deps.store.stats.deletes == 0
+    assert len(proxy.l1) == 2
+    assert proxy.l1.stats.deletes == 0
 
 
 async def test_clear(proxy: Proxy, upstream: CountingUpstream) -> None:
@@ -268,7 +268,7 @@ async def test_clear(proxy: Proxy, upstream: CountingUpstream) -> None:
     status, body = await admin_json(proxy, "POST", "/clear")
     assert status == 200
     assert body["cleared"] == 2
-    assert len(proxy.deps.store) == 0
+    assert len(proxy.l1) == 0
     assert (await get(proxy, "/quote/AAPL")).startswith("cacheproxy; fwd=miss")
     assert upstream.total == 3
 
@@ -313,10 +313,10 @@ async def test_admin_token_guards_mutating_calls(make_proxy: ProxyFactory) -> No
         assert response.status == 401, headers
         assert (await response.json())["error"] == "unauthorized"
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
-        assert len(proxy.deps.store) == 1
+        assert len(proxy.l1) == 1
     response = await proxy.admin.post("/clear")
     assert response.status == 401
-    assert len(proxy.deps.store) == 1
+    assert len(proxy.l1) == 1
     response = await proxy.admin.get("/stats")
     assert response.status == 200
     response = await proxy.admin.get("/keys")
@@ -324,7 +324,7 @@ async def test_admin_token_guards_mutating_calls(make_proxy: ProxyFactory) -> No
     response = await proxy.admin.post("/purge", json=purge, headers={"Authorization": "Bearer t0k"})
     assert response.status == 200
     assert (await response.json())["purged"] == 1
-    assert len(proxy.deps.store) == 0
+    assert len(proxy.l1) == 0
 
 
 async def test_without_a_token_mutating_calls_are_open(proxy: Proxy) -> None:

@@ -206,7 +206,7 @@ def test_methods_default_to_get_and_head_and_are_upper_cased() -> None:
 def test_env_overrides_win_over_the_file() -> None:
     data = with_change(
         ("cache",),
-        {"backend": "memory", "redis_url": "redis://file:6379/0",
+        {"backend": "memory", "redis": {"url": "redis://file:6379/0"},
          "l1": {"max_entries": 10, "max_memory": "1MB"}},
     )  # fmt: skip
     env = {
@@ -217,7 +217,7 @@ def test_env_overrides_win_over_the_file() -> None:
     }
     cache = parse_config(data, env=env).cache
     assert cache.backend == "layered"
-    assert cache.redis_url == "redis://env:6380/2"
+    assert cache.redis.url == "redis://env:6380/2"
     assert cache.l1_max_entries == 5000
     assert cache.l1_max_bytes == 256 * 1024 * 1024
 

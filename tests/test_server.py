@@ -96,7 +96,7 @@ async def test_responses_that_must_not_be_stored_are_not(
     cookie = await proxy.client.get("/quote/COOKIE")
     assert cookie.headers["Set-Cookie"].startswith("session=abc")
     assert (await proxy.client.get("/quote/ERROR")).status == 503
-    assert len(proxy.deps.store) == 0
+    assert len(proxy.l1) == 0
 
 
 async def test_404_is_stored_for_the_negative_ttl(proxy: Proxy, upstream: CountingUpstream) -> None:
@@ -318,7 +318,7 @@ async def test_upstream_down_is_502_and_slow_is_504(
     slow = await proxy.client.get("/slow")
     assert slow.status == 504
     assert (await slow.json())["error"] == "upstream_timeout"
-    assert len(proxy.deps.store) == 0
+    assert len(proxy.l1) == 0
 
 
 async def test_truncated_upstream_body_is_502_and_never_stored(
@@ -328,7 +328,7 @@ async def test_truncated_upstream_body_is_502_and_never_stored(
     response = await proxy.client.get("/quote/CUT")
     assert response.status == 502
     assert (await response.json())["error"] == "upstream_protocol"
-    assert len(proxy.deps.store) == 0
+    assert len(proxy.l1) == 0
 
 
 async def test_truncated_streamed_body_aborts_the_client_connection(
@@ -340,6 +340,6 @@ async def test_truncated_streamed_body_aborts_the_client_connection(
     assert response.status == 200  # headers were relayed before the upstream broke
     with pytest.raises(aiohttp.ClientPayloadError):
         await asyncio.wait_for(response.read(), 10)
-    assert len(proxy.deps.store) == 0
+    assert len(proxy.l1) == 0
     # The proxy keeps serving other requests.
     assert (await proxy.client.get("/quote/AAPL")).status == 200

@@ -19,6 +19,8 @@ class StoreStats:
     deletes: int = 0
     evictions: int = 0
     expirations: int = 0
+    errors: int = 0  # calls that failed (L2: refused, timed out)
+    corrupt: int = 0  # stored values that did not decode (L2)
 
 
 class Store(Protocol):

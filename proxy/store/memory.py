@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
@@ -24,6 +25,9 @@ class MemoryStore:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
 
     def peek(self, key: str) -> CachedResponse | None:
         """Synchronous get, for the hit path: counts, refreshes recency, expires lazily."""
@@ -83,6 +87,21 @@ class MemoryStore:
         self.bytes = 0
         self.stats.deletes += count
         return count
+
+    def drop(self, key: str) -> None:
+        """Forget key without counting a delete (another instance changed it)."""
+        if key in self._entries:
+            self._remove(key)
+
+    def drop_matching(self, regex: re.Pattern[str]) -> None:
+        """Forget every key the compiled glob matches."""
+        for key in [k for k in self._entries if regex.fullmatch(k)]:
+            self._remove(key)
+
+    def drop_all(self) -> None:
+        """Forget everything."""
+        self._entries.clear()
+        self.bytes = 0
 
     async def scan(self, pattern: str = "*") -> AsyncIterator[tuple[str, CachedResponse]]:
         """Live entries whose key matches, least recently used first."""

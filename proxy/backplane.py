@@ -1,0 +1,136 @@
+"""Backplane: purges, clears and writes broadcast over Redis pub/sub to every instance."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from proxy.config import RedisConfig
+
+log = logging.getLogger(__name__)
+CHANNEL = "events"
+Op = Literal["set", "del", "match", "clear"]
+_OPS: frozenset[str] = frozenset({"set", "del", "match", "clear"})
+_PING_EVERY = 2.0  # seconds between liveness pings on the subscription
+_DEAD_AFTER = 3 * _PING_EVERY  # silence (not even a pong) after which we reconnect
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change another instance must apply to its L1: `arg` is a key or a glob."""
+
+    op: Op
+    arg: str
+    origin: str  # the sending instance; an instance ignores its own events
+
+    def encode(self) -> bytes:
+        return json.dumps({"op": self.op, "arg": self.arg, "origin": self.origin}).encode()
+
+    @staticmethod
+    def decode(data: bytes) -> Event | None:
+        """The event in a message, or None for anything that is not one of ours."""
+        try:
+            body = json.loads(data)
+            op, arg, origin = body["op"], body["arg"], body["origin"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if op not in _OPS or not isinstance(arg, str) or not isinstance(origin, str):
+            return None
+        return Event(op, arg, origin)
+
+
+class Backplane:
+    """Keeps one subscription open; calls `on_event` for other instances' events and
+    `on_resync` after every reconnect, because messages sent meanwhile are lost."""
+
+    def __init__(
+        self,
+        config: RedisConfig,
+        instance: str,
+        on_event: Callable[[Event], None],
+        on_resync: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.instance = instance
+        self.on_event = on_event
+        self.on_resync = on_resync
+        self.connected = False
+        self.received = 0
+        self.reconnects = 0
+        self.channel = config.key_prefix + CHANNEL
+
+    async def run(self) -> None:
+        """Subscribe, dispatch, and on any failure reconnect with capped backoff. Forever."""
+        backoff = self.config.breaker_backoff
+        first = True
+        while True:
+            client: Redis = Redis.from_url(
+                self.config.url,
+                socket_connect_timeout=self.config.connect_timeout,
+                socket_timeout=_DEAD_AFTER,
+                decode_responses=False,
+            )
+            try:
+                await self._listen(client, first)
+                backoff = self.config.breaker_backoff
+            except (RedisError, OSError, TimeoutError) as e:
+                if self.connected:
+                    log.warning("backplane lost its subscription: %s", e)
+                elif first:
+                    log.warning("backplane cannot subscribe yet: %s", e)
+            finally:
+                self.connected = False
+                await _close_quietly(client)
+            first = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.config.breaker_max_backoff)
+
+    async def _listen(self, client: Redis, first: bool) -> None:
+        pubsub = client.pubsub()
+        async with asyncio.timeout(self.config.connect_timeout + _DEAD_AFTER):
+            await pubsub.subscribe(self.channel)
+            while (await pubsub.get_message(timeout=_DEAD_AFTER)) is None:
+                pass  # wait for the subscribe confirmation
+        self.connected = True
+        if not first:
+            self.reconnects += 1
+            self.on_resync()
+        last_seen = last_ping = time.monotonic()
+        while True:
+            message = await pubsub.get_message(timeout=_PING_EVERY / 2)
+            now = time.monotonic()
+            if message is not None:
+                last_seen = now
+                self._dispatch(message)
+            elif now - last_seen > _DEAD_AFTER:
+                raise TimeoutError("no answer on the subscription (hung or partitioned Redis)")
+            if now - last_ping > _PING_EVERY:
+                await pubsub.ping()
+                last_ping = now
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if message.get("type") != "message":
+            return  # pong, subscribe confirmations
+        data = message.get("data")
+        event = Event.decode(data) if isinstance(data, bytes) else None
+        if event is None:
+            log.warning("ignoring a malformed backplane message")
+            return
+        if event.origin == self.instance:
+            return
+        self.received += 1
+        self.on_event(event)
+
+
+async def _close_quietly(client: Redis) -> None:
+    with contextlib.suppress(RedisError, OSError):
+        await client.aclose()

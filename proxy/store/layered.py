@@ -1,0 +1,281 @@
+"""L1 in front of L2, behind a circuit breaker, kept coherent by the backplane.
+
+Knows keys and entries, nothing about HTTP. Redis trouble never escapes: it is counted,
+fed to the breaker, and turned into a miss (cashews' SafeRedis, FusionCache's breaker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from proxy.backplane import CHANNEL, Event
+from proxy.breaker import CircuitBreaker
+from proxy.clock import Clock, system_clock
+from proxy.entry import CachedResponse
+from proxy.errors import StoreUnavailable
+from proxy.keys import glob_to_regex
+from proxy.store.base import StoreStats
+from proxy.store.memory import MemoryStore
+from proxy.store.redis import RedisStore
+from proxy.tasks import Tasks
+
+T = TypeVar("T")
+Layer = Literal["l1", "l2"]
+_POLL = 0.05  # fallback poll while waiting for another instance's fetch to land in L2
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A live entry and the layer it came from."""
+
+    entry: CachedResponse
+    layer: Layer
+
+
+class LayeredStore:
+    """Reads L1 then L2 (an L2 hit fills L1); writes both, L2 in the background."""
+
+    def __init__(
+        self,
+        l1: MemoryStore | None,
+        l2: RedisStore | None,
+        breaker: CircuitBreaker,
+        tasks: Tasks,
+        instance: str,
+        clock: Clock = system_clock,
+    ) -> None:
+        if l1 is None and l2 is None:
+            raise ValueError("a layered store needs at least one layer")
+        self.l1 = l1
+        self.l2 = l2
+        self.breaker = breaker
+        self.instance = instance
+        self.stats = StoreStats()  # lookups through both layers
+        self._tasks = tasks
+        self._clock = clock
+        self._watchers: dict[str, asyncio.Event] = {}
+        self._writes: dict[str, asyncio.Task[None]] = {}  # L2 writes in flight, by key
+
+    # --- reads -------------------------------------------------------------------------
+
+    async def lookup(self, key: str) -> Found | None:
+        """The live entry under key and where it was found."""
+        if self.l1 is not None and (entry := self.l1.peek(key)) is not None:
+            self.stats.hits += 1
+            return Found(entry, "l1")
+        found = await self._lookup_l2(key)
+        if found is None:
+            self.stats.misses += 1
+        else:
+            self.stats.hits += 1
+        return found
+
+    async def _lookup_l2(self, key: str) -> Found | None:
+        try:
+            entry = await self._l2(lambda l2: l2.get(key))
+        except StoreUnavailable:
+            return None
+        if entry is None:
+            return None
+        if self.l1 is not None:
+            await self.l1.set(key, entry)  # keeps its own expiry: the remaining lifetime
+        return Found(entry, "l2")
+
+    async def get(self, key: str) -> CachedResponse | None:
+        """Store protocol: the live entry under key."""
+        found = await self.lookup(key)
+        return found.entry if found else None
+
+    async def _l2(self, call: Callable[[RedisStore], Awaitable[T]]) -> T:
+        """Run one L2 operation through the breaker; StoreUnavailable if it cannot run."""
+        if self.l2 is None:
+            raise StoreUnavailable("no L2 configured")
+        if not self.breaker.allow():
+            raise StoreUnavailable(f"L2 circuit open: {self.breaker.reason}")
+        try:
+            result = await call(self.l2)
+        except StoreUnavailable as e:
+            self.breaker.failure(str(e))
+            raise
+        self.breaker.success()
+        return result
+
+    # --- writes ------------------------------------------------------------------------
+
+    async def set(self, key: str, entry: CachedResponse) -> None:
+        """Write L1 now and L2 in the background: a slow L2 never delays the response."""
+        if self.l1 is not None:
+            await self.l1.set(key, entry)
+        if self.l2 is not None:
+            self._writes[key] = self._tasks.spawn(self._write_l2(key, entry), "l2-write")
+
+    async def _write_l2(self, key: str, entry: CachedResponse) -> None:
+        try:
+            await self._l2(lambda l2: l2.set(key, entry))
+        except StoreUnavailable:
+            return
+        finally:
+            self._writes.pop(key, None)
+        await self._publish(Event("set", key, self.instance))
+
+    async def delete(self, key: str) -> bool:
+        """Remove key from every layer and every instance's L1."""
+        return any((await self.purge_key(key)).values())
+
+    async def purge_key(self, key: str) -> dict[str, int | None]:
+        """Remove one key everywhere; per-layer counts (None: that layer was unreachable)."""
+        return await self._remove(lambda s: s.delete(key), Event("del", key, self.instance))
+
+    async def delete_matching(self, pattern: str) -> int:
+        """Remove every key matching the glob; the larger of the per-layer counts."""
+        counts = await self.purge(pattern)
+        return max((n for n in counts.values() if n is not None), default=0)
+
+    async def purge(self, pattern: str) -> dict[str, int | None]:
+        """Remove matches everywhere; per-layer counts (None: that layer was unreachable)."""
+        event = Event("match", pattern, self.instance)
+        return await self._remove(lambda s: s.delete_matching(pattern), event)
+
+    async def clear(self) -> int:
+        """Remove everything from every layer and every instance's L1."""
+        counts = await self._remove(lambda s: s.clear(), Event("clear", "*", self.instance))
+        return max((n for n in counts.values() if n is not None), default=0)
+
+    async def _remove(
+        self, op: Callable[[MemoryStore | RedisStore], Awaitable[int | bool]], event: Event
+    ) -> dict[str, int | None]:
+        counts: dict[str, int | None] = {}
+        if self.l1 is not None:
+            counts["l1"] = int(await op(self.l1))
+        if self.l2 is not None:
+            try:
+                counts["l2"] = int(await self._l2(op))
+            except StoreUnavailable:
+                counts["l2"] = None
+            await self._publish(event)
+        return counts
+
+    async def _quietly(self, call: Callable[[RedisStore], Awaitable[object]]) -> None:
+        """An L2 call whose failure needs no answer (the breaker has counted it)."""
+        with contextlib.suppress(StoreUnavailable):
+            await self._l2(call)
+
+    async def _publish(self, event: Event) -> None:
+        # If this fails, other instances resync when they notice the outage themselves.
+        await self._quietly(lambda l2: l2.publish(CHANNEL, event.encode()))
+
+    # --- the backplane's side ----------------------------------------------------------
+
+    def apply(self, event: Event) -> None:
+        """Another instance changed something: drop our L1 copies, wake anyone waiting."""
+        if event.op == "set" and (watcher := self._watchers.get(event.arg)) is not None:
+            watcher.set()
+        if self.l1 is None:
+            return
+        if event.op in ("set", "del"):
+            self.l1.drop(event.arg)
+        elif event.op == "match":
+            self.l1.drop_matching(glob_to_regex(event.arg))
+        else:
+            self.l1.drop_all()
+
+    def resync(self) -> None:
+        """After a lost subscription our L1 may have missed purges: do not trust it."""
+        if self.l1 is not None:
+            self.l1.drop_all()
+
+    # --- cross-instance coalescing and popularity --------------------------------------
+
+    async def acquire_lease(self, key: str, seconds: float) -> bool:
+        """True if this instance should fetch key (it holds the lease, or L2 is unusable)."""
+        try:
+            return await self._l2(lambda l2: l2.acquire_lease(key, self.instance, seconds))
+        except StoreUnavailable:
+            return True
+
+    def release_lease(self, key: str) -> None:
+        """Give the lease back once key's L2 write has landed, so no other instance takes
+        the lease and fetches again in between (if the release fails, the lease expires)."""
+        if self.l2 is not None:
+            self._tasks.spawn(self._release(key, self._writes.get(key)), "l2-lease-release")
+
+    async def _release(self, key: str, write: asyncio.Task[None] | None) -> None:
+        if write is not None:
+            await asyncio.wait([write])
+        await self._quietly(lambda l2: l2.release_lease(key, self.instance))
+
+    async def wait_for_l2(self, key: str, seconds: float) -> Found | None:
+        """Wait up to `seconds` for another instance's fetch of key to appear in L2.
+
+        Woken by that instance's backplane "set" event; polls as well, so a lost
+        message costs at most one poll interval.
+        """
+        watcher = self._watchers.setdefault(key, asyncio.Event())
+        deadline = asyncio.get_running_loop().time() + seconds
+        try:
+            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                found = await self._lookup_l2(key)
+                if found is not None:
+                    return found
+                if not self.breaker.allow():
+                    return None
+                watcher.clear()
+                try:
+                    async with asyncio.timeout(min(_POLL, left)):
+                        await watcher.wait()
+                except TimeoutError:
+                    pass
+            return None
+        finally:
+            self._watchers.pop(key, None)
+
+    def count_request(self, key: str) -> None:
+        """Count a request toward key's popularity, for a sample of requests."""
+        if self.l2 is not None and self.l2.sample_popularity():
+            call = self._quietly(lambda l2: l2.count_request(key))
+            self._tasks.spawn(call, "l2-popularity")
+
+    async def hottest(self, n: int) -> list[tuple[str, float]]:
+        """The most requested keys according to L2 (empty without L2)."""
+        try:
+            return await self._l2(lambda l2: l2.hottest(n))
+        except StoreUnavailable:
+            return []
+
+    # --- inspection --------------------------------------------------------------------
+
+    async def scan(self, pattern: str = "*") -> AsyncIterator[tuple[str, CachedResponse]]:
+        """Live entries from L1, then those only in L2."""
+        seen: set[str] = set()
+        if self.l1 is not None:
+            async for key, entry in self.l1.scan(pattern):
+                seen.add(key)
+                yield key, entry
+        if self.l2 is not None and self.breaker.allow():
+            try:
+                async for key, entry in self.l2.scan(pattern):
+                    if key not in seen:
+                        yield key, entry
+            except StoreUnavailable as e:
+                self.breaker.failure(str(e))
+
+    def health(self) -> tuple[str, str]:
+        """("ok", "") or ("degraded", why)."""
+        if self.l2 is not None and self.breaker.state != "closed":
+            return "degraded", f"L2 unavailable ({self.breaker.state}): {self.breaker.reason}"
+        return "ok", ""
+
+    async def flush(self) -> None:
+        """Wait for the L2 writes in flight (tests; a graceful shutdown)."""
+        while self._writes:
+            await asyncio.gather(*self._writes.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Finish L2 writes in flight, then close the L2 connection pool."""
+        if self.l2 is not None:
+            await self.flush()
+            await self.l2.close()
