@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy.deps import DEPS, Deps
 from proxy.errors import BadRequest
 from proxy.keys import cache_key, escape_glob, key_url, parse_target
+from proxy.respond import json_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -23,7 +24,7 @@ def _deps(request: web.Request) -> Deps:
 
 
 def _bad(detail: str) -> web.Response:
-    return web.json_response({"error": "bad_request", "detail": detail}, status=400)
+    return json_error(400, "bad_request", detail)
 
 
 @web.middleware
@@ -34,11 +35,9 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {token}"
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            return web.json_response(
-                {"error": "unauthorized", "detail": "a valid bearer token is required"},
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="cacheproxy-admin"'},
-            )
+            response = json_error(401, "unauthorized", "a valid bearer token is required")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="cacheproxy-admin"'
+            return response
     return await handler(request)
 
 
@@ -110,6 +109,8 @@ async def keys(request: web.Request) -> web.Response:
     """Cached keys matching `pattern` (a glob over the URL path, default all), up to `limit`."""
     deps = _deps(request)
     pattern = request.query.get("pattern", "*")
+    if not pattern.startswith("/") and pattern != "*":
+        return _bad("pattern must start with / (or be *)")
     try:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
@@ -137,11 +138,6 @@ async def keys(request: web.Request) -> web.Response:
 
 def _url_glob(pattern: str) -> str:
     """A user's glob over URLs (`/v8/finance/chart/*`) as a glob over whole keys."""
-    if not pattern.startswith("/") and pattern != "*":
-        raise web.HTTPBadRequest(
-            text='{"error":"bad_request","detail":"pattern must start with / (or be *)"}',
-            content_type="application/json",
-        )
     return "*" if pattern == "*" else f"* * {pattern}"
 
 

@@ -105,6 +105,11 @@ def _upstream(name: str, node: Node) -> Upstream:
     url = URL(url_node.text())
     if url.scheme not in ("http", "https") or not url.host:
         raise url_node.error(f"expected an absolute http(s) URL, got {url_node.value!r}")
+    if url.user or url.password:
+        raise url_node.error(
+            "must not carry credentials (they would show in logs and /health); "
+            "send them with 'headers:' or 'query:' instead"
+        )
     if url.query_string or url.fragment:
         raise url_node.error("must not carry a query or fragment (use 'query:' to add parameters)")
     return Upstream(

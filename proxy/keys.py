@@ -16,6 +16,7 @@ _PATH_SAFE = "!$&'()*+,;=:@"
 # In a query component, "&", "=" and "+" are structure (form encoding), so they stay encoded.
 _QUERY_SAFE = "!$'()*,;:@/?"
 _FORBIDDEN_BYTES = re.compile(rb"[\x00-\x1f\x7f\\]")
+_SENSITIVE_HEADER = re.compile(r"auth|cookie|key|token|secret|session|passw", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +102,13 @@ def cache_key(
 
 
 def header_suffix(headers: Iterable[tuple[str, str]]) -> str:
-    """The key's header part: ` name=value` per header, values percent-encoded."""
-    return "".join(f" {name}={quote(value, safe='')}" for name, value in headers)
+    """The key's header part: ` name=value` per header, values percent-encoded, and hashed
+    for credential-like headers (Authorization, Cookie, X-Api-Key, ...): keys are shown by
+    the admin API and must never carry a secret."""
+    return "".join(
+        f" {name}={_redact(value) if _SENSITIVE_HEADER.search(name) else quote(value, safe='')}"
+        for name, value in headers
+    )
 
 
 def key_url(key: str) -> str:

@@ -105,7 +105,10 @@ def storability(
     ttl_class: TTLClass,
     max_object_size: int,
 ) -> Storability:
-    """Whether an upstream response may be stored, and for how long (RFC 9111 3)."""
+    """Whether an upstream response may be stored, and for how long (RFC 9111 3).
+
+    `headers` holds each field's lines folded into one value (RFC 9110 5.3).
+    """
     if status >= 500:
         return DontStore("status-5xx")
     if status == 429:
@@ -119,8 +122,11 @@ def storability(
         return DontStore("no-store")
     if "private" in cache_control:  # RFC 9111 5.2.2.7: shared caches must not store
         return DontStore("private")
-    if headers.get("Vary", "").strip() == "*":  # RFC 9111 4.1: never matches a later request
-        return DontStore("vary-star")
+    if "no-cache" in cache_control and cache_control["no-cache"] is None:
+        # RFC 9111 5.2.2.4: reuse needs revalidation every time, which buys nothing here.
+        return DontStore("no-cache")
+    if any(v.strip() == "*" for v in headers.get("Vary", "").split(",")):
+        return DontStore("vary-star")  # RFC 9111 4.1: matches no later request
     if body_size > max_object_size:
         return DontStore("too-large")
     ttl = ttl_class.negative_ttl if status in _NEGATIVE_STATUS else ttl_class.ttl

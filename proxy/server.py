@@ -5,15 +5,13 @@ route -> key -> L1 -> coalesce -> upstream -> decide storability -> store -> res
 
 from __future__ import annotations
 
-import gzip
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDictProxy
 
 from proxy.coalesce import Flight
 from proxy.config import Config
@@ -32,13 +30,12 @@ from proxy.policy import (
     parse_age,
     storability,
 )
+from proxy.respond import CHUNK, NAME, json_error, private_response, relay, serve_entry
 from proxy.routes import Match
 from proxy.upstream import end_to_end
 
 log = logging.getLogger(__name__)
 
-NAME = "cacheproxy"
-_CHUNK = 64 * 1024
 # Reasons a response may not even be handed to concurrent waiters: it belongs to one client.
 _PRIVATE_REASONS = frozenset({"set-cookie", "private", "no-store"})
 # Headers never stored with an entry: recomputed per response, or per client.
@@ -48,41 +45,15 @@ _NEVER_FORWARDED = frozenset({"host", "x-forwarded-host", "x-original-url", "x-r
 _UPSTREAM_STATUS = {"timeout": 504, "connect": 502, "protocol": 502}
 
 
-def json_error(
-    status: int, error: str, detail: str, cache_status: str | None = None
-) -> web.Response:
-    """A short JSON error body; the one place errors become HTTP responses."""
-    headers = {"Cache-Status": cache_status} if cache_status else None
-    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
-
-
-def _accepts_gzip(request: web.Request) -> bool:
-    return "gzip" in request.headers.get("Accept-Encoding", "").lower()
-
-
 def _forwarded_for(request: web.Request) -> str:
     prior = request.headers.get("X-Forwarded-For")
     remote = request.remote or "unknown"
     return f"{prior}, {remote}" if prior else remote
 
 
-def serve_entry(
-    request: web.Request, entry: CachedResponse, cache_status: str, age: int | None
-) -> web.Response:
-    """Build the client response from an entry: Age, Cache-Status, gzip as the client accepts."""
-    # A plain list: aiohttp copies headers into its own CIMultiDict once anyway.
-    headers = [*entry.headers, ("Cache-Status", cache_status)]
-    if age is not None:
-        headers.append(("Age", str(age)))
-    body = entry.body
-    encoding = entry.header("Content-Encoding")
-    if encoding is not None and encoding.lower() == "gzip" and not _accepts_gzip(request):
-        try:
-            body = gzip.decompress(body)
-            headers = [(n, v) for n, v in headers if n.lower() != "content-encoding"]
-        except (OSError, EOFError):
-            log.warning("stored gzip body does not decompress; serving it as stored")
-    return web.Response(status=entry.status, headers=headers, body=body)
+def _joined(headers: CIMultiDictProxy[str], *names: str) -> dict[str, str]:
+    """Fields that may come as several lines, each folded into one value (RFC 9110 5.3)."""
+    return {name: ", ".join(headers.getall(name, ())) for name in names}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +67,17 @@ class Resolved:
 
 
 _MEMO_SIZE = 16384
+_MEMO_TARGET = 512  # characters; bounds the memo to about 16384 * 1 KB
+
+
+def _stored_headers(headers: CIMultiDictProxy[str]) -> tuple[tuple[str, str], ...]:
+    """End-to-end headers worth keeping; a gzip entry varies on Accept-Encoding."""
+    kept = [(n, v) for n, v in end_to_end(headers) if n.lower() not in _NOT_STORED]
+    gzipped = headers.get("Content-Encoding", "").strip().lower() == "gzip"
+    vary = ", ".join(headers.getall("Vary", ())).lower()
+    if gzipped and "accept-encoding" not in vary:
+        kept.append(("Vary", "Accept-Encoding"))
+    return tuple(kept)
 
 
 class ProxyHandler:
@@ -142,9 +124,10 @@ class ProxyHandler:
         route = match.route
         key = cache_key(method, route.upstream, target, rules.ignore_params, rules.secret_params)
         resolved = Resolved(match, target, key, (*rules.headers, *route.key_headers))
-        if len(self._memo) >= _MEMO_SIZE:
-            self._memo.clear()
-        self._memo[(method, raw)] = resolved
+        if len(raw) <= _MEMO_TARGET:  # long targets are rare; memoising them costs memory
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[(method, raw)] = resolved
         return resolved
 
     async def _handle(self, request: web.Request) -> tuple[web.StreamResponse, str, str]:
@@ -257,25 +240,23 @@ class ProxyHandler:
             route.upstream, "GET", upstream_target(target, upstream.query), headers
         ) as resp:
             if resp.content_length is not None and resp.content_length > max_size:
-                return await self._relay(request, resp, [], "fwd=miss; detail=too-large")
+                return await relay(request, resp, [], "fwd=miss; detail=too-large", True)
             chunks: list[bytes] = []
             size = 0
-            async for chunk in resp.content.iter_chunked(_CHUNK):
+            async for chunk in resp.content.iter_chunked(CHUNK):
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > max_size:
-                    return await self._relay(request, resp, chunks, "fwd=miss; detail=too-large")
+                    return await relay(request, resp, chunks, "fwd=miss; detail=too-large", True)
             body = b"".join(chunks)
             now = self.deps.clock()
             verdict = storability(
-                resp.status, resp.headers, "Set-Cookie" in resp.headers, len(body),
-                route.ttl_class, max_size,
+                resp.status, _joined(resp.headers, "Cache-Control", "Vary"),
+                "Set-Cookie" in resp.headers, len(body), route.ttl_class, max_size,
             )  # fmt: skip
             entry = CachedResponse(
                 status=resp.status,
-                headers=tuple(
-                    (n, v) for n, v in end_to_end(resp.headers) if n.lower() not in _NOT_STORED
-                ),
+                headers=_stored_headers(resp.headers),
                 body=body,
                 stored_at=now,
                 ttl=0.0 if isinstance(verdict, DontStore) else verdict.ttl,
@@ -286,7 +267,9 @@ class ProxyHandler:
             if isinstance(verdict, DontStore):
                 if verdict.reason in _PRIVATE_REASONS:
                     # Relay this client's own response untouched (Set-Cookie included).
-                    return self._private(resp, body, f"fwd=miss; detail={verdict.reason}")
+                    return private_response(
+                        request, resp, body, f"fwd=miss; detail={verdict.reason}"
+                    )
                 status = f"{NAME}; fwd=miss; detail={verdict.reason}"
             else:
                 await self.deps.store.set(key, entry)
@@ -300,38 +283,6 @@ class ProxyHandler:
         # RFC 9111 5.1: Age says the response was not generated by the origin just now;
         # on a miss we only relay what the upstream itself reported.
         return int(entry.initial_age) if entry.initial_age else None
-
-    @staticmethod
-    def _private(resp: aiohttp.ClientResponse, body: bytes, detail: str) -> web.Response:
-        headers = CIMultiDict(end_to_end(resp.headers))
-        headers["Cache-Status"] = f"{NAME}; {detail}"
-        return web.Response(status=resp.status, headers=headers, body=body)
-
-    async def _relay(
-        self,
-        request: web.Request,
-        resp: aiohttp.ClientResponse,
-        prefix: list[bytes],
-        detail: str,
-    ) -> web.StreamResponse:
-        """Stream an upstream response to the client without storing it."""
-        headers = CIMultiDict(end_to_end(resp.headers))
-        headers["Cache-Status"] = f"{NAME}; {detail}"
-        out = web.StreamResponse(status=resp.status, headers=headers)
-        if resp.content_length is not None:
-            out.content_length = resp.content_length
-        await out.prepare(request)
-        try:
-            for chunk in prefix:
-                await out.write(chunk)
-            async for chunk in resp.content.iter_chunked(_CHUNK):
-                await out.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            # Headers are gone, so no error status can follow: abort the connection so
-            # the client sees a truncated response rather than a short one that looks whole.
-            raise ConnectionResetError(f"upstream {detail} broke mid-body: {e!r}") from e
-        await out.write_eof()
-        return out
 
     async def _forward(
         self, request: web.Request, resolved: Resolved, reason: str
@@ -349,12 +300,13 @@ class ProxyHandler:
         if request.body_exists:
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
-            data = request.content.iter_chunked(_CHUNK)
+            data = request.content.iter_chunked(CHUNK)
         fwd = "method" if reason == "method" else "bypass"
         async with self.deps.upstreams.request(
             route.upstream, request.method, upstream_target(target, upstream.query), headers, data
         ) as resp:
-            return await self._relay(request, resp, [], f"fwd={fwd}; detail={reason}")
+            # The client's own Accept-Encoding went upstream: relay the encoding as is.
+            return await relay(request, resp, [], f"fwd={fwd}; detail={reason}", False)
 
     def _upstream_error(self, error: UpstreamError, upstream: str) -> web.Response:
         status = _UPSTREAM_STATUS.get(error.kind, 502)

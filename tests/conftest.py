@@ -34,7 +34,9 @@ class Reply:
 
     status: int = 200
     body: bytes = b'{"ok": true}'
-    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+    headers: dict[str, str] | list[tuple[str, str]] = field(
+        default_factory=lambda: {"Content-Type": "application/json"}
+    )
     truncate: bool = False  # promise the whole body in Content-Length, send 10 bytes, hang up
 
 

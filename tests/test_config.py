@@ -450,3 +450,15 @@ def test_shipped_config_does_not_route_unknown_paths() -> None:
     config = load_config(SHIPPED, env={})
     assert config.routes.match("GET", "/v7/finance/options/AAPL", {}) is None
     assert config.routes.match("GET", "/v8/finance/chart/AAPL/extra", {}) is None
+
+
+def test_upstream_url_with_credentials_is_refused() -> None:
+    data = {
+        "upstreams": {"api": {"url": "http://user:hunter2@api.example"}},
+        "ttl_classes": {"t": 60},
+        "routes": [{"path": "/x", "upstream": "api", "ttl_class": "t"}],
+    }
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, env={})
+    assert e.value.path == "upstreams.api.url"
+    assert "hunter2" not in str(e.value)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import yaml
-from conftest import CountingUpstream, base_config
+from conftest import CountingUpstream, RedisServer, base_config
 
 from proxy.demo import Workload, demo
 
@@ -104,14 +104,31 @@ async def test_serve_proxies_and_exits_cleanly_on_sigterm(
             await process.wait()
 
 
-async def test_serve_refuses_a_backend_it_does_not_have(tmp_path: Path) -> None:
+async def test_serve_runs_the_layered_backend_on_env_overrides(
+    upstream: CountingUpstream, redis_proc: RedisServer, tmp_path: Path
+) -> None:
+    port = _free_port_block()
+    data = base_config(upstream.url, server={"host": "127.0.0.1", "port": port,
+                                             "admin_port": port + 1})  # fmt: skip
     path = tmp_path / "proxy.yaml"
-    path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:9")))
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "CACHE_BACKEND": "layered", "CACHE_REDIS_URL": redis_proc.url}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "-c", str(path),
-        env={**os.environ, "CACHE_BACKEND": "layered"}, cwd=ROOT,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, stderr = await asyncio.wait_for(process.communicate(), 20)
-    assert process.returncode == 2
-    assert b"layered" in stderr
+        sys.executable, "-m", "proxy", "serve", "-c", str(path), env=env, cwd=ROOT
+    )
+    try:
+        await _wait_listening(port)
+        await _wait_listening(port + 1)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/quote/AAPL") as r:
+                assert r.status == 200
+            async with session.get(f"http://127.0.0.1:{port + 1}/health") as r:
+                health = await r.json()
+        assert health["status"] == "ok"
+        assert health["l2"]["breaker"] == "closed"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -343,3 +343,113 @@ async def test_truncated_streamed_body_aborts_the_client_connection(
     assert len(proxy.l1) == 0
     # The proxy keeps serving other requests.
     assert (await proxy.client.get("/quote/AAPL")).status == 200
+
+
+async def test_head_on_a_relayed_response_sends_no_body(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(cache={"max_object_size": "1KB"})
+    upstream.replies["/quote/BIG"] = Reply(body=b"y" * 5000)
+    # One connection: a body after the HEAD would be read as the next response.
+    async with aiohttp.ClientSession(
+        str(proxy.client.make_url("")), connector=aiohttp.TCPConnector(limit=1)
+    ) as session:
+        async with session.head("/quote/BIG") as head:
+            assert head.status == 200
+            assert head.headers["Cache-Status"] == "cacheproxy; fwd=miss; detail=too-large"
+        async with session.get("/quote/AAPL") as get:
+            assert get.status == 200
+            assert await get.read() == b'{"ok": true}'
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ([("Cache-Control", "public"), ("Cache-Control", "no-store")], "no-store"),
+        ([("Cache-Control", "max-age=60"), ("Cache-Control", "private")], "private"),
+        ([("Vary", "Accept"), ("Vary", "*")], "vary-star"),
+        ([("Vary", "Accept, *")], "vary-star"),
+        ([("Cache-Control", "no-cache")], "no-cache"),
+    ],
+)
+async def test_directives_on_any_header_line_are_honoured(
+    proxy: Proxy, upstream: CountingUpstream, headers: list[tuple[str, str]], reason: str
+) -> None:
+    upstream.replies["/quote/X"] = Reply(headers=headers)
+    for _ in range(2):
+        response = await proxy.client.get("/quote/X")
+        assert response.headers["Cache-Status"] == f"cacheproxy; fwd=miss; detail={reason}"
+    assert upstream.total == 2
+
+
+async def test_corrupt_gzip_is_served_as_stored_not_as_a_500(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    broken = bytearray(gzip.compress(b'{"q": "' + b"x" * 3000 + b'"}'))
+    broken[20] ^= 0xFF
+    upstream.replies["/quote/BAD"] = Reply(body=bytes(broken), headers={"Content-Encoding": "gzip"})
+    for _ in range(2):
+        response = await proxy.client.get(
+            "/quote/BAD", headers={"Accept-Encoding": "identity"}, auto_decompress=False
+        )
+        assert response.status == 200
+        assert await response.read() == bytes(broken)
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "max_size"),
+    [
+        ("/quote/PRIV", {"Set-Cookie": "s=1"}, "8MB"),  # private: relayed from memory
+        ("/quote/HUGE", {}, "1KB"),  # too large: relayed while streaming
+    ],
+)
+async def test_gzip_asked_for_by_the_proxy_is_undone_for_clients_without_gzip(
+    make_proxy: ProxyFactory,
+    upstream: CountingUpstream,
+    path: str,
+    extra: dict[str, str],
+    max_size: str,
+) -> None:
+    proxy = await make_proxy(cache={"max_object_size": max_size})
+    plain = b'{"data": "' + b"z" * 20_000 + b'"}'
+    upstream.replies[path] = Reply(
+        body=gzip.compress(plain), headers={"Content-Encoding": "gzip", **extra}
+    )
+    for accept in ("identity", "gzip;q=0", ""):
+        response = await proxy.client.get(
+            path, headers={"Accept-Encoding": accept}, auto_decompress=False
+        )
+        assert "Content-Encoding" not in response.headers, accept
+        assert await response.read() == plain
+
+
+async def test_gzip_entries_say_they_vary_on_accept_encoding(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    upstream.replies["/quote/GZ"] = Reply(
+        body=gzip.compress(b"{}"), headers={"Content-Encoding": "gzip"}
+    )
+    await proxy.client.get("/quote/GZ")
+    hit = await proxy.client.get("/quote/GZ", headers={"Accept-Encoding": "gzip"})
+    assert hit.headers["Vary"] == "Accept-Encoding"
+
+
+async def test_credential_headers_in_keys_are_hashed(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(
+        routes=[
+            {"name": "account", "path": "/acct/{id}", "upstream": "api", "ttl_class": "short",
+             "shared": True, "key_headers": ["Authorization", "Accept-Language"]},
+        ]
+    )  # fmt: skip
+    for token in ("USER-TOKEN-1", "USER-TOKEN-2", "USER-TOKEN-1"):
+        response = await proxy.client.get(
+            "/acct/1", headers={"Authorization": f"Bearer {token}", "Accept-Language": "ko"}
+        )
+        assert response.status == 200
+    assert upstream.total == 2  # one entry per token, the third request a hit
+    listing = await (await proxy.admin.get("/keys")).json()
+    keys = [item["key"] for item in listing["keys"]]
+    assert len(keys) == 2
+    assert all("USER-TOKEN" not in key and "accept-language=ko" in key for key in keys)

@@ -1,0 +1,142 @@
+"""Client responses: from entries, relayed upstream responses, and errors (the one place
+errors become HTTP). Each says what happened in Cache-Status (RFC 9211)."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterable
+
+import aiohttp
+from aiohttp import web
+
+from proxy.entry import CachedResponse
+from proxy.upstream import end_to_end
+
+log = logging.getLogger(__name__)
+
+NAME = "cacheproxy"
+CHUNK = 64 * 1024
+# A decompressed body larger than this is not produced: the client gets gzip as stored.
+MAX_INFLATED = 64 * 1024 * 1024
+Headers = list[tuple[str, str]]
+
+
+def json_error(
+    status: int, error: str, detail: str, cache_status: str | None = None
+) -> web.Response:
+    """A short JSON error body: `{"error": "no_route", "detail": "..."}`."""
+    headers = {"Cache-Status": cache_status} if cache_status else None
+    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether gzip is acceptable under RFC 9110 12.5.3 (`gzip;q=0` refuses it)."""
+    star: bool | None = None
+    for part in accept_encoding.lower().split(","):
+        coding, _, params = part.strip().partition(";")
+        coding = coding.strip()
+        if coding not in ("gzip", "x-gzip", "*"):
+            continue
+        weight = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        if coding == "*":
+            star = weight > 0
+        else:
+            return weight > 0
+    return bool(star)
+
+
+def _is_gzip(headers: Iterable[tuple[str, str]]) -> bool:
+    return any(n.lower() == "content-encoding" and v.strip().lower() == "gzip" for n, v in headers)
+
+
+def _without(headers: Iterable[tuple[str, str]], *names: str) -> Headers:
+    drop = {n.lower() for n in names}
+    return [(n, v) for n, v in headers if n.lower() not in drop]
+
+
+def decode_for(request: web.Request, headers: Headers, body: bytes) -> tuple[Headers, bytes]:
+    """The body as this client can take it: gzip is inflated for clients that refuse it."""
+    if not _is_gzip(headers) or accepts_gzip(request.headers.get("Accept-Encoding", "")):
+        return headers, body
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        plain = inflater.decompress(body, MAX_INFLATED)
+    except zlib.error:
+        log.warning("a gzip body does not decompress; serving it as received")
+        return headers, body
+    if inflater.unconsumed_tail:
+        log.warning("a gzip body inflates past %d bytes; serving it compressed", MAX_INFLATED)
+        return headers, body
+    return _without(headers, "Content-Encoding"), plain
+
+
+def serve_entry(
+    request: web.Request, entry: CachedResponse, cache_status: str, age: int | None
+) -> web.Response:
+    """The client response for an entry, with Cache-Status and (on hits) Age."""
+    # A plain list: aiohttp copies headers into its own CIMultiDict once anyway.
+    headers = [*entry.headers, ("Cache-Status", cache_status)]
+    if age is not None:
+        headers.append(("Age", str(age)))
+    headers, body = decode_for(request, headers, entry.body)
+    return web.Response(status=entry.status, headers=headers, body=body)
+
+
+def private_response(
+    request: web.Request, resp: aiohttp.ClientResponse, body: bytes, detail: str
+) -> web.Response:
+    """This client's own response, relayed as received (Set-Cookie included)."""
+    headers = [*end_to_end(resp.headers), ("Cache-Status", f"{NAME}; {detail}")]
+    headers, body = decode_for(request, headers, body)
+    return web.Response(status=resp.status, headers=headers, body=body)
+
+
+async def relay(
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    prefix: list[bytes],
+    detail: str,
+    inflate: bool,
+) -> web.StreamResponse:
+    """Stream an upstream response to the client without storing it.
+
+    `inflate`: we asked the upstream for gzip on the client's behalf, so a gzip answer is
+    inflated on the fly for a client that did not ask for it.
+    """
+    headers = [*end_to_end(resp.headers), ("Cache-Status", f"{NAME}; {detail}")]
+    inflater = None
+    if (
+        inflate
+        and _is_gzip(headers)
+        and not accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    ):
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        headers = _without(headers, "Content-Encoding")
+    out = web.StreamResponse(status=resp.status, headers=headers)
+    if resp.content_length is not None and inflater is None:
+        out.content_length = resp.content_length
+    await out.prepare(request)
+    if request.method == "HEAD":
+        await out.write_eof()  # a body after HEAD would be read as the next response
+        return out
+    try:
+        for chunk in prefix:
+            await out.write(inflater.decompress(chunk) if inflater else chunk)
+        async for chunk in resp.content.iter_chunked(CHUNK):
+            await out.write(inflater.decompress(chunk) if inflater else chunk)
+        if inflater is not None:
+            await out.write(inflater.flush())
+    except (aiohttp.ClientError, TimeoutError, zlib.error) as e:
+        # Headers are gone, so no error status can follow: abort the connection so
+        # the client sees a truncated response rather than a short one that looks whole.
+        raise ConnectionResetError(f"upstream response broke mid-body: {e!r}") from e
+    await out.write_eof()
+    return out
