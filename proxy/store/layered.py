@@ -208,6 +208,11 @@ class LayeredStore:
             await asyncio.wait([write])
         await self._quietly(lambda l2: l2.release_lease(key, self.instance))
 
+    @property
+    def waiting(self) -> int:
+        """Keys this instance is waiting on another instance to fetch."""
+        return len(self._watchers)
+
     async def wait_for_l2(self, key: str, seconds: float) -> Found | None:
         """Wait up to `seconds` for another instance's fetch of key to appear in L2.
 

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _SCAN_BATCH = 500
 _POPULAR_KEEP = 10_000  # the popularity set keeps this many keys
-# Compare-and-delete: release a lease only if we still hold it.
-_RELEASE = (
+# Compare-and-delete: remove a key only if it still holds the given value (a lease we
+# own, a corrupt value we read).
+_DROP_IF_SAME = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 )
 
@@ -90,7 +91,10 @@ class RedisStore:
             self.stats.corrupt += 1
             self.stats.misses += 1
             log.warning("dropping undecodable L2 value for %s: %s", key, e)
-            self._tasks.spawn(self._quiet(self.delete(key)), "l2-drop-corrupt")
+            # Awaited, so the refetch this miss causes cannot be written first and then
+            # dropped; compare-and-delete, so a good value written meanwhile survives.
+            with contextlib.suppress(StoreUnavailable):
+                await self._call(self.client.eval(_DROP_IF_SAME, 1, self.entries + key, raw))
             return None
         if entry.expires_at <= self._clock():
             self.stats.misses += 1
@@ -182,7 +186,7 @@ class RedisStore:
 
     async def release_lease(self, key: str, owner: str) -> None:
         """Give the lease back, if it is still ours."""
-        await self._call(self.client.eval(_RELEASE, 1, self.leases + key, owner))
+        await self._call(self.client.eval(_DROP_IF_SAME, 1, self.leases + key, owner))
 
     def sample_popularity(self) -> bool:
         """Whether this request should be counted (so counting costs ~1 command in 1/rate)."""
@@ -215,8 +219,3 @@ class RedisStore:
     async def close(self) -> None:
         """Close the connection pool."""
         await self.client.aclose()
-
-    @staticmethod
-    async def _quiet(awaitable: Awaitable[object]) -> None:
-        with contextlib.suppress(StoreUnavailable):
-            await awaitable

@@ -1,0 +1,226 @@
+"""L1 + L2 end to end: several proxy instances, one real redis-server, a counting upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from conftest import CountingUpstream, Proxy, ProxyFactory, RedisServer, Reply, layered_cache
+from redis.asyncio import Redis
+
+from proxy.entry import decode
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait (bounded) for something another task or process must do."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+async def connected(*proxies: Proxy) -> None:
+    for proxy in proxies:
+        backplane = proxy.deps.backplane
+        assert backplane is not None
+        await eventually(lambda b=backplane: b.connected)  # type: ignore[misc]
+
+
+async def test_a_miss_on_one_instance_is_an_l2_hit_on_another(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    cache = layered_cache(redis_server.url)
+    a, b = await make_proxy(cache=cache), await make_proxy(cache=cache)
+    first = await a.client.get("/quote/AAPL")
+    assert first.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    await a.deps.store.flush()
+    second = await b.client.get("/quote/AAPL")
+    assert second.headers["Cache-Status"].startswith("cacheproxy; hit; ttl=")
+    assert second.headers["Cache-Status"].endswith("detail=l2")
+    assert await second.read() == await first.read()
+    third = await b.client.get("/quote/AAPL")
+    assert third.headers["Cache-Status"].endswith("detail=l1")  # the L2 hit filled L1
+    assert upstream.total == 1
+    stats = await (await b.admin.get("/stats")).json()
+    assert stats["routes"]["quote"]["outcomes"]["hit_l2"] == 1
+    assert stats["routes"]["quote"]["outcomes"]["hit_l1"] == 1
+
+
+async def test_purge_on_one_instance_reaches_the_others(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    cache = layered_cache(redis_server.url)
+    a, b = await make_proxy(cache=cache), await make_proxy(cache=cache)
+    await connected(a, b)
+    upstream.replies["/quote/AAPL"] = Reply(body=b'{"price": 1}')
+    await a.client.get("/quote/AAPL")
+    await a.deps.store.flush()
+    assert await (await b.client.get("/quote/AAPL")).read() == b'{"price": 1}'
+    assert "GET api /quote/AAPL" in b.l1
+    upstream.replies["/quote/AAPL"] = Reply(body=b'{"price": 2}')
+    purge = await a.admin.post("/purge", json={"url": "/quote/AAPL"})
+    assert (await purge.json())["layers"] == {"l1": 1, "l2": 1}
+    await eventually(lambda: "GET api /quote/AAPL" not in b.l1)
+    fresh = await b.client.get("/quote/AAPL")
+    assert fresh.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    assert await fresh.read() == b'{"price": 2}'
+    assert upstream.total == 2
+
+
+async def test_pattern_purge_and_clear_reach_the_others(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    cache = layered_cache(redis_server.url)
+    a, b = await make_proxy(cache=cache), await make_proxy(cache=cache)
+    await connected(a, b)
+    for path in ("/quote/AAPL", "/quote/MSFT", "/v8/finance/chart/AAPL"):
+        await b.client.get(path)
+    purge = await a.admin.post("/purge", json={"pattern": "/quote/*"})
+    assert (await purge.json())["layers"]["l2"] == 2
+    await eventually(lambda: len(b.l1) == 1)
+    await a.admin.post("/clear")
+    await eventually(lambda: len(b.l1) == 0)
+
+
+async def test_three_instances_fifty_requests_each_one_upstream_call(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    cache = layered_cache(redis_server.url)
+    instances = [await make_proxy(cache=cache) for _ in range(3)]
+    await connected(*instances)
+    upstream.gate = asyncio.Event()
+    requests = [
+        asyncio.ensure_future(proxy.client.get("/quote/COLD"))
+        for proxy in instances
+        for _ in range(50)
+    ]
+    # One instance holds the lease and is at the upstream; the other two wait for L2.
+    await eventually(
+        lambda: upstream.total == 1 and sum(p.deps.store.waiting for p in instances) == 2
+    )
+    upstream.gate.set()
+    responses = await asyncio.gather(*requests)
+    assert all(r.status == 200 for r in responses)
+    assert upstream.total == 1
+    statuses = [r.headers["Cache-Status"] for r in responses]
+    assert statuses.count("cacheproxy; fwd=miss; stored") == 1
+    assert statuses.count("cacheproxy; fwd=miss; collapsed; detail=l2") == 2
+    assert statuses.count("cacheproxy; fwd=miss; collapsed") == 147
+
+
+async def test_a_corrupt_value_in_redis_is_a_miss_and_is_rewritten(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    cache = layered_cache(redis_server.url)
+    prefix = cache["redis"]["key_prefix"]
+    proxy = await make_proxy(cache=cache)
+    redis = Redis.from_url(redis_server.url)
+    try:
+        entry_key = f"{prefix}e:GET api /quote/AAPL"
+        await redis.set(entry_key, b"CP\x01 certainly not an entry", px=60_000)
+        response = await proxy.client.get("/quote/AAPL")
+        assert response.status == 200
+        assert response.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+        await proxy.deps.store.flush()
+        rewritten = await redis.get(entry_key)
+        assert rewritten is not None
+        assert decode(rewritten).body == b'{"ok": true}'
+        assert proxy.deps.store.l2 is not None
+        assert proxy.deps.store.l2.stats.corrupt == 1
+    finally:
+        await redis.aclose()
+
+
+async def test_redis_only_backend_serves_hits_from_l2(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    cache = {**layered_cache(redis_server.url), "backend": "redis"}
+    proxy = await make_proxy(cache=cache)
+    await proxy.client.get("/quote/AAPL")
+    await proxy.deps.store.flush()
+    for _ in range(2):
+        hit = await proxy.client.get("/quote/AAPL")
+        assert hit.headers["Cache-Status"].endswith("detail=l2")
+    assert upstream.total == 1
+    stats = await (await proxy.admin.get("/stats")).json()
+    assert set(stats["layers"]) == {"l2"}
+
+
+async def _timed_get(proxy: Proxy, path: str) -> tuple[int, float]:
+    started = time.perf_counter()
+    response = await proxy.client.get(path)
+    await response.read()
+    return response.status, time.perf_counter() - started
+
+
+async def _l2_has(url: str, key: str) -> bool:
+    redis = Redis.from_url(url)
+    try:
+        return bool(await redis.exists(key))
+    finally:
+        await redis.aclose()
+
+
+async def test_redis_killed_hung_and_restarted_every_request_succeeds(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_proc: RedisServer
+) -> None:
+    cache = layered_cache(redis_proc.url, command_timeout="100ms", connect_timeout="100ms")
+    prefix = cache["redis"]["key_prefix"]
+    proxy = await make_proxy(cache=cache)
+    await connected(proxy)
+    assert (await proxy.client.get("/quote/WARM")).status == 200
+    await proxy.deps.store.flush()
+
+    statuses: list[int] = []
+    redis_proc.stop()  # killed: connections refused
+    for i in range(20):
+        status, _ = await _timed_get(proxy, f"/quote/DOWN{i}")
+        statuses.append(status)
+    statuses.append((await proxy.client.get("/quote/WARM")).status)  # still an L1 hit
+    health = await (await proxy.admin.get("/health")).json()
+    assert health["status"] == "degraded"
+    assert "L2 unavailable" in health["reason"]
+
+    redis_proc.start()  # back: L2 is used again without restarting the proxy
+
+    async def l2_back() -> bool:
+        status, _ = await _timed_get(proxy, "/quote/BACK")
+        statuses.append(status)
+        await proxy.deps.store.flush()
+        return await _l2_has(redis_proc.url, f"{prefix}e:GET api /quote/BACK")
+
+    for _ in range(200):
+        if await l2_back():
+            break
+        await proxy.admin.post("/purge", json={"url": "/quote/BACK"})
+        await asyncio.sleep(0.02)  # the breaker's next probe is due within its backoff
+    else:
+        raise AssertionError("L2 never used again after the restart")
+    backplane = proxy.deps.backplane
+    assert backplane is not None
+    await eventually(lambda: backplane.connected and backplane.reconnects >= 1)
+
+    redis_proc.hang()  # SIGSTOP: connections open, nothing answers
+    try:
+        for i in range(20):
+            status, seconds = await _timed_get(proxy, f"/quote/HUNG{i}")
+            statuses.append(status)
+            assert seconds < 2.0  # bounded by the command timeout, never the upstream's 5 s
+    finally:
+        redis_proc.resume()
+    assert set(statuses) == {200}
+    assert proxy.deps.store.breaker.opened >= 2
+
+
+async def test_metrics_export_l2_counters_and_breaker_state(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    proxy = await make_proxy(cache=layered_cache(redis_server.url))
+    await proxy.client.get("/quote/AAPL")
+    await proxy.deps.store.flush()
+    text = await (await proxy.admin.get("/metrics")).text()
+    assert 'cacheproxy_cache_sets_total{layer="l2"} 1.0' in text
+    assert 'cacheproxy_cache_sets_total{layer="l1"} 1.0' in text
+    assert "cacheproxy_l2_breaker_state 0.0" in text
