@@ -43,7 +43,7 @@ class Event:
             op, arg, origin = body["op"], body["arg"], body["origin"]
         except (ValueError, KeyError, TypeError):
             return None
-        if op not in _OPS or not isinstance(arg, str) or not isinstance(origin, str):
+        if not all(isinstance(v, str) for v in (op, arg, origin)) or op not in _OPS:
             return None
         return Event(op, arg, origin)
 
@@ -128,7 +128,10 @@ class Backplane:
         if event.origin == self.instance:
             return
         self.received += 1
-        self.on_event(event)
+        try:
+            self.on_event(event)
+        except Exception:  # a bug in applying one event must not deafen the instance
+            log.exception("applying backplane event %s failed", event)
 
 
 async def _close_quietly(client: Redis) -> None:

@@ -60,7 +60,7 @@ class RedisConfig:
     breaker_max_backoff: float = 30.0  # ... up to this
     lease_ttl: float = 10.0  # how long one instance may hold the right to fetch a key
     lease_wait: float = 5.0  # how long other instances wait for that fetch to land in L2
-    popularity_sample: float = 0.05  # fraction of requests counted in the popularity set
+    popularity_flush: float = 1.0  # request counts go to L2 this often (0: not at all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,12 +190,6 @@ def _route(
     )
 
 
-def _fraction(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"expected a number between 0 and 1, got {value!r}")
-    return float(value)
-
-
 def _redis(node: Node) -> RedisConfig:
     node.mapping(tuple(RedisConfig.__dataclass_fields__))
     d = RedisConfig()
@@ -203,10 +197,6 @@ def _redis(node: Node) -> RedisConfig:
     url = url_node.text(d.url)
     if URL(url).scheme not in ("redis", "rediss", "unix"):
         raise url_node.error(f"expected a redis://, rediss:// or unix:// URL, got {url!r}")
-    sample_node = node.child("popularity_sample")
-    sample = sample_node.convert(_fraction, d.popularity_sample)
-    if not 0.0 <= sample <= 1.0:
-        raise sample_node.error(f"must be between 0 and 1, got {sample}")
     return RedisConfig(
         url=url,
         key_prefix=node.child("key_prefix").text(d.key_prefix),
@@ -217,7 +207,7 @@ def _redis(node: Node) -> RedisConfig:
         breaker_max_backoff=node.child("breaker_max_backoff").duration(d.breaker_max_backoff),
         lease_ttl=node.child("lease_ttl").duration(d.lease_ttl),
         lease_wait=node.child("lease_wait").duration(d.lease_wait),
-        popularity_sample=sample,
+        popularity_flush=node.child("popularity_flush").duration(d.popularity_flush),
     )
 
 

@@ -328,6 +328,9 @@ def make_proxy_app(deps: Deps) -> web.Application:
         await deps.upstreams.start()
         if deps.backplane is not None:
             deps.tasks.spawn(deps.backplane.run(), "backplane")
+        every = deps.config.cache.redis.popularity_flush
+        if deps.store.l2 is not None and every > 0:
+            deps.tasks.spawn(deps.store.run_popularity(every), "popularity")
         yield
         await deps.tasks.close()
         await deps.upstreams.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -25,6 +26,7 @@ from proxy.tasks import Tasks
 
 T = TypeVar("T")
 Layer = Literal["l1", "l2"]
+_POPULAR_BATCH = 1000  # keys per popularity flush
 _POLL = 0.05  # fallback poll while waiting for another instance's fetch to land in L2
 
 
@@ -59,6 +61,7 @@ class LayeredStore:
         self._clock = clock
         self._watchers: dict[str, asyncio.Event] = {}
         self._writes: dict[str, asyncio.Task[None]] = {}  # L2 writes in flight, by key
+        self._popular: Counter[str] = Counter()  # requests per key since the last flush
 
     # --- reads -------------------------------------------------------------------------
 
@@ -148,6 +151,8 @@ class LayeredStore:
     async def _remove(
         self, op: Callable[[MemoryStore | RedisStore], Awaitable[int | bool]], event: Event
     ) -> dict[str, int | None]:
+        # An L2 write still in flight would land after the purge and bring the entry back.
+        await self.flush()
         counts: dict[str, int | None] = {}
         if self.l1 is not None:
             counts["l1"] = int(await op(self.l1))
@@ -239,10 +244,25 @@ class LayeredStore:
             self._watchers.pop(key, None)
 
     def count_request(self, key: str) -> None:
-        """Count a request toward key's popularity, for a sample of requests."""
-        if self.l2 is not None and self.l2.sample_popularity():
-            call = self._quietly(lambda l2: l2.count_request(key))
-            self._tasks.spawn(call, "l2-popularity")
+        """Count a request toward key's popularity (in-process; flushed to L2 periodically).
+        Without an L2 to flush to, nothing is counted, so nothing grows."""
+        if self.l2 is not None and self.l2.config.popularity_flush > 0:
+            self._popular[key] += 1
+
+    async def flush_popularity(self) -> None:
+        """Send the counts gathered since the last flush to L2, in one round trip."""
+        if self.l2 is None or not self._popular:
+            return
+        counts, self._popular = self._popular, Counter()
+        # A bounded batch: the busiest keys, which are the ones warm-up will want.
+        batch = dict(counts.most_common(_POPULAR_BATCH))
+        await self._quietly(lambda l2: l2.add_popularity(batch))
+
+    async def run_popularity(self, every: float) -> None:
+        """Flush popularity counts every `every` seconds, forever."""
+        while True:
+            await asyncio.sleep(every)
+            await self.flush_popularity()
 
     async def hottest(self, n: int) -> list[tuple[str, float]]:
         """The most requested keys according to L2 (empty without L2)."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar, cast
 
 from redis.asyncio import Redis
@@ -33,6 +33,24 @@ _DROP_IF_SAME = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Corrupt:
+    raw: bytes
+    reason: str
+
+
+_Read = CachedResponse | _Corrupt | None
+
+
+def _decode(raw: bytes | None) -> _Read:
+    if raw is None:
+        return None
+    try:
+        return decode(raw)
+    except CorruptEntry as e:
+        return _Corrupt(raw, str(e))
+
+
 class RedisStore:
     """Entries under `<prefix>e:<key>`, leases under `<prefix>lease:<key>`, a popularity
     sorted set at `<prefix>popular`. Concurrent gets in one event-loop tick share one MGET,
@@ -43,7 +61,6 @@ class RedisStore:
         config: RedisConfig,
         tasks: Tasks,
         clock: Clock = system_clock,
-        rng: random.Random | None = None,
         client: Redis | None = None,
     ) -> None:
         self.config = config
@@ -60,8 +77,7 @@ class RedisStore:
         self.popular = config.key_prefix + "popular"
         self._tasks = tasks
         self._clock = clock
-        self._rng = rng or random.Random()
-        self._pending: dict[str, list[asyncio.Future[bytes | None]]] = {}
+        self._pending: dict[str, list[asyncio.Future[_Read]]] = {}
         self._flush_scheduled = False
         self._popular_writes = 0
 
@@ -76,38 +92,33 @@ class RedisStore:
 
     async def get(self, key: str) -> CachedResponse | None:
         """The entry under key; None when absent, expired, or not decodable (then deleted)."""
-        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Read] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(key, []).append(future)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        raw = await future
-        if raw is None:
-            self.stats.misses += 1
-            return None
-        try:
-            entry = decode(raw)
-        except CorruptEntry as e:
+        read = await future
+        if isinstance(read, _Corrupt):
             self.stats.corrupt += 1
             self.stats.misses += 1
-            log.warning("dropping undecodable L2 value for %s: %s", key, e)
+            log.warning("dropping undecodable L2 value for %s: %s", key, read.reason)
             # Awaited, so the refetch this miss causes cannot be written first and then
             # dropped; compare-and-delete, so a good value written meanwhile survives.
             with contextlib.suppress(StoreUnavailable):
-                await self._call(self.client.eval(_DROP_IF_SAME, 1, self.entries + key, raw))
+                await self._call(self.client.eval(_DROP_IF_SAME, 1, self.entries + key, read.raw))
             return None
-        if entry.expires_at <= self._clock():
+        if read is None or read.expires_at <= self._clock():
             self.stats.misses += 1
             return None
         self.stats.hits += 1
-        return entry
+        return read
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
         self._tasks.spawn(self._mget(pending), "l2-mget")
 
-    async def _mget(self, pending: dict[str, list[asyncio.Future[bytes | None]]]) -> None:
+    async def _mget(self, pending: dict[str, list[asyncio.Future[_Read]]]) -> None:
         keys = list(pending)
         try:
             values = cast(
@@ -120,10 +131,11 @@ class RedisStore:
                     if not future.done():
                         future.set_exception(e)
             return
-        for key, value in zip(keys, values, strict=True):
+        for key, raw in zip(keys, values, strict=True):
+            read = _decode(raw)  # once per key, however many requests wait for it
             for future in pending[key]:
                 if not future.done():
-                    future.set_result(value)
+                    future.set_result(read)
 
     async def set(self, key: str, entry: CachedResponse) -> None:
         """Store with a Redis-side expiry at the entry's end of life."""
@@ -188,17 +200,15 @@ class RedisStore:
         """Give the lease back, if it is still ours."""
         await self._call(self.client.eval(_DROP_IF_SAME, 1, self.leases + key, owner))
 
-    def sample_popularity(self) -> bool:
-        """Whether this request should be counted (so counting costs ~1 command in 1/rate)."""
-        return self._rng.random() < self.config.popularity_sample
-
-    async def count_request(self, key: str) -> None:
-        """Add one sampled request to key's popularity (weighted back up by the sample rate)."""
-        weight = 1.0 / self.config.popularity_sample
-        await self._call(self.client.zincrby(self.popular, weight, key))
+    async def add_popularity(self, counts: Mapping[str, int]) -> None:
+        """Add request counts to the popularity set: one pipeline, one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for key, count in counts.items():
+            pipe.zincrby(self.popular, count, key)
         self._popular_writes += 1
-        if self._popular_writes % 1000 == 0:
-            await self._call(self.client.zremrangebyrank(self.popular, 0, -_POPULAR_KEEP - 1))
+        if self._popular_writes % 100 == 0:  # keep the set bounded
+            pipe.zremrangebyrank(self.popular, 0, -_POPULAR_KEEP - 1)
+        await self._call(pipe.execute())
 
     async def hottest(self, n: int) -> list[tuple[str, float]]:
         """The n most requested keys, busiest first, with their estimated request counts."""

@@ -1,0 +1,500 @@
+"""The store contract, run over memory, Redis and layered; then what only layered does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from proxy.backplane import Event
+from proxy.breaker import CircuitBreaker
+from proxy.clock import ManualClock
+from proxy.config import RedisConfig
+from proxy.entry import CachedResponse
+from proxy.store.layered import Found, LayeredStore
+from proxy.store.memory import MemoryStore
+from proxy.store.redis import RedisStore
+from proxy.tasks import Tasks
+
+BIG = 10**9
+
+
+def entry(clock: ManualClock, body: bytes = b"x", ttl: float = 60.0) -> CachedResponse:
+    return CachedResponse(
+        status=203,
+        headers=(("Content-Type", "application/json"), ("Link", "<a>"), ("Link", "<b>")),
+        body=body,
+        stored_at=clock() - 1.25,
+        ttl=ttl,
+        initial_age=3.0,
+        route="chart_5d",
+        tags=("symbol=AAPL", "range=5d"),
+    )
+
+
+def redis_config(url: str, prefix: str | None = None, **kw: Any) -> RedisConfig:
+    return RedisConfig(url=url, key_prefix=prefix or f"t{uuid4().hex[:8]}:", **kw)
+
+
+def dead_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def layered(
+    l2: RedisStore | None, tasks: Tasks, clock: ManualClock, instance: str = "inst"
+) -> LayeredStore:
+    breaker = CircuitBreaker(3, 0.05, 1, clock=clock)
+    return LayeredStore(MemoryStore(1000, BIG, clock), l2, breaker, tasks, instance, clock)
+
+
+@dataclass
+class Subject:
+    """A store under test, and every way its contents can be read back."""
+
+    store: Any
+    clock: ManualClock
+    views: list[Any] = field(default_factory=list)  # the store itself, and its L2 if any
+
+    async def settle(self) -> None:
+        """Let background L2 writes land (layered only)."""
+        if isinstance(self.store, LayeredStore):
+            await self.store.flush()
+
+    async def seen(self, key: str) -> list[CachedResponse | None]:
+        return [await view.get(key) for view in self.views]
+
+    async def keys(self, pattern: str = "*") -> list[set[str]]:
+        return [{k async for k, _ in view.scan(pattern)} for view in self.views]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def tasks() -> AsyncIterator[Tasks]:
+    t = Tasks()
+    yield t
+    await t.close()
+
+
+@pytest.fixture(params=["memory", "redis", "layered"])
+async def subject(
+    request: pytest.FixtureRequest, clock: ManualClock, tasks: Tasks
+) -> AsyncIterator[Subject]:
+    if request.param == "memory":
+        store: Any = MemoryStore(1000, BIG, clock)
+        yield Subject(store, clock, [store])
+        return
+    url = request.getfixturevalue("redis_server").url
+    l2 = RedisStore(redis_config(url, command_timeout=1.0), tasks, clock)
+    if request.param == "redis":
+        yield Subject(l2, clock, [l2])
+    else:
+        store = layered(l2, tasks, clock)
+        yield Subject(store, clock, [store, l2])
+    await l2.clear()
+    await l2.close()
+
+
+# --- the contract ------------------------------------------------------------------------
+
+
+async def test_get_of_missing_key_is_none(subject: Subject) -> None:
+    assert await subject.seen("nope") == [None] * len(subject.views)
+
+
+async def test_set_then_get_returns_an_equal_entry(subject: Subject) -> None:
+    e = entry(subject.clock, body=b'{"chart": "\x00\xff binary"}')
+    await subject.store.set("k", e)
+    await subject.settle()
+    for got in await subject.seen("k"):
+        assert got is not None
+        assert (got.status, got.headers, got.body) == (e.status, e.headers, e.body)
+        assert (got.stored_at, got.ttl, got.initial_age) == (e.stored_at, e.ttl, e.initial_age)
+        assert (got.route, got.tags) == (e.route, e.tags)
+        assert got == e
+
+
+async def test_set_replaces(subject: Subject) -> None:
+    await subject.store.set("k", entry(subject.clock, body=b"old", ttl=3600))
+    await subject.settle()
+    await subject.store.set("k", entry(subject.clock, body=b"new", ttl=30))
+    await subject.settle()
+    assert await subject.seen("k") == [entry(subject.clock, body=b"new", ttl=30)] * len(
+        subject.views
+    )
+
+
+async def test_delete_returns_true_then_false(subject: Subject) -> None:
+    await subject.store.set("k", entry(subject.clock))
+    await subject.store.set("other", entry(subject.clock))
+    await subject.settle()
+    assert await subject.store.delete("k") is True
+    assert await subject.seen("k") == [None] * len(subject.views)
+    assert await subject.store.delete("k") is False
+    assert await subject.store.delete("never") is False
+    assert await subject.seen("other") == [entry(subject.clock)] * len(subject.views)
+
+
+async def test_entry_expires_by_the_clock(subject: Subject) -> None:
+    e = entry(subject.clock, ttl=10)  # stored 1.25 s ago: 8.75 s left
+    await subject.store.set("k", e)
+    await subject.settle()
+    subject.clock.advance(8.7)
+    assert await subject.seen("k") == [e] * len(subject.views)
+    assert await subject.keys() == [{"k"}] * len(subject.views)
+    subject.clock.advance(0.05)
+    assert await subject.seen("k") == [None] * len(subject.views)
+    assert await subject.keys() == [set()] * len(subject.views)
+
+
+KEYS = ["user:1", "user:2", "user:3", "userx", "user", "item:1", "item:22"]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matched"),
+    [
+        ("user:*", {"user:1", "user:2", "user:3"}),
+        ("user:?", {"user:1", "user:2", "user:3"}),
+        ("user*", {"user:1", "user:2", "user:3", "userx", "user"}),
+        ("*:1", {"user:1", "item:1"}),
+        ("user:[12]", {"user:1", "user:2"}),
+        ("item:?", {"item:1"}),
+        ("user", {"user"}),
+        ("nomatch*", set()),
+        ("*", set(KEYS)),
+    ],
+)
+async def test_delete_matching_removes_only_matches(
+    subject: Subject, pattern: str, matched: set[str]
+) -> None:
+    for key in KEYS:
+        await subject.store.set(key, entry(subject.clock, body=key.encode()))
+    await subject.settle()
+    assert await subject.store.delete_matching(pattern) == len(matched)
+    assert await subject.keys() == [set(KEYS) - matched] * len(subject.views)
+    for key in KEYS:
+        expected = None if key in matched else entry(subject.clock, body=key.encode())
+        assert await subject.seen(key) == [expected] * len(subject.views)
+
+
+async def test_clear_removes_everything(subject: Subject) -> None:
+    for key in KEYS:
+        await subject.store.set(key, entry(subject.clock))
+    await subject.settle()
+    assert await subject.store.clear() == len(KEYS)
+    assert await subject.keys() == [set()] * len(subject.views)
+    assert await subject.seen("user:1") == [None] * len(subject.views)
+    assert await subject.store.clear() == 0
+
+
+async def test_scan_yields_live_matching_entries(subject: Subject) -> None:
+    live = {k: entry(subject.clock, body=k.encode()) for k in ("a:1", "a:2")}
+    await subject.store.set("a:short", entry(subject.clock, body=b"s", ttl=5))
+    for key, e in [*live.items(), ("b:1", entry(subject.clock))]:
+        await subject.store.set(key, e)
+    await subject.settle()
+    subject.clock.advance(10)  # a:short is past its keep time
+    for view in subject.views:
+        assert {k: e async for k, e in view.scan("a:*")} == live
+
+
+# --- layered only ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def l2(redis_server: Any, clock: ManualClock, tasks: Tasks) -> AsyncIterator[RedisStore]:
+    store = RedisStore(redis_config(redis_server.url, command_timeout=1.0), tasks, clock)
+    yield store
+    await store.clear()
+    await store.close()
+
+
+async def test_l2_hit_fills_l1_with_the_remaining_lifetime(
+    l2: RedisStore, clock: ManualClock, tasks: Tasks
+) -> None:
+    store = layered(l2, tasks, clock)
+    e = entry(clock, ttl=10)
+    await l2.set("k", e)  # as if another instance had fetched it
+    assert store.l1 is not None and "k" not in store.l1
+
+    assert await store.lookup("k") == Found(e, "l2")
+    assert "k" in store.l1
+    assert await store.lookup("k") == Found(e, "l1")
+    assert (store.stats.hits, store.stats.misses) == (2, 0)
+
+    clock.advance(8.75)  # the L1 copy ends when the entry does, not ttl after the fill
+    assert store.l1.peek("k") is None
+    assert await store.lookup("k") is None
+    assert store.stats.misses == 1
+
+
+async def test_lookup_reports_the_layer(l2: RedisStore, clock: ManualClock, tasks: Tasks) -> None:
+    store = layered(l2, tasks, clock)
+    await store.set("mine", entry(clock, body=b"mine"))
+    await store.flush()
+    await l2.set("theirs", entry(clock, body=b"theirs"))
+    assert await store.lookup("mine") == Found(entry(clock, body=b"mine"), "l1")
+    assert await store.lookup("theirs") == Found(entry(clock, body=b"theirs"), "l2")
+    assert await store.lookup("nobody") is None
+
+
+async def test_l1_only_and_l2_only_layered_stores(
+    l2: RedisStore, clock: ManualClock, tasks: Tasks
+) -> None:
+    breaker = CircuitBreaker(3, 0.05, 1, clock=clock)
+    only_l2 = LayeredStore(None, l2, breaker, tasks, "a", clock)
+    await only_l2.set("k", entry(clock))
+    await only_l2.flush()
+    assert await only_l2.lookup("k") == Found(entry(clock), "l2")
+    only_l1 = LayeredStore(MemoryStore(10, BIG, clock), None, breaker, tasks, "b", clock)
+    await only_l1.set("k", entry(clock))
+    assert await only_l1.lookup("k") == Found(entry(clock), "l1")
+    assert only_l1.health() == ("ok", "")
+    with pytest.raises(ValueError):
+        LayeredStore(None, None, breaker, tasks, "c", clock)
+
+
+@pytest.mark.parametrize(
+    "remove",
+    [
+        pytest.param(lambda s: s.delete("k"), id="delete"),
+        pytest.param(lambda s: s.delete_matching("k*"), id="delete_matching"),
+        pytest.param(lambda s: s.clear(), id="clear"),
+    ],
+)
+async def test_purge_during_a_slow_l2_write_also_removes_from_l2(
+    monkeypatch: pytest.MonkeyPatch,
+    l2: RedisStore,
+    clock: ManualClock,
+    tasks: Tasks,
+    remove: Callable[[LayeredStore], Awaitable[Any]],
+) -> None:
+    # A purge issued while the L2 write is still in flight must win over that write, or L2
+    # (and every instance reading it) serves the purged response until it expires.
+    store = layered(l2, tasks, clock)
+    released = asyncio.Event()
+    original = l2.set
+
+    async def slow_set(key: str, e: CachedResponse) -> None:
+        # Held until the purge is done, or 0.5 s if the purge waits for this write.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await released.wait()
+        await original(key, e)
+
+    monkeypatch.setattr(l2, "set", slow_set)
+    await store.set("k", entry(clock))
+    await remove(store)
+    released.set()
+    await store.flush()
+    await tasks.wait()
+    assert await l2.get("k") is None
+    assert await store.get("k") is None
+
+
+async def test_request_counts_reach_l2_on_flush(
+    l2: RedisStore, clock: ManualClock, tasks: Tasks
+) -> None:
+    store = layered(l2, tasks, clock)
+    for key, n in {"cold": 1, "hot": 5, "warm": 3}.items():
+        for _ in range(n):
+            store.count_request(key)
+    assert await store.hottest(3) == []  # counted in-process until the flush
+    await store.flush_popularity()
+    assert await store.hottest(2) == [("hot", 5.0), ("warm", 3.0)]
+    store.count_request("cold")
+    store.count_request("cold")
+    store.count_request("cold")
+    await store.flush_popularity()
+    await store.flush_popularity()  # nothing new: adds nothing
+    assert await store.hottest(3) == [("hot", 5.0), ("cold", 4.0), ("warm", 3.0)]
+
+
+# --- L2 down ------------------------------------------------------------------------------
+
+
+async def test_dead_l2_never_raises_l1_serves_and_breaker_opens(
+    clock: ManualClock, tasks: Tasks
+) -> None:
+    l2 = RedisStore(
+        redis_config(dead_url(), command_timeout=0.1, connect_timeout=0.1), tasks, clock
+    )
+    store = layered(l2, tasks, clock)
+    try:
+        assert store.health() == ("ok", "")
+        assert await store.get("missing") is None  # L2 failure 1
+        await store.set("k", entry(clock))
+        await store.flush()  # L2 failure 2: the background write
+        assert await store.lookup("k") == Found(entry(clock), "l1")
+        assert store.breaker.state == "closed"
+        assert await store.delete("k") is True  # L1 had it; L2 failure 3
+        assert l2.stats.errors == 3
+        assert store.breaker.state == "open" and store.breaker.opened == 1
+
+        status, reason = store.health()
+        assert status == "degraded"
+        assert "open" in reason and "redis" in reason
+
+        # Open: nothing more goes to Redis, and still nothing raises.
+        assert await store.get("missing") is None
+        await store.set("k2", entry(clock))
+        await store.flush()
+        assert await store.delete_matching("*") == 1
+        assert await store.clear() == 0
+        assert await store.acquire_lease("k", 1.0) is True  # fetch yourself
+        assert await store.hottest(3) == []
+        assert [k async for k, _ in store.scan()] == []
+        assert l2.stats.errors == 3
+
+        clock.advance(0.05)  # one probe, which fails: open again, backing off
+        assert await store.get("missing") is None
+        assert l2.stats.errors == 4
+        assert store.breaker.state == "open" and store.breaker.opened == 1
+    finally:
+        await store.close()
+
+
+async def test_breaker_closes_when_redis_answers_again(
+    redis_proc: Any, clock: ManualClock, tasks: Tasks
+) -> None:
+    l2 = RedisStore(redis_config(redis_proc.url, command_timeout=0.1), tasks, clock)
+    store = layered(l2, tasks, clock)
+    try:
+        e = entry(clock)
+        await l2.set("k", e)
+        redis_proc.stop()
+        for _ in range(3):
+            assert await store.get("k") is None
+        assert store.health()[0] == "degraded"
+        redis_proc.start()
+        await l2.set("k", e)
+        assert await store.get("k") is None  # still open: not asked yet
+        clock.advance(0.05)
+        assert await store.lookup("k") == Found(e, "l2")  # the probe
+        assert store.breaker.state == "closed"
+        assert store.health() == ("ok", "")
+    finally:
+        await store.close()
+
+
+async def test_hung_l2_does_not_delay_writes(
+    redis_proc: Any, clock: ManualClock, tasks: Tasks
+) -> None:
+    l2 = RedisStore(redis_config(redis_proc.url, command_timeout=0.5), tasks, clock)
+    store = layered(l2, tasks, clock)
+    try:
+        redis_proc.hang()
+        started = time.monotonic()
+        await store.set("k", entry(clock))
+        assert await store.get("k") == entry(clock)
+        assert time.monotonic() - started < 0.25  # well inside one command timeout
+        await store.flush()  # the write times out in the background
+        assert l2.stats.errors == 1
+    finally:
+        redis_proc.resume()
+        await store.close()
+
+
+# --- the backplane's side -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event", "left"),
+    [
+        (Event("del", "a:1", "other"), {"a:2", "a:10", "b:1"}),
+        (Event("set", "b:1", "other"), {"a:1", "a:2", "a:10"}),
+        (Event("del", "absent", "other"), {"a:1", "a:2", "a:10", "b:1"}),
+        (Event("match", "a:*", "other"), {"b:1"}),
+        (Event("match", "a:?", "other"), {"a:10", "b:1"}),
+        (Event("match", "*:1", "other"), {"a:2", "a:10"}),
+        (Event("clear", "*", "other"), set()),
+    ],
+)
+async def test_apply_drops_the_right_l1_entries(
+    clock: ManualClock, tasks: Tasks, event: Event, left: set[str]
+) -> None:
+    store = layered(None, tasks, clock)
+    for key in ("a:1", "a:2", "a:10", "b:1"):
+        await store.set(key, entry(clock))
+    store.apply(event)
+    assert store.l1 is not None
+    assert {k async for k, _ in store.l1.scan()} == left
+    assert store.l1.bytes == len(left) * entry(clock).size
+
+
+async def test_resync_empties_l1(clock: ManualClock, tasks: Tasks) -> None:
+    store = layered(None, tasks, clock)
+    for key in ("a", "b", "c"):
+        await store.set(key, entry(clock))
+    store.resync()
+    assert store.l1 is not None and len(store.l1) == 0 and store.l1.bytes == 0
+    assert await store.get("a") is None
+
+
+# --- cross-instance waiting ---------------------------------------------------------------
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float = 2.0) -> None:
+    """Wait for a condition another task brings about, with a bounded deadline."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+async def test_wait_for_l2_returns_the_entry_once_another_store_writes_it(
+    redis_server: Any, l2: RedisStore, clock: ManualClock, tasks: Tasks
+) -> None:
+    waiter = layered(l2, tasks, clock, instance="waiter")
+    other = RedisStore(
+        RedisConfig(url=redis_server.url, key_prefix=l2.config.key_prefix), tasks, clock
+    )
+    try:
+        started = time.monotonic()
+        waiting = asyncio.ensure_future(waiter.wait_for_l2("k", 5.0))
+        await wait_until(lambda: l2.stats.misses >= 1)  # it has looked once and found nothing
+        assert not waiting.done()
+        await other.set("k", entry(clock))
+        assert await waiting == Found(entry(clock), "l2")
+        assert time.monotonic() - started < 2
+        assert waiter.l1 is not None and "k" in waiter.l1
+    finally:
+        await other.close()
+
+
+async def test_wait_for_l2_gives_up_after_the_bound(
+    l2: RedisStore, clock: ManualClock, tasks: Tasks
+) -> None:
+    store = layered(l2, tasks, clock)
+    started = time.monotonic()
+    assert await store.wait_for_l2("nobody", 0.2) is None
+    assert 0.19 <= time.monotonic() - started < 2
+    assert l2.stats.misses >= 2  # it looked more than once meanwhile
+
+
+async def test_wait_for_l2_with_l2_down_returns_promptly(clock: ManualClock, tasks: Tasks) -> None:
+    l2 = RedisStore(
+        redis_config(dead_url(), command_timeout=0.1, connect_timeout=0.1), tasks, clock
+    )
+    store = layered(l2, tasks, clock)
+    try:
+        for _ in range(3):
+            await store.get("x")
+        started = time.monotonic()
+        assert await store.wait_for_l2("k", 5.0) is None
+        assert time.monotonic() - started < 2  # not the full 5 s bound
+    finally:
+        await store.close()
