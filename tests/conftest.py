@@ -11,7 +11,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from proxy.config import Config, parse_config
 from proxy.deps import Deps, build_deps
 from proxy.server import make_proxy_app
 from proxy.store.memory import MemoryStore
+from proxy.tasks import Tasks
 
 
 @dataclass
@@ -92,6 +93,18 @@ class CountingUpstream:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def tasks() -> AsyncIterator[Tasks]:
+    t = Tasks()
+    yield t
+    await t.close()
 
 
 @pytest.fixture

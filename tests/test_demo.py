@@ -8,6 +8,8 @@ import random
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -72,63 +74,57 @@ async def _wait_listening(port: int) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
-async def test_serve_proxies_and_exits_cleanly_on_sigterm(
-    upstream: CountingUpstream, tmp_path: Path
-) -> None:
+@asynccontextmanager
+async def serving(
+    upstream_url: str, directory: Path, env: dict[str, str]
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
+    """`python -m proxy serve` on free ports; yields the process, proxy and admin base URLs."""
     port = _free_port_block()
-    admin_port = port + 1
-    data = base_config(upstream.url, server={"host": "127.0.0.1", "port": port,
-                                             "admin_port": admin_port})  # fmt: skip
-    path = tmp_path / "proxy.yaml"
+    data = base_config(upstream_url, server={"host": "127.0.0.1", "port": port,
+                                             "admin_port": port + 1})  # fmt: skip
+    path = directory / "proxy.yaml"
     path.write_text(yaml.safe_dump(data))
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "-c", str(path),
-        env={**os.environ, "CACHE_BACKEND": ""}, cwd=ROOT,
+        env={**os.environ, **env}, cwd=ROOT,
     )  # fmt: skip
     try:
         await _wait_listening(port)
-        await _wait_listening(admin_port)
+        await _wait_listening(port + 1)
+        yield process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_serve_proxies_and_exits_cleanly_on_sigterm(
+    upstream: CountingUpstream, tmp_path: Path
+) -> None:
+    async with serving(upstream.url, tmp_path, {"CACHE_BACKEND": ""}) as (process, proxy, admin):
         async with aiohttp.ClientSession() as session:
             for _ in range(3):
-                async with session.get(f"http://127.0.0.1:{port}/quote/AAPL") as r:
+                async with session.get(f"{proxy}/quote/AAPL") as r:
                     assert r.status == 200
-            async with session.get(f"http://127.0.0.1:{admin_port}/stats") as r:
+            async with session.get(f"{admin}/stats") as r:
                 stats = await r.json()
         assert upstream.total == 1
         assert stats["routes"]["quote"]["outcomes"]["hit_l1"] == 2
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def test_serve_runs_the_layered_backend_on_env_overrides(
     upstream: CountingUpstream, redis_proc: RedisServer, tmp_path: Path
 ) -> None:
-    port = _free_port_block()
-    data = base_config(upstream.url, server={"host": "127.0.0.1", "port": port,
-                                             "admin_port": port + 1})  # fmt: skip
-    path = tmp_path / "proxy.yaml"
-    path.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "CACHE_BACKEND": "layered", "CACHE_REDIS_URL": redis_proc.url}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "-c", str(path), env=env, cwd=ROOT
-    )
-    try:
-        await _wait_listening(port)
-        await _wait_listening(port + 1)
+    env = {"CACHE_BACKEND": "layered", "CACHE_REDIS_URL": redis_proc.url}
+    async with serving(upstream.url, tmp_path, env) as (process, proxy, admin):
         async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/quote/AAPL") as r:
+            async with session.get(f"{proxy}/quote/AAPL") as r:
                 assert r.status == 200
-            async with session.get(f"http://127.0.0.1:{port + 1}/health") as r:
+            async with session.get(f"{admin}/health") as r:
                 health = await r.json()
         assert health["status"] == "ok"
         assert health["l2"]["breaker"] == "closed"
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()

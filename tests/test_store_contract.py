@@ -77,18 +77,6 @@ class Subject:
         return [{k async for k, _ in view.scan(pattern)} for view in self.views]
 
 
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def tasks() -> AsyncIterator[Tasks]:
-    t = Tasks()
-    yield t
-    await t.close()
-
-
 @pytest.fixture(params=["memory", "redis", "layered"])
 async def subject(
     request: pytest.FixtureRequest, clock: ManualClock, tasks: Tasks

@@ -52,18 +52,6 @@ def entry(
 
 
 @pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def tasks() -> AsyncIterator[Tasks]:
-    t = Tasks()
-    yield t
-    await t.close()
-
-
-@pytest.fixture
 async def fake(clock: ManualClock, tasks: Tasks) -> AsyncIterator[RedisStore]:
     """A RedisStore on fakeredis (its own fake server)."""
     client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
