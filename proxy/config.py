@@ -129,14 +129,37 @@ def _ttl_class(name: str, node: Node) -> TTLClass:
         if not node.present():
             raise node.error("is required")
         return TTLClass(name=name, ttl=ttl, negative_ttl=min(ttl, 60.0))
-    node.mapping(("ttl", "negative_ttl"))
+    node.mapping(_CLASS_FIELDS)
     ttl_node = node.child("ttl")
     if not ttl_node.present():
         raise ttl_node.error("is required")
     ttl = ttl_node.duration(0.0)
+    ahead_node = node.child("refresh_ahead")
+    ahead = ahead_node.convert(_fraction, 0.0)
+    if not 0.0 <= ahead < 1.0:
+        raise ahead_node.error(f"must be a fraction of ttl in [0, 1), e.g. 0.8; got {ahead}")
     return TTLClass(
-        name=name, ttl=ttl, negative_ttl=node.child("negative_ttl").duration(min(ttl, 60.0))
+        name=name,
+        ttl=ttl,
+        negative_ttl=node.child("negative_ttl").duration(min(ttl, 60.0)),
+        stale_while_revalidate=node.child("stale_while_revalidate").duration(0.0),
+        stale_if_error=node.child("stale_if_error").duration(0.0),
+        refresh_ahead=ahead,
     )
+
+
+_CLASS_FIELDS = ("ttl", "negative_ttl", "stale_while_revalidate", "stale_if_error", "refresh_ahead")
+
+
+def _fraction(value: object) -> float:
+    if isinstance(value, str) and value.strip().endswith("%"):
+        value = float(value.strip()[:-1]) / 100
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError as e:
+        raise ValueError(f"expected a number, got {value!r}") from e
 
 
 _ROUTE_FIELDS = (

@@ -10,9 +10,9 @@ from typing import Final
 from proxy.errors import CorruptEntry
 
 MAGIC: Final = b"CP"
-VERSION: Final = 1
-# magic, version, status, stored_at, ttl, initial_age, metadata length, body length
-_HEAD: Final = struct.Struct(">2sBHdddII")
+VERSION: Final = 2  # 2: grace and keep windows
+# magic, version, status, stored_at, ttl, grace, keep, initial_age, metadata length, body length
+_HEAD: Final = struct.Struct(">2sBHdddddII")
 # Per-entry bookkeeping that is neither body nor header text (object headers, dict slot).
 ENTRY_OVERHEAD: Final = 200
 
@@ -29,11 +29,18 @@ class CachedResponse:
     initial_age: float = 0.0  # the Age the upstream reported
     route: str = ""
     tags: tuple[str, ...] = ()  # e.g. "symbol=AAPL", for purges by tag
+    grace: float = 0.0  # after ttl: served stale while one background refresh runs
+    keep: float = 0.0  # after ttl: served stale only when the upstream fails
 
     @property
     def expires_at(self) -> float:
         """When the entry stops being fresh."""
         return self.stored_at + self.ttl
+
+    @property
+    def keep_until(self) -> float:
+        """When the entry is of no use at all: stores drop it then (Varnish's ttl+grace+keep)."""
+        return self.stored_at + self.ttl + max(self.grace, self.keep)
 
     @property
     def size(self) -> int:
@@ -59,8 +66,8 @@ def encode(entry: CachedResponse) -> bytes:
         {"h": entry.headers, "r": entry.route, "t": entry.tags}, separators=(",", ":")
     ).encode()
     head = _HEAD.pack(
-        MAGIC, VERSION, entry.status, entry.stored_at, entry.ttl, entry.initial_age,
-        len(meta), len(entry.body),
+        MAGIC, VERSION, entry.status, entry.stored_at, entry.ttl, entry.grace, entry.keep,
+        entry.initial_age, len(meta), len(entry.body),
     )  # fmt: skip
     return head + meta + entry.body
 
@@ -69,8 +76,8 @@ def decode(data: bytes) -> CachedResponse:
     """Inverse of encode; anything else (corrupt, truncated, foreign, old) is CorruptEntry."""
     if len(data) < _HEAD.size:
         raise CorruptEntry("truncated header")
-    magic, version, status, stored_at, ttl, initial_age, meta_len, body_len = _HEAD.unpack_from(
-        data
+    (magic, version, status, stored_at, ttl, grace, keep, initial_age, meta_len, body_len) = (
+        _HEAD.unpack_from(data)
     )
     if magic != MAGIC:
         raise CorruptEntry("not a cacheproxy entry")
@@ -94,4 +101,6 @@ def decode(data: bytes) -> CachedResponse:
         initial_age=initial_age,
         route=route,
         tags=tags,
+        grace=grace,
+        keep=keep,
     )

@@ -1,5 +1,7 @@
 """One root error and the few leaves callers must tell apart."""
 
+from typing import ClassVar
+
 
 class ProxyError(Exception):
     """Root of every error cacheproxy raises on purpose."""
@@ -19,11 +21,16 @@ class BadRequest(ProxyError):
 
 
 class UpstreamError(ProxyError):
-    """The upstream could not be reached or did not answer in time."""
+    """The upstream could not be reached, did not answer in time, or answered with failure."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    _STATUS: ClassVar[dict[str, int]] = {
+        "timeout": 504, "connect": 502, "protocol": 502, "rate-limited": 503,
+    }  # fmt: skip
+
+    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
         super().__init__(message)
-        self.kind = kind  # "timeout" | "connect" | "protocol"
+        self.kind = kind  # "timeout" | "connect" | "protocol" | "status" | "rate-limited"
+        self.status = status or self._STATUS.get(kind, 502)  # what the client is told
 
 
 class StoreUnavailable(ProxyError):

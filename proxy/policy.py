@@ -16,26 +16,42 @@ _MAX_DELTA: Final = 2**31
 
 @dataclass(frozen=True, slots=True)
 class TTLClass:
-    """How long responses of one kind stay fresh."""
+    """How long responses of one kind stay fresh, and how long stale ones stay useful."""
 
     name: str
     ttl: float
     negative_ttl: float  # for 404 and 410
+    stale_while_revalidate: float = 0.0  # after ttl: serve stale, refresh in the background
+    stale_if_error: float = 0.0  # after ttl: serve stale when the upstream fails
+    refresh_ahead: float = 0.0  # fraction of ttl after which a hit refreshes early (0: off)
 
 
 @dataclass(frozen=True, slots=True)
 class Fresh:
-    """The entry may be served as is; `ttl_left` seconds of freshness remain."""
+    """Serve as is; `ttl_left` seconds of freshness remain. `refresh`: refresh-ahead is due,
+    so fetch a new copy in the background while this one is still fresh."""
 
     ttl_left: float
+    refresh: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """Past its ttl but within stale-while-revalidate: serve now, refresh in the background
+    (RFC 5861 3)."""
+
+    stale_for: float
 
 
 @dataclass(frozen=True, slots=True)
 class Expired:
-    """The entry must not be served without going upstream."""
+    """Go upstream. `usable_on_error`: within stale-if-error, so if the upstream fails the
+    entry may be served instead of the error (RFC 5861 4)."""
+
+    usable_on_error: bool = False
 
 
-Freshness = Fresh | Expired
+Freshness = Fresh | Stale | Expired
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +151,22 @@ def storability(
     return Store(ttl)
 
 
-def freshness(stored_at: float, ttl: float, now: float) -> Freshness:
-    """Fresh while less than `ttl` seconds have passed since the entry was stored."""
-    left = stored_at + ttl - now
-    return Fresh(left) if left > 0 else Expired()
+def freshness(
+    stored_at: float, ttl: float, grace: float, keep: float, refresh_ahead: float, now: float
+) -> Freshness:
+    """Where an entry stored at `stored_at` stands at `now` (RFC 9111 4.2, RFC 5861)."""
+    age = now - stored_at
+    left = ttl - age
+    if left > 0:
+        return Fresh(left, refresh=refresh_ahead > 0 and age >= refresh_ahead * ttl)
+    if -left < grace:
+        return Stale(-left)
+    return Expired(usable_on_error=-left < keep)
+
+
+def is_upstream_failure(status: int) -> bool:
+    """Statuses that mean the upstream failed rather than answered (stale-if-error applies)."""
+    return status >= 500 or status == 429
 
 
 def current_age(initial_age: float, stored_at: float, now: float) -> int:

@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.entry import CachedResponse
+from proxy.errors import UpstreamError
 from proxy.upstream import end_to_end
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,16 @@ def json_error(
     """A short JSON error body: `{"error": "no_route", "detail": "..."}`."""
     headers = {"Cache-Status": cache_status} if cache_status else None
     return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
+
+
+def upstream_error(error: UpstreamError) -> web.Response:
+    """The client response for an upstream failure with nothing stale to stand in."""
+    return json_error(
+        error.status,
+        f"upstream_{error.kind}",
+        str(error),
+        f"{NAME}; fwd=miss; fwd-status={error.status}; detail=upstream-{error.kind}",
+    )
 
 
 def accepts_gzip(accept_encoding: str) -> bool:

@@ -1,48 +1,31 @@
-"""make_proxy_app(deps): the request pipeline.
-
-route -> key -> L1 -> coalesce -> upstream -> decide storability -> store -> respond.
-"""
+"""make_proxy_app(deps): the request pipeline's front: route, then the cached path
+(cached.py) or a pass-through that streams both ways."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from aiohttp import web
-from multidict import CIMultiDictProxy
 
-from proxy.coalesce import Flight
+from proxy.cached import CachedPath, Resolved
 from proxy.config import Config
 from proxy.deps import DEPS, Deps
-from proxy.entry import CachedResponse
 from proxy.errors import BadRequest, UpstreamError
-from proxy.keys import Target, cache_key, header_suffix, parse_target, upstream_target
+from proxy.keys import cache_key, parse_target, upstream_target
 from proxy.metrics import UNMATCHED
 from proxy.policy import (
     Bypass,
-    DontStore,
-    Fresh,
     classify_request,
-    current_age,
-    freshness,
-    parse_age,
-    storability,
 )
-from proxy.respond import CHUNK, NAME, json_error, private_response, relay, serve_entry
-from proxy.routes import Match
+from proxy.respond import CHUNK, json_error, relay, upstream_error
 from proxy.upstream import end_to_end
 
 log = logging.getLogger(__name__)
 
-# Reasons a response may not even be handed to concurrent waiters: it belongs to one client.
-_PRIVATE_REASONS = frozenset({"set-cookie", "private", "no-store"})
-# Headers never stored with an entry: recomputed per response, or per client.
-_NOT_STORED = frozenset({"age", "set-cookie"})
 # Request headers that would let a client steer what the upstream serves everyone.
 _NEVER_FORWARDED = frozenset({"host", "x-forwarded-host", "x-original-url", "x-rewrite-url"})
-_UPSTREAM_STATUS = {"timeout": 504, "connect": 502, "protocol": 502}
 
 
 def _forwarded_for(request: web.Request) -> str:
@@ -51,33 +34,8 @@ def _forwarded_for(request: web.Request) -> str:
     return f"{prior}, {remote}" if prior else remote
 
 
-def _joined(headers: CIMultiDictProxy[str], *names: str) -> dict[str, str]:
-    """Fields that may come as several lines, each folded into one value (RFC 9110 5.3)."""
-    return {name: ", ".join(headers.getall(name, ())) for name in names}
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """A request target resolved against the routes; memoised per (method, raw target)."""
-
-    match: Match
-    target: Target
-    key: str  # the cache key without its header part
-    key_headers: tuple[str, ...]  # request headers that complete the key
-
-
 _MEMO_SIZE = 16384
 _MEMO_TARGET = 512  # characters; bounds the memo to about 16384 * 1 KB
-
-
-def _stored_headers(headers: CIMultiDictProxy[str]) -> tuple[tuple[str, str], ...]:
-    """End-to-end headers worth keeping; a gzip entry varies on Accept-Encoding."""
-    kept = [(n, v) for n, v in end_to_end(headers) if n.lower() not in _NOT_STORED]
-    gzipped = headers.get("Content-Encoding", "").strip().lower() == "gzip"
-    vary = ", ".join(headers.getall("Vary", ())).lower()
-    if gzipped and "accept-encoding" not in vary:
-        kept.append(("Vary", "Accept-Encoding"))
-    return tuple(kept)
 
 
 class ProxyHandler:
@@ -85,6 +43,7 @@ class ProxyHandler:
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
+        self.cached = CachedPath(deps)
         # Hot targets repeat: skip parsing, matching and key building for them. Cleared
         # when the config object changes (reload) or when it fills up.
         self._memo: dict[tuple[str, str], Resolved] = {}
@@ -144,145 +103,10 @@ class ProxyHandler:
             if isinstance(verdict, Bypass):
                 forwarded = await self._forward(request, resolved, verdict.reason)
                 return forwarded, route.name, "bypass"
-            served, outcome = await self._cached(request, resolved)
+            served, outcome = await self.cached.serve(request, resolved)
             return served, route.name, outcome
         except UpstreamError as e:
-            return self._upstream_error(e, route.upstream), route.name, "error"
-
-    async def _cached(
-        self, request: web.Request, resolved: Resolved
-    ) -> tuple[web.StreamResponse, str]:
-        key_headers = [
-            (name, request.headers[name])
-            for name in resolved.key_headers
-            if name in request.headers
-        ]
-        key = resolved.key + header_suffix(key_headers) if key_headers else resolved.key
-        store = self.deps.store
-        found = await store.lookup(key)
-        store.count_request(key)
-        if found is not None:
-            now = self.deps.clock()
-            entry = found.entry
-            verdict = freshness(entry.stored_at, entry.ttl, now)
-            if isinstance(verdict, Fresh):
-                status = f"{NAME}; hit; ttl={int(verdict.ttl_left)}; detail={found.layer}"
-                age = current_age(entry.initial_age, entry.stored_at, now)
-                return serve_entry(request, entry, status, age), f"hit_{found.layer}"
-        coalescer = self.deps.coalescer
-        upstream = resolved.match.route.upstream
-        if (future := coalescer.in_flight(key)) is not None:
-            shared = await coalescer.wait(future, self.deps.config.server.coalesce_timeout)
-            if isinstance(shared, CachedResponse):
-                status = f"{NAME}; fwd=miss; collapsed"
-                return serve_entry(request, shared, status, self._miss_age(shared)), "coalesced"
-            if isinstance(shared, UpstreamError):
-                return self._upstream_error(shared, upstream), "error"
-            return await self._fetch(request, resolved, key, key_headers, None), "miss"
-        with coalescer.lead(key) as flight:
-            try:
-                return await self._lead(request, resolved, key, key_headers, flight)
-            except UpstreamError as e:
-                flight.result = e
-                raise
-
-    async def _lead(
-        self,
-        request: web.Request,
-        resolved: Resolved,
-        key: str,
-        key_headers: list[tuple[str, str]],
-        flight: Flight,
-    ) -> tuple[web.StreamResponse, str]:
-        """This instance's one fetch of key, first asking other instances (a Redis lease)."""
-        store = self.deps.store
-        if store.l2 is None:
-            return await self._fetch(request, resolved, key, key_headers, flight), "miss"
-        redis = self.deps.config.cache.redis
-        if not await store.acquire_lease(key, redis.lease_ttl):
-            # Another instance is fetching it: wait (bounded) for its answer to reach L2.
-            found = await store.wait_for_l2(key, redis.lease_wait)
-            if found is not None:
-                flight.result = found.entry
-                status = f"{NAME}; fwd=miss; collapsed; detail=l2"
-                return serve_entry(request, found.entry, status, self._miss_age(found.entry)), (
-                    "coalesced"
-                )
-            return await self._fetch(request, resolved, key, key_headers, flight), "miss"
-        try:
-            return await self._fetch(request, resolved, key, key_headers, flight), "miss"
-        finally:
-            store.release_lease(key)
-
-    async def _fetch(
-        self,
-        request: web.Request,
-        resolved: Resolved,
-        key: str,
-        key_headers: list[tuple[str, str]],
-        flight: Flight | None,
-    ) -> web.StreamResponse:
-        """Fetch a cacheable request upstream (as GET, so HEAD can fill the entry too)."""
-        config = self.deps.config
-        match, target = resolved.match, resolved.target
-        route = match.route
-        assert route.ttl_class is not None
-        upstream = config.upstreams[route.upstream]
-        headers = {name: value for name, value in key_headers}
-        headers["Accept-Encoding"] = "gzip"
-        headers["X-Forwarded-For"] = _forwarded_for(request)
-        if route.shared:
-            for name in ("Authorization", "Cookie"):
-                if name in request.headers:
-                    headers[name] = request.headers[name]
-        max_size = config.cache.max_object_size
-        async with self.deps.upstreams.request(
-            route.upstream, "GET", upstream_target(target, upstream.query), headers
-        ) as resp:
-            if resp.content_length is not None and resp.content_length > max_size:
-                return await relay(request, resp, [], "fwd=miss; detail=too-large", True)
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in resp.content.iter_chunked(CHUNK):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > max_size:
-                    return await relay(request, resp, chunks, "fwd=miss; detail=too-large", True)
-            body = b"".join(chunks)
-            now = self.deps.clock()
-            verdict = storability(
-                resp.status, _joined(resp.headers, "Cache-Control", "Vary"),
-                "Set-Cookie" in resp.headers, len(body), route.ttl_class, max_size,
-            )  # fmt: skip
-            entry = CachedResponse(
-                status=resp.status,
-                headers=_stored_headers(resp.headers),
-                body=body,
-                stored_at=now,
-                ttl=0.0 if isinstance(verdict, DontStore) else verdict.ttl,
-                initial_age=parse_age(resp.headers.get("Age")),
-                route=route.name,
-                tags=tuple(f"{k}={v}" for k, v in match.params.items()),
-            )
-            if isinstance(verdict, DontStore):
-                if verdict.reason in _PRIVATE_REASONS:
-                    # Relay this client's own response untouched (Set-Cookie included).
-                    return private_response(
-                        request, resp, body, f"fwd=miss; detail={verdict.reason}"
-                    )
-                status = f"{NAME}; fwd=miss; detail={verdict.reason}"
-            else:
-                await self.deps.store.set(key, entry)
-                status = f"{NAME}; fwd=miss; stored"
-            if flight is not None:
-                flight.result = entry
-            return serve_entry(request, entry, status, self._miss_age(entry))
-
-    @staticmethod
-    def _miss_age(entry: CachedResponse) -> int | None:
-        # RFC 9111 5.1: Age says the response was not generated by the origin just now;
-        # on a miss we only relay what the upstream itself reported.
-        return int(entry.initial_age) if entry.initial_age else None
+            return upstream_error(e), route.name, "error"
 
     async def _forward(
         self, request: web.Request, resolved: Resolved, reason: str
@@ -307,15 +131,6 @@ class ProxyHandler:
         ) as resp:
             # The client's own Accept-Encoding went upstream: relay the encoding as is.
             return await relay(request, resp, [], f"fwd={fwd}; detail={reason}", False)
-
-    def _upstream_error(self, error: UpstreamError, upstream: str) -> web.Response:
-        status = _UPSTREAM_STATUS.get(error.kind, 502)
-        return json_error(
-            status,
-            f"upstream_{error.kind}",
-            str(error),
-            f"{NAME}; fwd=miss; fwd-status={status}; detail=upstream-{error.kind}",
-        )
 
 
 def make_proxy_app(deps: Deps) -> web.Application:

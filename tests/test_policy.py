@@ -11,6 +11,7 @@ from proxy.policy import (
     Expired,
     Fresh,
     Lookup,
+    Stale,
     Store,
     TTLClass,
     classify_request,
@@ -121,24 +122,45 @@ def test_classify_request(
 
 
 @pytest.mark.parametrize(
-    ("stored_at", "ttl", "now", "verdict"),
+    ("ttl", "grace", "keep", "ahead", "now", "verdict"),
     [
-        (1000.0, 60.0, 1000.0, Fresh(60.0)),
-        (1000.0, 60.0, 1030.0, Fresh(30.0)),
-        (1000.0, 60.0, 1059.5, Fresh(0.5)),
-        (1000.0, 60.0, 1060.0, Expired()),  # the boundary is expired
-        (1000.0, 60.0, 1060.001, Expired()),
-        (1000.0, 60.0, 5000.0, Expired()),
-        (1000.0, 0.0, 1000.0, Expired()),
-        (1000.0, 60.0, 990.0, Fresh(70.0)),  # clock behind the store time
+        # stored at 1000; plain ttl
+        (60.0, 0.0, 0.0, 0.0, 1000.0, Fresh(60.0)),
+        (60.0, 0.0, 0.0, 0.0, 1059.5, Fresh(0.5)),
+        (60.0, 0.0, 0.0, 0.0, 1060.0, Expired()),  # the boundary is expired
+        (60.0, 0.0, 0.0, 0.0, 5000.0, Expired()),
+        (0.0, 0.0, 0.0, 0.0, 1000.0, Expired()),
+        (60.0, 0.0, 0.0, 0.0, 990.0, Fresh(70.0)),  # clock behind the store time
+        # refresh-ahead at 80% of ttl
+        (60.0, 0.0, 0.0, 0.8, 1047.9, Fresh(12.1, refresh=False)),
+        (60.0, 0.0, 0.0, 0.8, 1048.0, Fresh(12.0, refresh=True)),
+        # stale-while-revalidate 30 s: stale from 1060 until 1090
+        (60.0, 30.0, 0.0, 0.0, 1060.0, Stale(0.0)),
+        (60.0, 30.0, 0.0, 0.0, 1089.0, Stale(29.0)),
+        (60.0, 30.0, 0.0, 0.0, 1090.0, Expired(usable_on_error=False)),
+        # stale-if-error 120 s: usable on error until 1180, never served stale otherwise
+        (60.0, 0.0, 120.0, 0.0, 1061.0, Expired(usable_on_error=True)),
+        (60.0, 0.0, 120.0, 0.0, 1179.9, Expired(usable_on_error=True)),
+        (60.0, 0.0, 120.0, 0.0, 1180.0, Expired(usable_on_error=False)),
+        # both: grace first, then only on error
+        (60.0, 30.0, 120.0, 0.0, 1070.0, Stale(10.0)),
+        (60.0, 30.0, 120.0, 0.0, 1100.0, Expired(usable_on_error=True)),
     ],
 )
-def test_freshness(stored_at: float, ttl: float, now: float, verdict: object) -> None:
-    result = freshness(stored_at, ttl, now)
+def test_freshness(
+    ttl: float, grace: float, keep: float, ahead: float, now: float, verdict: object
+) -> None:
+    result = freshness(1000.0, ttl, grace, keep, ahead, now)
     assert type(result) is type(verdict)
     if isinstance(verdict, Fresh):
         assert isinstance(result, Fresh)
         assert result.ttl_left == pytest.approx(verdict.ttl_left)
+        assert result.refresh == verdict.refresh
+    elif isinstance(verdict, Stale):
+        assert isinstance(result, Stale)
+        assert result.stale_for == pytest.approx(verdict.stale_for)
+    else:
+        assert result == verdict
 
 
 @pytest.mark.parametrize(

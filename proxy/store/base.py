@@ -29,11 +29,11 @@ class Store(Protocol):
     stats: StoreStats
 
     async def get(self, key: str) -> CachedResponse | None:
-        """The entry under key, or None when absent or past its keep time."""
+        """The entry under key, or None when absent or past its keep_until."""
         ...
 
     async def set(self, key: str, entry: CachedResponse) -> None:
-        """Store entry under key until entry.expires_at (replacing any older one)."""
+        """Store entry under key until entry.keep_until (replacing any older one)."""
         ...
 
     async def delete(self, key: str) -> bool:

@@ -35,7 +35,7 @@ class MemoryStore:
         if entry is None:
             self.stats.misses += 1
             return None
-        if entry.expires_at <= self._clock():
+        if entry.keep_until <= self._clock():
             self._remove(key)
             self.stats.expirations += 1
             self.stats.misses += 1
@@ -108,7 +108,7 @@ class MemoryStore:
         regex = glob_to_regex(pattern)
         now = self._clock()
         for key, entry in list(self._entries.items()):
-            if entry.expires_at > now and regex.fullmatch(key):
+            if entry.keep_until > now and regex.fullmatch(key):
                 yield key, entry
 
     async def close(self) -> None:

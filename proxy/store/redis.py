@@ -107,7 +107,7 @@ class RedisStore:
             with contextlib.suppress(StoreUnavailable):
                 await self._call(self.client.eval(_DROP_IF_SAME, 1, self.entries + key, read.raw))
             return None
-        if read is None or read.expires_at <= self._clock():
+        if read is None or read.keep_until <= self._clock():
             self.stats.misses += 1
             return None
         self.stats.hits += 1
@@ -139,7 +139,7 @@ class RedisStore:
 
     async def set(self, key: str, entry: CachedResponse) -> None:
         """Store with a Redis-side expiry at the entry's end of life."""
-        ttl_ms = int((entry.expires_at - self._clock()) * 1000)
+        ttl_ms = int((entry.keep_until - self._clock()) * 1000)
         if ttl_ms <= 0:
             return
         await self._call(self.client.set(self.entries + key, encode(entry), px=ttl_ms))
@@ -175,7 +175,7 @@ class RedisStore:
                     entry = decode(raw)
                 except CorruptEntry:
                     continue
-                if entry.expires_at > now:
+                if entry.keep_until > now:
                     yield full_key[len(self.entries) :].decode(), entry
 
     async def _scan_batches(self, pattern: str) -> AsyncIterator[list[bytes]]:

@@ -1,0 +1,313 @@
+"""The cached path: lookup -> freshness -> coalesce -> fetch -> store, serving stale
+when that is allowed and the upstream is slow to answer or failing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy.coalesce import Flight
+from proxy.deps import Deps
+from proxy.entry import CachedResponse
+from proxy.errors import UpstreamError
+from proxy.keys import Target, header_suffix, upstream_target
+from proxy.policy import (
+    DontStore,
+    Fresh,
+    Stale,
+    Storability,
+    current_age,
+    freshness,
+    is_upstream_failure,
+    parse_age,
+    storability,
+)
+from proxy.respond import CHUNK, NAME, private_response, relay, serve_entry, upstream_error
+from proxy.routes import Match
+from proxy.upstream import end_to_end
+
+log = logging.getLogger(__name__)
+
+# Reasons a response may not even be handed to concurrent waiters: it belongs to one client.
+_PRIVATE_REASONS = frozenset({"set-cookie", "private", "no-store"})
+# Headers never stored with an entry: recomputed per response, or per client.
+_NOT_STORED = frozenset({"age", "set-cookie"})
+Served = tuple[web.StreamResponse, str]  # the response and its outcome label
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A request target resolved against the routes; memoised per (method, raw target)."""
+
+    match: Match
+    target: Target
+    key: str  # the cache key without its header part
+    key_headers: tuple[str, ...]  # request headers that complete the key
+
+
+def _joined(headers: CIMultiDictProxy[str], *names: str) -> dict[str, str]:
+    """Fields that may come as several lines, each folded into one value (RFC 9110 5.3)."""
+    return {name: ", ".join(headers.getall(name, ())) for name in names}
+
+
+def _stored_headers(headers: CIMultiDictProxy[str]) -> tuple[tuple[str, str], ...]:
+    """End-to-end headers worth keeping; a gzip entry varies on Accept-Encoding."""
+    kept = [(n, v) for n, v in end_to_end(headers) if n.lower() not in _NOT_STORED]
+    gzipped = headers.get("Content-Encoding", "").strip().lower() == "gzip"
+    vary = ", ".join(headers.getall("Vary", ())).lower()
+    if gzipped and "accept-encoding" not in vary:
+        kept.append(("Vary", "Accept-Encoding"))
+    return tuple(kept)
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:
+    """The body's chunks, and whether that is all of it (False: over `limit`, stop reading)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        return [], False
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(CHUNK):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return chunks, False
+    return chunks, True
+
+
+class CachedPath:
+    """Serves GET and HEAD for routes with a TTL class."""
+
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+        self._refreshing: set[str] = set()  # keys with a background refresh running
+
+    async def serve(self, request: web.Request, resolved: Resolved) -> Served:
+        """Answer from the cache when the entry allows it, else fetch (once per key)."""
+        key_headers = [
+            (name, request.headers[name])
+            for name in resolved.key_headers
+            if name in request.headers
+        ]
+        key = resolved.key + header_suffix(key_headers) if key_headers else resolved.key
+        headers = self._upstream_headers(request, resolved, key_headers)
+        store = self.deps.store
+        found = await store.lookup(key)
+        store.count_request(key)
+        stale: CachedResponse | None = None
+        if found is not None:
+            entry = found.entry
+            now = self.deps.clock()
+            cls = resolved.match.route.ttl_class
+            ahead = cls.refresh_ahead if cls else 0.0
+            verdict = freshness(entry.stored_at, entry.ttl, entry.grace, entry.keep, ahead, now)
+            age = current_age(entry.initial_age, entry.stored_at, now)
+            if isinstance(verdict, Fresh):
+                if verdict.refresh:
+                    self._refresh_soon(resolved, key, headers)
+                status = f"{NAME}; hit; ttl={int(verdict.ttl_left)}; detail={found.layer}"
+                return serve_entry(request, entry, status, age), f"hit_{found.layer}"
+            if isinstance(verdict, Stale):
+                self._refresh_soon(resolved, key, headers)
+                status = f"{NAME}; hit; fwd=stale; detail=stale-while-revalidate"
+                return serve_entry(request, entry, status, age), "stale"
+            if verdict.usable_on_error:
+                stale = entry
+        return await self._miss(request, resolved, key, headers, stale)
+
+    def _upstream_headers(
+        self, request: web.Request, resolved: Resolved, key_headers: list[tuple[str, str]]
+    ) -> dict[str, str]:
+        """Only what is in the key (and credentials on shared routes) travels upstream, so no
+        other header can change what is stored for everyone."""
+        headers = dict(key_headers)
+        headers["Accept-Encoding"] = "gzip"
+        prior = request.headers.get("X-Forwarded-For")
+        remote = request.remote or "unknown"
+        headers["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
+        if resolved.match.route.shared:
+            for name in ("Authorization", "Cookie"):
+                if name in request.headers:
+                    headers[name] = request.headers[name]
+        return headers
+
+    # --- misses ------------------------------------------------------------------------
+
+    async def _miss(
+        self,
+        request: web.Request,
+        resolved: Resolved,
+        key: str,
+        headers: dict[str, str],
+        stale: CachedResponse | None,
+    ) -> Served:
+        coalescer = self.deps.coalescer
+        if (future := coalescer.in_flight(key)) is not None:
+            shared = await coalescer.wait(future, self.deps.config.server.coalesce_timeout)
+            if isinstance(shared, CachedResponse):
+                status = f"{NAME}; fwd=miss; collapsed"
+                return serve_entry(request, shared, status, _miss_age(shared)), "coalesced"
+            if isinstance(shared, UpstreamError):
+                return self._failed(request, shared, stale)
+            return await self._fetch(request, resolved, key, headers, None, stale)
+        with coalescer.lead(key) as flight:
+            try:
+                return await self._lead(request, resolved, key, headers, flight, stale)
+            except UpstreamError as e:
+                flight.result = e
+                return self._failed(request, e, stale)
+
+    async def _lead(
+        self,
+        request: web.Request,
+        resolved: Resolved,
+        key: str,
+        headers: dict[str, str],
+        flight: Flight,
+        stale: CachedResponse | None,
+    ) -> Served:
+        """This instance's one fetch of key, first asking other instances (a Redis lease)."""
+        store = self.deps.store
+        if store.l2 is None:
+            return await self._fetch(request, resolved, key, headers, flight, stale)
+        redis = self.deps.config.cache.redis
+        if not await store.acquire_lease(key, redis.lease_ttl):
+            # Another instance is fetching it: wait (bounded) for its answer to reach L2.
+            found = await store.wait_for_l2(key, redis.lease_wait)
+            if found is not None:
+                flight.result = found.entry
+                status = f"{NAME}; fwd=miss; collapsed; detail=l2"
+                response = serve_entry(request, found.entry, status, _miss_age(found.entry))
+                return response, "coalesced"
+            return await self._fetch(request, resolved, key, headers, flight, stale)
+        try:
+            return await self._fetch(request, resolved, key, headers, flight, stale)
+        finally:
+            store.release_lease(key)
+
+    def _failed(
+        self, request: web.Request, error: UpstreamError, stale: CachedResponse | None
+    ) -> Served:
+        """The upstream failed: the stale entry if it may stand in, else the error."""
+        if stale is None:
+            return upstream_error(error), "error"
+        now = self.deps.clock()
+        status = f"{NAME}; fwd=stale; fwd-status={error.status}; detail=stale-if-error"
+        age = current_age(stale.initial_age, stale.stored_at, now)
+        return serve_entry(request, stale, status, age), "stale_error"
+
+    @asynccontextmanager
+    async def _upstream(
+        self, resolved: Resolved, headers: dict[str, str]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET the resolved target from its upstream (HEAD misses fill the entry too)."""
+        route = resolved.match.route
+        upstream = self.deps.config.upstreams[route.upstream]
+        target = upstream_target(resolved.target, upstream.query)
+        async with self.deps.upstreams.request(route.upstream, "GET", target, headers) as resp:
+            yield resp
+
+    def _entry(
+        self, resp: aiohttp.ClientResponse, body: bytes, resolved: Resolved
+    ) -> tuple[CachedResponse, Storability]:
+        """The entry an upstream response makes, and whether it may be stored."""
+        cls = resolved.match.route.ttl_class
+        assert cls is not None
+        verdict = storability(
+            resp.status, _joined(resp.headers, "Cache-Control", "Vary"),
+            "Set-Cookie" in resp.headers, len(body), cls, self.deps.config.cache.max_object_size,
+        )  # fmt: skip
+        stored = not isinstance(verdict, DontStore)
+        entry = CachedResponse(
+            status=resp.status,
+            headers=_stored_headers(resp.headers),
+            body=body,
+            stored_at=self.deps.clock(),
+            ttl=0.0 if isinstance(verdict, DontStore) else verdict.ttl,
+            initial_age=parse_age(resp.headers.get("Age")),
+            route=resolved.match.route.name,
+            tags=tuple(f"{k}={v}" for k, v in resolved.match.params.items()),
+            grace=cls.stale_while_revalidate if stored else 0.0,
+            keep=cls.stale_if_error if stored else 0.0,
+        )
+        return entry, verdict
+
+    async def _fetch(
+        self,
+        request: web.Request,
+        resolved: Resolved,
+        key: str,
+        headers: dict[str, str],
+        flight: Flight | None,
+        stale: CachedResponse | None,
+    ) -> Served:
+        """Fetch for a waiting client: store what may be stored, answer, share with waiters."""
+        async with self._upstream(resolved, headers) as resp:
+            chunks, complete = await _read_limited(resp, self.deps.config.cache.max_object_size)
+            if not complete:
+                detail = "fwd=miss; detail=too-large"
+                return await relay(request, resp, chunks, detail, inflate=True), "miss"
+            if stale is not None and is_upstream_failure(resp.status):
+                error = UpstreamError("status", f"upstream answered {resp.status}", resp.status)
+                if flight is not None:
+                    flight.result = error
+                return self._failed(request, error, stale)
+            entry, verdict = self._entry(resp, b"".join(chunks), resolved)
+            if isinstance(verdict, DontStore):
+                detail = f"fwd=miss; detail={verdict.reason}"
+                if verdict.reason in _PRIVATE_REASONS:
+                    return private_response(request, resp, entry.body, detail), "miss"
+                status = f"{NAME}; {detail}"
+            else:
+                await self.deps.store.set(key, entry)
+                status = f"{NAME}; fwd=miss; stored"
+            if flight is not None:
+                flight.result = entry
+            return serve_entry(request, entry, status, _miss_age(entry)), "miss"
+
+    # --- background refreshes ----------------------------------------------------------
+
+    def _refresh_soon(self, resolved: Resolved, key: str, headers: dict[str, str]) -> None:
+        """Start one background refresh of key, unless one is already running."""
+        if key in self._refreshing or self.deps.coalescer.in_flight(key) is not None:
+            return
+        self._refreshing.add(key)
+        self.deps.tasks.spawn(self._refresh(resolved, key, headers), "refresh")
+
+    async def _refresh(self, resolved: Resolved, key: str, headers: dict[str, str]) -> None:
+        """Fetch and store a new copy. A failed refresh never replaces the entry we have."""
+        store = self.deps.store
+        leased = False
+        try:
+            if store.l2 is not None:
+                leased = await store.acquire_lease(key, self.deps.config.cache.redis.lease_ttl)
+                if not leased:
+                    return  # another instance refreshes it; its write reaches us by backplane
+            with self.deps.coalescer.lead(key) as flight:
+                async with self._upstream(resolved, headers) as resp:
+                    limit = self.deps.config.cache.max_object_size
+                    chunks, complete = await _read_limited(resp, limit)
+                    if not complete or is_upstream_failure(resp.status):
+                        return
+                    entry, verdict = self._entry(resp, b"".join(chunks), resolved)
+                    if isinstance(verdict, DontStore):
+                        return
+                    await store.set(key, entry)
+                    flight.result = entry
+        except UpstreamError as e:
+            log.info("background refresh of %s failed: %s", key, e)
+        finally:
+            self._refreshing.discard(key)
+            if leased:
+                store.release_lease(key)
+
+
+def _miss_age(entry: CachedResponse) -> int | None:
+    # RFC 9111 5.1: Age says the response was not generated by the origin just now;
+    # on a miss we only relay what the upstream itself reported.
+    return int(entry.initial_age) if entry.initial_age else None

@@ -1,0 +1,127 @@
+"""Freshness end to end: stale-while-revalidate, stale-if-error, refresh-ahead (clock injected)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import CountingUpstream, Proxy, ProxyFactory, Reply
+
+
+def _classes(**fields: object) -> dict[str, object]:
+    return {"ttl_classes": {"short": {"ttl": 60, **fields}, "long": "1h"}}
+
+
+@pytest.mark.parametrize(
+    ("failure", "fwd_status"),
+    [
+        (Reply(status=503, body=b'{"error": "down"}'), 503),
+        (Reply(status=429, body=b"Too Many Requests", headers={"Retry-After": "30"}), 429),
+        (Reply(status=500, body=b"boom"), 500),
+    ],
+)
+async def test_stale_if_error_serves_the_old_entry_within_its_window_only(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, failure: Reply, fwd_status: int
+) -> None:
+    proxy = await make_proxy(**_classes(stale_if_error=120))
+    path = "/v8/finance/chart/AAPL"
+    upstream.replies[path] = Reply(body=b'{"price": 1}')
+    await proxy.client.get(path)
+    upstream.replies[path] = failure
+    proxy.clock.advance(61)
+    stale = await proxy.client.get(path)
+    assert stale.status == 200
+    assert await stale.read() == b'{"price": 1}'
+    assert stale.headers["Cache-Status"] == (
+        f"cacheproxy; fwd=stale; fwd-status={fwd_status}; detail=stale-if-error"
+    )
+    assert stale.headers["Age"] == "61"
+    proxy.clock.advance(119)  # 180 s after storing: 120 s past ttl, the window is over
+    past = await proxy.client.get(path)
+    assert past.status == fwd_status
+    # The failures never replaced the good entry while it was usable, nor were stored.
+    assert upstream.calls[path] == 3
+
+
+async def test_stale_if_error_covers_timeouts_and_refused_connections(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(
+        upstreams={"api": {"url": upstream.url, "timeout": "300ms"}},
+        **_classes(stale_if_error="5m"),
+    )
+    await proxy.client.get("/v8/finance/chart/MSFT")
+    proxy.clock.advance(100)
+    upstream.gate = asyncio.Event()  # the upstream hangs: a timeout
+    stale = await proxy.client.get("/v8/finance/chart/MSFT")
+    assert stale.status == 200
+    assert "fwd-status=504; detail=stale-if-error" in stale.headers["Cache-Status"]
+    upstream.gate.set()
+    assert upstream.server is not None
+    await upstream.server.close()  # the upstream is gone: connection refused
+    refused = await proxy.client.get("/v8/finance/chart/MSFT")
+    assert refused.status == 200
+    assert "fwd-status=502; detail=stale-if-error" in refused.headers["Cache-Status"]
+    stats = await (await proxy.admin.get("/stats")).json()
+    assert stats["routes"]["chart"]["outcomes"]["stale_error"] == 2
+
+
+async def test_200_concurrent_stale_hits_make_one_background_refresh(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(**_classes(stale_while_revalidate=30))
+    path = "/v8/finance/chart/TSLA"
+    upstream.replies[path] = Reply(body=b'{"v": 1}')
+    await proxy.client.get(path)
+    proxy.clock.advance(65)
+    upstream.replies[path] = Reply(body=b'{"v": 2}')
+    upstream.gate = asyncio.Event()  # the refresh stays in flight while the hits arrive
+    responses = await asyncio.gather(*(proxy.client.get(path) for _ in range(200)))
+    assert all(r.status == 200 for r in responses)
+    assert {await r.read() for r in responses} == {b'{"v": 1}'}  # served at once, stale
+    assert {r.headers["Cache-Status"] for r in responses} == {
+        "cacheproxy; hit; fwd=stale; detail=stale-while-revalidate"
+    }
+    assert {r.headers["Age"] for r in responses} == {"65"}
+    upstream.gate.set()
+    await proxy.deps.tasks.wait()
+    assert upstream.calls[path] == 2  # the first fetch and exactly one refresh
+    fresh = await proxy.client.get(path)
+    assert fresh.headers["Cache-Status"].startswith("cacheproxy; hit; ttl=")
+    assert await fresh.read() == b'{"v": 2}'
+
+
+async def test_a_failed_refresh_keeps_the_good_entry(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(**_classes(stale_while_revalidate=30))
+    path = "/v8/finance/chart/NVDA"
+    upstream.replies[path] = Reply(body=b'{"good": true}')
+    await proxy.client.get(path)
+    proxy.clock.advance(61)
+    upstream.replies[path] = Reply(status=503, body=b"down")
+    first = await proxy.client.get(path)
+    await proxy.deps.tasks.wait()
+    second = await proxy.client.get(path)
+    await proxy.deps.tasks.wait()
+    for response in (first, second):
+        assert await response.read() == b'{"good": true}'
+        assert "fwd=stale" in response.headers["Cache-Status"]
+    assert upstream.calls[path] == 3  # both stale hits tried one refresh each, in turn
+
+
+async def test_refresh_ahead_keeps_a_hot_key_from_ever_missing(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy: Proxy = await make_proxy(**_classes(refresh_ahead=0.5))
+    path = "/v8/finance/chart/GOOG"
+    await proxy.client.get(path)
+    statuses = []
+    for _ in range(60):  # 10 minutes = 10 TTLs, one request every 10 s
+        proxy.clock.advance(10)
+        response = await proxy.client.get(path)
+        statuses.append(response.headers["Cache-Status"])
+        await proxy.deps.tasks.wait()  # let a refresh that started land
+    assert all(s.startswith("cacheproxy; hit; ttl=") for s in statuses), statuses
+    # One refresh per ~30 s (half the ttl), never a client-facing miss.
+    assert 15 <= upstream.calls[path] <= 22
