@@ -46,6 +46,12 @@ class CircuitBreaker:
         self._retry_at = now + self._backoff
         return True
 
+    def retry_in(self) -> float:
+        """Seconds until the next probe may go (0 when closed)."""
+        if self.state == "closed":
+            return 0.0
+        return max(0.0, self._retry_at - self._clock())
+
     def success(self) -> None:
         """The call worked: close and forget past failures."""
         self.state = "closed"

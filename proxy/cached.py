@@ -203,13 +203,15 @@ class CachedPath:
 
     @asynccontextmanager
     async def _upstream(
-        self, resolved: Resolved, headers: dict[str, str]
+        self, resolved: Resolved, headers: dict[str, str], wait: float | None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """GET the resolved target from its upstream (HEAD misses fill the entry too)."""
+        """GET the resolved target from its upstream (HEAD misses fill the entry too).
+        `wait` bounds the wait for a rate-limit token (None: the upstream's default)."""
         route = resolved.match.route
         upstream = self.deps.config.upstreams[route.upstream]
         target = upstream_target(resolved.target, upstream.query)
-        async with self.deps.upstreams.request(route.upstream, "GET", target, headers) as resp:
+        pool = self.deps.upstreams
+        async with pool.request(route.upstream, "GET", target, headers, wait=wait) as resp:
             yield resp
 
     def _entry(
@@ -246,8 +248,9 @@ class CachedPath:
         flight: Flight | None,
         stale: CachedResponse | None,
     ) -> Served:
-        """Fetch for a waiting client: store what may be stored, answer, share with waiters."""
-        async with self._upstream(resolved, headers) as resp:
+        """Fetch for a waiting client: store what may be stored, answer, share with waiters.
+        With a stale entry in hand, never wait for a rate-limit token: serve that instead."""
+        async with self._upstream(resolved, headers, 0.0 if stale else None) as resp:
             chunks, complete = await _read_limited(resp, self.deps.config.cache.max_object_size)
             if not complete:
                 detail = "fwd=miss; detail=too-large"
@@ -289,7 +292,7 @@ class CachedPath:
                 if not leased:
                     return  # another instance refreshes it; its write reaches us by backplane
             with self.deps.coalescer.lead(key) as flight:
-                async with self._upstream(resolved, headers) as resp:
+                async with self._upstream(resolved, headers, 0.0) as resp:
                     limit = self.deps.config.cache.max_object_size
                     chunks, complete = await _read_limited(resp, limit)
                     if not complete or is_upstream_failure(resp.status):

@@ -14,6 +14,7 @@ from yarl import URL
 
 from proxy.confnode import Node, expand_tree
 from proxy.errors import ConfigError
+from proxy.guard import Rate
 from proxy.policy import TTLClass
 from proxy.routes import Route, RouteTable, compile_template
 
@@ -36,6 +37,12 @@ class Upstream:
     max_connections: int = 100
     headers: Mapping[str, str] = field(default_factory=dict)
     query: Mapping[str, str] = field(default_factory=dict)
+    rate_limit: Rate | None = None  # e.g. 20/s; None: unlimited
+    rate_limit_wait: float = 2.0  # with nothing stale to serve, wait this long for a token
+    retries: int = 2  # idempotent requests, on connection errors only
+    breaker_failures: int = 5  # consecutive failures that stop calls for a while
+    breaker_backoff: float = 1.0
+    breaker_max_backoff: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +107,7 @@ class Config:
 
 
 def _upstream(name: str, node: Node) -> Upstream:
-    node.mapping(("url", "connect_timeout", "timeout", "max_connections", "headers", "query"))
+    node.mapping(tuple(Upstream.__dataclass_fields__.keys() - {"name"}))
     url_node = node.child("url")
     url = URL(url_node.text())
     if url.scheme not in ("http", "https") or not url.host:
@@ -120,6 +127,12 @@ def _upstream(name: str, node: Node) -> Upstream:
         max_connections=node.child("max_connections").integer(100, minimum=1),
         headers=node.child("headers").string_map(),
         query=node.child("query").string_map(),
+        rate_limit=node.child("rate_limit").convert(Rate.parse, None),
+        rate_limit_wait=node.child("rate_limit_wait").duration(2.0),
+        retries=node.child("retries").integer(2),
+        breaker_failures=node.child("breaker_failures").integer(5, minimum=1),
+        breaker_backoff=node.child("breaker_backoff").duration(1.0),
+        breaker_max_backoff=node.child("breaker_max_backoff").duration(60.0),
     )
 
 

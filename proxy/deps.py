@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ def build_deps(
     clock: Clock = system_clock,
     metrics: Metrics | None = None,
     instance: str | None = None,
+    guard_clock: Clock = time.monotonic,
 ) -> Deps:
     """Wire stores, breaker, backplane, metrics and upstream sessions for a config.
 
@@ -69,7 +71,7 @@ def build_deps(
         config=config,
         store=store,
         metrics=metrics,
-        upstreams=UpstreamPool(config.upstreams, metrics),
+        upstreams=UpstreamPool(config.upstreams, metrics, guard_clock),
         tasks=tasks,
         instance=instance,
         clock=clock,

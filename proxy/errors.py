@@ -24,13 +24,21 @@ class UpstreamError(ProxyError):
     """The upstream could not be reached, did not answer in time, or answered with failure."""
 
     _STATUS: ClassVar[dict[str, int]] = {
-        "timeout": 504, "connect": 502, "protocol": 502, "rate-limited": 503,
+        "timeout": 504, "connect": 502, "protocol": 502, "rate-limited": 503, "unavailable": 503,
     }  # fmt: skip
 
-    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
-        self.kind = kind  # "timeout" | "connect" | "protocol" | "status" | "rate-limited"
+        # "timeout" | "connect" | "protocol" | "status" | "rate-limited" | "unavailable"
+        self.kind = kind
         self.status = status or self._STATUS.get(kind, 502)  # what the client is told
+        self.retry_after = retry_after  # seconds, when the client should try again
 
 
 class StoreUnavailable(ProxyError):

@@ -4,6 +4,7 @@ errors become HTTP). Each says what happened in Cache-Status (RFC 9211)."""
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Iterable
 
@@ -33,12 +34,15 @@ def json_error(
 
 def upstream_error(error: UpstreamError) -> web.Response:
     """The client response for an upstream failure with nothing stale to stand in."""
-    return json_error(
+    response = json_error(
         error.status,
         f"upstream_{error.kind}",
         str(error),
         f"{NAME}; fwd=miss; fwd-status={error.status}; detail=upstream-{error.kind}",
     )
+    if error.retry_after is not None:  # RFC 9110 10.2.3, whole seconds, rounded up
+        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    return response
 
 
 def accepts_gzip(accept_encoding: str) -> bool:

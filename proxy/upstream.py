@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,12 +13,15 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.breaker import CircuitBreaker
 from proxy.config import Upstream
 from proxy.errors import UpstreamError
+from proxy.guard import UpstreamGuard
 from proxy.metrics import Metrics
 
 # RFC 9110 7.6.1: connection-specific fields a proxy must not forward. Content-Length is
 # re-computed for every message we send, so it never travels through either.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # RFC 9110 9.2.2
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
     "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "content-length",
@@ -41,9 +45,25 @@ def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[
 class UpstreamPool:
     """Sessions for every configured upstream, opened and closed with the app."""
 
-    def __init__(self, upstreams: Mapping[str, Upstream], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        upstreams: Mapping[str, Upstream],
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
         self.upstreams = dict(upstreams)
         self.metrics = metrics
+        self.guards = {
+            name: UpstreamGuard(
+                name,
+                u.rate_limit,
+                CircuitBreaker(u.breaker_failures, u.breaker_backoff, u.breaker_max_backoff, clock),
+                clock,
+            )
+            for name, u in upstreams.items()
+        }
+        self._rng = rng or random.Random()
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
     async def start(self) -> None:
@@ -75,35 +95,75 @@ class UpstreamPool:
         target: str,
         headers: Mapping[str, str],
         data: Any = None,
+        wait: float | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send one request; yields the response with its body unread.
+        """Send one request through the upstream's guard; yields the response, body unread.
 
-        Timeouts become UpstreamError("timeout"), refused or failed connections
-        UpstreamError("connect"), broken responses UpstreamError("protocol").
+        `wait`: how long to wait for a rate-limit token (default: the upstream's
+        rate_limit_wait; 0 when the caller has something stale to serve instead).
+        Timeouts become UpstreamError("timeout"), refused connections "connect", broken
+        responses "protocol"; the guard's refusals "rate-limited" or "unavailable".
         """
         upstream = self.upstreams[upstream_name]
-        url = URL(str(upstream.url).rstrip("/") + target, encoded=True)
-        sent = dict(headers)
-        sent.update(upstream.headers)  # configured headers always win
-        started = time.perf_counter()
-        answered = False
+        guard = self.guards[upstream_name]
+        delay = guard.admit(upstream.rate_limit_wait if wait is None else wait)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        response = await self._send(upstream, guard, method, target, headers, data)
         try:
-            async with self._sessions[upstream_name].request(
-                method, url, headers=sent, data=data, allow_redirects=False
-            ) as response:
-                self.metrics.upstream_call(
-                    upstream_name, response.status, time.perf_counter() - started
-                )
-                answered = True
-                yield response
+            yield response
         except TimeoutError as e:
-            self.metrics.upstream_error(upstream_name, "timeout", answered)
+            self.metrics.upstream_error(upstream_name, "timeout", answered=True)
+            guard.failed("timeout")
             raise UpstreamError("timeout", f"upstream {upstream_name} timed out") from e
-        except aiohttp.ClientConnectorError as e:
-            self.metrics.upstream_error(upstream_name, "connect", answered)
-            raise UpstreamError("connect", f"cannot connect to upstream {upstream_name}") from e
         except (aiohttp.ClientError, ValueError) as e:
-            self.metrics.upstream_error(upstream_name, "protocol", answered)
+            self.metrics.upstream_error(upstream_name, "protocol", answered=True)
+            guard.failed("protocol")
             raise UpstreamError(
                 "protocol", f"upstream {upstream_name} sent a broken response"
             ) from e
+        finally:
+            response.release()
+
+    async def _send(
+        self,
+        upstream: Upstream,
+        guard: UpstreamGuard,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        data: Any,
+    ) -> aiohttp.ClientResponse:
+        """Send and wait for the response headers, retrying connection errors when safe."""
+        name = upstream.name
+        url = URL(str(upstream.url).rstrip("/") + target, encoded=True)
+        sent = dict(headers)
+        sent.update(upstream.headers)  # configured headers always win
+        # Only a request that can be repeated safely, and only when no body was consumed.
+        attempts = 1 + (upstream.retries if method in _IDEMPOTENT and data is None else 0)
+        for attempt in range(attempts):
+            started = time.perf_counter()
+            try:
+                response = await self._sessions[name].request(
+                    method, url, headers=sent, data=data, allow_redirects=False
+                )
+            except TimeoutError as e:  # not retried: the upstream may be doing the work
+                self.metrics.upstream_error(name, "timeout")
+                guard.failed("timeout")
+                raise UpstreamError("timeout", f"upstream {name} timed out") from e
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
+                self.metrics.upstream_error(name, "connect")
+                if attempt + 1 < attempts:
+                    # Jittered exponential backoff, so retries from many requests spread out.
+                    await asyncio.sleep(0.05 * 2**attempt * self._rng.uniform(0.5, 1.5))
+                    continue
+                guard.failed("connect")
+                raise UpstreamError("connect", f"cannot connect to upstream {name}") from e
+            except (aiohttp.ClientError, ValueError) as e:
+                self.metrics.upstream_error(name, "protocol")
+                guard.failed("protocol")
+                raise UpstreamError("protocol", f"upstream {name} sent a broken response") from e
+            self.metrics.upstream_call(name, response.status, time.perf_counter() - started)
+            guard.answered(response.status, response.headers.get("Retry-After"))
+            return response
+        raise AssertionError("unreachable: the last attempt returns or raises")

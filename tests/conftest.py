@@ -164,7 +164,7 @@ async def make_proxy(upstream: CountingUpstream) -> Any:
     async def factory(**overrides: Any) -> Proxy:
         config = parse_config(base_config(upstream.url, **overrides), env={})
         clock = ManualClock()
-        deps = build_deps(config, clock=clock)
+        deps = build_deps(config, clock=clock, guard_clock=clock)
         # No cookie jar: a client that replays Set-Cookie would (rightly) bypass the cache.
         client = TestClient(TestServer(make_proxy_app(deps)), cookie_jar=DummyCookieJar())
         admin = TestClient(TestServer(make_admin_app(deps)))

@@ -1,0 +1,146 @@
+"""Upstream protection: a token bucket, 429 pauses and a circuit breaker, per upstream.
+
+Market-data APIs bill and throttle per key: the proxy must never be the reason a key gets
+throttled, and must stop hammering an upstream that keeps failing.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+from proxy.breaker import CircuitBreaker
+from proxy.errors import UpstreamError
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """`count` requests per `seconds`, e.g. 20/s or 5/min."""
+
+    count: float
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.seconds
+
+    @staticmethod
+    def parse(value: object) -> Rate:
+        if isinstance(value, str) and (m := _RATE.match(value)):
+            count = float(m.group(1))
+            if count > 0:
+                return Rate(count, float(_PER[m.group(2)]))
+        raise ValueError(f"expected a rate such as 20/s or 5/min, got {value!r}")
+
+
+class TokenBucket:
+    """Refills at `rate`, holds at most `rate.count` tokens (one period's burst).
+
+    A reservation may drive the balance below zero: later callers then queue behind it,
+    each told exactly how long to wait for its own token.
+    """
+
+    def __init__(self, rate: Rate, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate.count)
+        self.tokens = self.capacity
+        self._clock = clock
+        self._updated = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self._updated) * self.rate.per_second)
+        self._updated = now
+
+    def reserve(self, max_wait: float) -> float | None:
+        """Seconds to wait for a token now reserved, or None (nothing reserved) if that would
+        be longer than `max_wait`."""
+        self._refill()
+        wait = max(0.0, (1.0 - self.tokens) / self.rate.per_second)
+        if wait > max_wait:
+            return None
+        self.tokens -= 1.0
+        return wait
+
+    def next_token(self) -> float:
+        """Seconds until a token would be free."""
+        self._refill()
+        return max(0.0, (1.0 - self.tokens) / self.rate.per_second)
+
+
+class UpstreamGuard:
+    """Decides whether a call may go to one upstream now, and learns from its answers."""
+
+    def __init__(
+        self,
+        name: str,
+        rate: Rate | None,
+        breaker: CircuitBreaker,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.bucket = TokenBucket(rate, clock) if rate else None
+        self.breaker = breaker
+        self.paused_until = 0.0
+        self.throttled = 0  # calls refused by the bucket or a pause, for metrics
+        self._clock = clock
+
+    def admit(self, max_wait: float) -> float:
+        """Seconds to wait before calling (a token is then reserved), or UpstreamError
+        ("rate-limited" or "unavailable") with a retry_after when the call must not go."""
+        now = self._clock()
+        if now < self.paused_until:
+            self.throttled += 1
+            raise UpstreamError(
+                "rate-limited", f"upstream {self.name} asked us to wait (429 Retry-After)",
+                retry_after=self.paused_until - now,
+            )  # fmt: skip
+        if not self.breaker.allow():
+            raise UpstreamError(
+                "unavailable", f"upstream {self.name} keeps failing: {self.breaker.reason}",
+                retry_after=self.breaker.retry_in(),
+            )  # fmt: skip
+        if self.bucket is None:
+            return 0.0
+        wait = self.bucket.reserve(max_wait)
+        if wait is None:
+            self.throttled += 1
+            raise UpstreamError(
+                "rate-limited", f"rate limit for upstream {self.name} reached",
+                retry_after=self.bucket.next_token(),
+            )  # fmt: skip
+        return wait
+
+    def answered(self, status: int, retry_after: str | None) -> None:
+        """Learn from a response: a 429 with Retry-After pauses, 5xx counts against the breaker."""
+        if status == 429 and (pause := _retry_after(retry_after)) is not None:
+            self.paused_until = max(self.paused_until, self._clock() + pause)
+        if status >= 500:
+            self.breaker.failure(f"answered {status}")
+        else:
+            self.breaker.success()
+
+    def failed(self, kind: str) -> None:
+        """Learn from a call that got no answer (timeout, refused, broken)."""
+        self.breaker.failure(kind)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from Retry-After (RFC 9110 10.2.3): delta-seconds or an HTTP date, capped at an
+    hour; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return min(float(value[:10]), 3600.0)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return min(max(0.0, when.timestamp() - time.time()), 3600.0)
