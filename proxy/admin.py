@@ -88,6 +88,8 @@ async def health(request: web.Request) -> web.Response:
     a proxy without its L2 keeps serving from L1 and upstream)."""
     deps = _deps(request)
     status, reason = deps.store.health()
+    if status == "ok" and deps.backplane is not None and not deps.backplane.connected:
+        status, reason = "degraded", "backplane not subscribed: purges from other instances miss"
     body: dict[str, Any] = {"status": status, "instance": deps.instance}
     if reason:
         body["reason"] = reason
@@ -186,7 +188,13 @@ async def purge(request: web.Request) -> web.Response:
     purged = max((n for n in counts.values() if n is not None), default=0)
     deps.metrics.purges.labels(kind).inc()
     deps.metrics.purged_entries.labels(kind).inc(purged)
-    return web.json_response({"purged": purged, "layers": counts, kind: value})
+    answer: dict[str, Any] = {"purged": purged, "layers": counts, kind: value}
+    if None in counts.values():
+        # Only this instance's L1 was purged; L2 and the other instances still hold it.
+        answer["error"] = "l2_unavailable"
+        answer["detail"] = "Redis could not be reached: retry the purge when it is back"
+        return web.json_response(answer, status=503)
+    return web.json_response(answer)
 
 
 async def _purge_url(deps: Deps, url: str) -> dict[str, int | None]:

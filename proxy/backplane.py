@@ -31,9 +31,11 @@ class Event:
     op: Op
     arg: str
     origin: str  # the sending instance; an instance ignores its own events
+    stamp: float = 0.0  # for "set": the entry's stored_at, so only older copies are dropped
 
     def encode(self) -> bytes:
-        return json.dumps({"op": self.op, "arg": self.arg, "origin": self.origin}).encode()
+        body = {"op": self.op, "arg": self.arg, "origin": self.origin, "stamp": self.stamp}
+        return json.dumps(body).encode()
 
     @staticmethod
     def decode(data: bytes) -> Event | None:
@@ -41,11 +43,14 @@ class Event:
         try:
             body = json.loads(data)
             op, arg, origin = body["op"], body["arg"], body["origin"]
-        except (ValueError, KeyError, TypeError):
+            stamp = body.get("stamp", 0.0)
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
         if not all(isinstance(v, str) for v in (op, arg, origin)) or op not in _OPS:
             return None
-        return Event(op, arg, origin)
+        if isinstance(stamp, bool) or not isinstance(stamp, int | float):
+            return None
+        return Event(op, arg, origin, float(stamp))
 
 
 class Backplane:
@@ -81,10 +86,10 @@ class Backplane:
             )
             try:
                 await self._listen(client, first)
-                backoff = self.config.breaker_backoff
             except (RedisError, OSError, TimeoutError) as e:
                 if self.connected:
                     log.warning("backplane lost its subscription: %s", e)
+                    backoff = self.config.breaker_backoff  # it worked: start over
                 elif first:
                     log.warning("backplane cannot subscribe yet: %s", e)
             finally:

@@ -62,12 +62,19 @@ class CircuitBreaker:
     def failure(self, reason: str) -> None:
         """The call failed: count it, and open (or stay open, backing off) as needed."""
         self.reason = reason
+        if self.state == "open":
+            return  # a late failure of a call made before it opened: already counted
         if self.state == "closed":
             self._failures += 1
             if self._failures < self.threshold:
                 return
             self.opened += 1
-        else:  # a failed probe (or a late failure while open): wait longer next time
+        else:  # a failed probe: wait longer next time
             self._backoff = min(self._backoff * 2, self.max_backoff)
         self.state = "open"
         self._retry_at = self._clock() + self._backoff
+
+    @property
+    def is_open(self) -> bool:
+        """Whether calls are being refused right now (no side effect, unlike allow())."""
+        return self.state != "closed" and self._clock() < self._retry_at

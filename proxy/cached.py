@@ -178,7 +178,8 @@ class CachedPath:
         redis = self.deps.config.cache.redis
         if not await store.acquire_lease(key, redis.lease_ttl):
             # Another instance is fetching it: wait (bounded) for its answer to reach L2.
-            found = await store.wait_for_l2(key, redis.lease_wait)
+            seen = stale.stored_at if stale is not None else float("-inf")
+            found = await store.wait_for_l2(key, redis.lease_wait, newer_than=seen)
             if found is not None:
                 flight.result = found.entry
                 status = f"{NAME}; fwd=miss; collapsed; detail=l2"

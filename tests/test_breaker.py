@@ -154,3 +154,18 @@ def test_reason_holds_the_last_failure(clock: ManualClock) -> None:
 
 def test_state_values_cover_every_state() -> None:
     assert STATE_VALUES == {"closed": 0, "open": 1, "half_open": 2}
+
+
+def test_late_failures_while_open_do_not_stretch_the_backoff(clock: ManualClock) -> None:
+    # 50 requests waited on one failed batch: each reports its failure after the breaker
+    # opened. The first probe must still come after the base backoff, not the cap.
+    breaker = tripped(clock, failures=3, backoff=1.0, cap=30.0)
+    for _ in range(50):
+        breaker.failure("late")
+    assert breaker.retry_in() == 1.0
+    assert breaker.is_open
+    clock.advance(1.0)
+    assert not breaker.is_open  # checking has no side effect ...
+    assert breaker.state == "open"
+    assert breaker.allow()  # ... allowing takes the probe slot
+    assert breaker.state == "half_open"

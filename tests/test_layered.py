@@ -224,3 +224,20 @@ async def test_metrics_export_l2_counters_and_breaker_state(
     assert 'cacheproxy_cache_sets_total{layer="l2"} 1.0' in text
     assert 'cacheproxy_cache_sets_total{layer="l1"} 1.0' in text
     assert "cacheproxy_l2_breaker_state 0.0" in text
+
+
+async def test_a_purge_that_cannot_reach_redis_says_so(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_proc: RedisServer
+) -> None:
+    proxy = await make_proxy(cache=layered_cache(redis_proc.url, command_timeout="100ms"))
+    await connected(proxy)
+    await proxy.client.get("/quote/AAPL")
+    redis_proc.stop()
+    purge = await proxy.admin.post("/purge", json={"url": "/quote/AAPL"})
+    assert purge.status == 503
+    body = await purge.json()
+    assert body["layers"] == {"l1": 1, "l2": None}
+    assert body["error"] == "l2_unavailable"
+    assert "GET api /quote/AAPL" not in proxy.l1
+    health = await (await proxy.admin.get("/health")).json()
+    assert health["status"] == "degraded"

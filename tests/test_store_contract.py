@@ -7,7 +7,7 @@ import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import uuid4
 
@@ -396,6 +396,9 @@ async def test_hung_l2_does_not_delay_writes(
         await store.close()
 
 
+STORED = ManualClock()() - 1.25  # when entry() says these tests' entries were stored
+
+
 # --- the backplane's side -----------------------------------------------------------------
 
 
@@ -403,7 +406,9 @@ async def test_hung_l2_does_not_delay_writes(
     ("event", "left"),
     [
         (Event("del", "a:1", "other"), {"a:2", "a:10", "b:1"}),
-        (Event("set", "b:1", "other"), {"a:1", "a:2", "a:10"}),
+        # "set" carries the writer's stored_at: only an older local copy goes
+        (Event("set", "b:1", "other", STORED + 1), {"a:1", "a:2", "a:10"}),
+        (Event("set", "b:1", "other", STORED - 1), {"a:1", "a:2", "a:10", "b:1"}),
         (Event("del", "absent", "other"), {"a:1", "a:2", "a:10", "b:1"}),
         (Event("match", "a:*", "other"), {"b:1"}),
         (Event("match", "a:?", "other"), {"a:10", "b:1"}),
@@ -451,8 +456,9 @@ async def test_wait_for_l2_returns_the_entry_once_another_store_writes_it(
         RedisConfig(url=redis_server.url, key_prefix=l2.config.key_prefix), tasks, clock
     )
     try:
+        assert await other.acquire_lease("k", "other", 10)  # another instance is fetching k
         started = time.monotonic()
-        waiting = asyncio.ensure_future(waiter.wait_for_l2("k", 5.0))
+        waiting = asyncio.ensure_future(waiter.wait_for_l2("k", 5.0, float("-inf")))
         await wait_until(lambda: l2.stats.misses >= 1)  # it has looked once and found nothing
         assert not waiting.done()
         await other.set("k", entry(clock))
@@ -467,10 +473,34 @@ async def test_wait_for_l2_gives_up_after_the_bound(
     l2: RedisStore, clock: ManualClock, tasks: Tasks
 ) -> None:
     store = layered(l2, tasks, clock)
+    assert await l2.acquire_lease("slow", "other", 10)  # held, and nothing ever lands
     started = time.monotonic()
-    assert await store.wait_for_l2("nobody", 0.2) is None
+    assert await store.wait_for_l2("slow", 0.2, float("-inf")) is None
     assert 0.19 <= time.monotonic() - started < 2
     assert l2.stats.misses >= 2  # it looked more than once meanwhile
+
+
+async def test_wait_for_l2_stops_when_the_lease_is_freed_without_a_value(
+    l2: RedisStore, clock: ManualClock, tasks: Tasks
+) -> None:
+    store = layered(l2, tasks, clock)
+    assert await l2.acquire_lease("k", "other", 10)
+    waiting = asyncio.ensure_future(store.wait_for_l2("k", 5.0, float("-inf")))
+    await wait_until(lambda: l2.stats.misses >= 1)
+    started = time.monotonic()
+    await l2.release_lease("k", "other")  # the fetch failed: nothing will be written
+    assert await waiting is None
+    assert time.monotonic() - started < 1  # within a poll or two, not the 5 s bound
+
+
+async def test_wait_for_l2_ignores_the_stale_copy_it_already_has(
+    l2: RedisStore, clock: ManualClock, tasks: Tasks
+) -> None:
+    store = layered(l2, tasks, clock)
+    old = replace(entry(clock, ttl=1.0), keep=600.0)  # expired, kept for stale-if-error
+    await l2.set("k", old)
+    assert await l2.acquire_lease("k", "other", 10)
+    assert await store.wait_for_l2("k", 0.2, newer_than=old.stored_at) is None
 
 
 async def test_wait_for_l2_with_l2_down_returns_promptly(clock: ManualClock, tasks: Tasks) -> None:
@@ -482,7 +512,20 @@ async def test_wait_for_l2_with_l2_down_returns_promptly(clock: ManualClock, tas
         for _ in range(3):
             await store.get("x")
         started = time.monotonic()
-        assert await store.wait_for_l2("k", 5.0) is None
+        assert await store.wait_for_l2("k", 5.0, float("-inf")) is None
         assert time.monotonic() - started < 2  # not the full 5 s bound
     finally:
         await store.close()
+
+
+async def test_a_purge_during_an_l2_read_is_not_undone_by_the_l1_fill(
+    l2: RedisStore, clock: ManualClock, tasks: Tasks
+) -> None:
+    store = layered(l2, tasks, clock)
+    await l2.set("k", entry(clock))
+    reading = asyncio.ensure_future(store.lookup("k"))
+    await asyncio.sleep(0)  # the read is on its way to Redis
+    store.apply(Event("del", "k", "other"))  # another instance purged k meanwhile
+    found = await reading
+    assert found is not None and found.layer == "l2"  # this request still gets its answer
+    assert store.l1 is not None and "k" not in store.l1  # but L1 does not keep it

@@ -478,3 +478,11 @@ async def test_killed_then_restarted_server_is_used_again(
         assert await store.get("k") == entry(clock, body=b"again")
     finally:
         await store.close()
+
+
+async def test_large_batches_are_split(
+    monkeypatch: pytest.MonkeyPatch, fake: RedisStore, clock: ManualClock
+) -> None:
+    calls = count_calls(monkeypatch, fake, "mget")
+    await asyncio.gather(*(fake.get(f"k{i}") for i in range(250)))
+    assert sorted(len(call[0]) for call in calls) == [50, 100, 100]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ T = TypeVar("T")
 Layer = Literal["l1", "l2"]
 _POPULAR_BATCH = 1000  # keys per popularity flush
 _POLL = 0.05  # fallback poll while waiting for another instance's fetch to land in L2
+_RECENT = 1.0  # seconds: after a failed L2 read, a lease is not even tried
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,8 @@ class LayeredStore:
         self._watchers: dict[str, asyncio.Event] = {}
         self._writes: dict[str, asyncio.Task[None]] = {}  # L2 writes in flight, by key
         self._popular: Counter[str] = Counter()  # requests per key since the last flush
+        self._generation = 0  # bumped by every invalidation of L1
+        self._last_failure = -1e9  # monotonic time of the last failed L2 read
 
     # --- reads -------------------------------------------------------------------------
 
@@ -78,13 +82,17 @@ class LayeredStore:
         return found
 
     async def _lookup_l2(self, key: str) -> Found | None:
+        generation = self._generation
         try:
             entry = await self._l2(lambda l2: l2.get(key))
         except StoreUnavailable:
+            self._last_failure = time.monotonic()
             return None
         if entry is None:
             return None
-        if self.l1 is not None:
+        # A purge that arrived while we read must not be undone by filling L1 with the
+        # value it removed: fill only if nothing was invalidated meanwhile.
+        if self.l1 is not None and generation == self._generation:
             await self.l1.set(key, entry)  # keeps its own expiry: the remaining lifetime
         return Found(entry, "l2")
 
@@ -122,8 +130,9 @@ class LayeredStore:
         except StoreUnavailable:
             return
         finally:
-            self._writes.pop(key, None)
-        await self._publish(Event("set", key, self.instance))
+            if self._writes.get(key) is asyncio.current_task():  # not a newer write's
+                del self._writes[key]
+        await self._publish(Event("set", key, self.instance, entry.stored_at))
 
     async def delete(self, key: str) -> bool:
         """Remove key from every layer and every instance's L1."""
@@ -153,6 +162,7 @@ class LayeredStore:
     ) -> dict[str, int | None]:
         # An L2 write still in flight would land after the purge and bring the entry back.
         await self.flush()
+        self._generation += 1
         counts: dict[str, int | None] = {}
         if self.l1 is not None:
             counts["l1"] = int(await op(self.l1))
@@ -181,7 +191,11 @@ class LayeredStore:
             watcher.set()
         if self.l1 is None:
             return
-        if event.op in ("set", "del"):
+        if event.op == "set":
+            self.l1.drop(event.arg, older_than=event.stamp)  # a fresher local copy stays
+            return
+        self._generation += 1
+        if event.op == "del":
             self.l1.drop(event.arg)
         elif event.op == "match":
             self.l1.drop_matching(glob_to_regex(event.arg))
@@ -190,6 +204,7 @@ class LayeredStore:
 
     def resync(self) -> None:
         """After a lost subscription our L1 may have missed purges: do not trust it."""
+        self._generation += 1
         if self.l1 is not None:
             self.l1.drop_all()
 
@@ -197,6 +212,8 @@ class LayeredStore:
 
     async def acquire_lease(self, key: str, seconds: float) -> bool:
         """True if this instance should fetch key (it holds the lease, or L2 is unusable)."""
+        if time.monotonic() - self._last_failure < _RECENT:
+            return True  # L2 just failed this key's read: do not spend a second timeout
         try:
             return await self._l2(lambda l2: l2.acquire_lease(key, self.instance, seconds))
         except StoreUnavailable:
@@ -218,20 +235,31 @@ class LayeredStore:
         """Keys this instance is waiting on another instance to fetch."""
         return len(self._watchers)
 
-    async def wait_for_l2(self, key: str, seconds: float) -> Found | None:
-        """Wait up to `seconds` for another instance's fetch of key to appear in L2.
+    async def wait_for_l2(self, key: str, seconds: float, newer_than: float) -> Found | None:
+        """Wait up to `seconds` for another instance's fetch of key to appear in L2: an entry
+        stored after `newer_than` and still fresh (not the stale copy we already have).
 
-        Woken by that instance's backplane "set" event; polls as well, so a lost
-        message costs at most one poll interval.
+        Woken by that instance's backplane "set" event; polls as well, so a lost message
+        costs at most one poll interval. Stops early when the lease is gone with no value
+        (the fetch failed or was not storable): then the caller fetches itself.
         """
         watcher = self._watchers.setdefault(key, asyncio.Event())
         deadline = asyncio.get_running_loop().time() + seconds
         try:
             while (left := deadline - asyncio.get_running_loop().time()) > 0:
                 found = await self._lookup_l2(key)
-                if found is not None:
+                if (
+                    found is not None
+                    and found.entry.stored_at > newer_than
+                    and found.entry.expires_at > self._clock()
+                ):
                     return found
-                if not self.breaker.allow():
+                if self.breaker.is_open:
+                    return None
+                try:
+                    if not await self._l2(lambda l2: l2.lease_held(key)):
+                        return None
+                except StoreUnavailable:
                     return None
                 watcher.clear()
                 try:
@@ -280,7 +308,7 @@ class LayeredStore:
             async for key, entry in self.l1.scan(pattern):
                 seen.add(key)
                 yield key, entry
-        if self.l2 is not None and self.breaker.allow():
+        if self.l2 is not None and not self.breaker.is_open:
             try:
                 async for key, entry in self.l2.scan(pattern):
                     if key not in seen:

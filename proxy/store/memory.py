@@ -88,9 +88,11 @@ class MemoryStore:
         self.stats.deletes += count
         return count
 
-    def drop(self, key: str) -> None:
-        """Forget key without counting a delete (another instance changed it)."""
-        if key in self._entries:
+    def drop(self, key: str, older_than: float | None = None) -> None:
+        """Forget key without counting a delete (another instance changed it); with
+        `older_than`, only if our copy was stored before that time."""
+        entry = self._entries.get(key)
+        if entry is not None and (older_than is None or entry.stored_at < older_than):
             self._remove(key)
 
     def drop_matching(self, regex: re.Pattern[str]) -> None:

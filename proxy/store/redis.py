@@ -25,6 +25,7 @@ from proxy.tasks import Tasks
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _SCAN_BATCH = 500
+_MGET_BATCH = 100  # keys per batched read
 _POPULAR_KEEP = 10_000  # the popularity set keeps this many keys
 # Compare-and-delete: remove a key only if it still holds the given value (a lease we
 # own, a corrupt value we read).
@@ -116,7 +117,11 @@ class RedisStore:
     def _flush(self) -> None:
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
-        self._tasks.spawn(self._mget(pending), "l2-mget")
+        keys = list(pending)
+        # Bounded batches: one huge MGET could blow the command timeout for every key in it.
+        for start in range(0, len(keys), _MGET_BATCH):
+            batch = {k: pending[k] for k in keys[start : start + _MGET_BATCH]}
+            self._tasks.spawn(self._mget(batch), "l2-mget")
 
     async def _mget(self, pending: dict[str, list[asyncio.Future[_Read]]]) -> None:
         keys = list(pending)
@@ -195,6 +200,10 @@ class RedisStore:
         """SET NX PX: True if this owner now holds the right to fetch key."""
         ms = max(1, int(seconds * 1000))
         return bool(await self._call(self.client.set(self.leases + key, owner, nx=True, px=ms)))
+
+    async def lease_held(self, key: str) -> bool:
+        """Whether some instance holds the lease on key."""
+        return bool(await self._call(self.client.exists(self.leases + key)))
 
     async def release_lease(self, key: str, owner: str) -> None:
         """Give the lease back, if it is still ours."""
