@@ -4,9 +4,10 @@ when that is allowed and the upstream is slow to answer or failing."""
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 from aiohttp import web
@@ -22,13 +23,22 @@ from proxy.policy import (
     Fresh,
     Stale,
     Storability,
+    api_error,
     current_age,
     freshness,
     is_upstream_failure,
     parse_age,
     storability,
 )
-from proxy.respond import CHUNK, NAME, private_response, relay, serve_entry, upstream_error
+from proxy.respond import (
+    CHUNK,
+    MAX_INFLATED,
+    NAME,
+    private_response,
+    relay,
+    serve_entry,
+    upstream_error,
+)
 from proxy.routes import Match
 from proxy.upstream import end_to_end
 
@@ -256,12 +266,19 @@ class CachedPath:
             if not complete:
                 detail = "fwd=miss; detail=too-large"
                 return await relay(request, resp, chunks, detail, inflate=True), "miss"
-            if stale is not None and is_upstream_failure(resp.status):
+            body = b"".join(chunks)
+            api = self._api_error(resp, body, resolved)
+            if stale is not None and (api or is_upstream_failure(resp.status)):
                 error = UpstreamError("status", f"upstream answered {resp.status}", resp.status)
                 if flight is not None:
                     flight.result = error
                 return self._failed(request, error, stale)
-            entry, verdict = self._entry(resp, b"".join(chunks), resolved)
+            entry, verdict = self._entry(resp, body, resolved)
+            if api:
+                entry, verdict = (
+                    replace(entry, ttl=0.0, grace=0.0, keep=0.0),
+                    DontStore("api-error"),
+                )
             if isinstance(verdict, DontStore):
                 detail = f"fwd=miss; detail={verdict.reason}"
                 if verdict.reason in _PRIVATE_REASONS:
@@ -273,6 +290,28 @@ class CachedPath:
             if flight is not None:
                 flight.result = entry
             return serve_entry(request, entry, status, _miss_age(entry)), "miss"
+
+    def _api_error(
+        self, resp: aiohttp.ClientResponse, body: bytes, resolved: Resolved
+    ) -> str | None:
+        """Why this 200 is an API error in disguise (the route's markers), or None. Counted as
+        an upstream error, and against the upstream's breaker."""
+        route = resolved.match.route
+        if resp.status != 200 or not (route.error_keys or route.error_text):
+            return None
+        plain = body
+        if resp.headers.get("Content-Encoding", "").strip().lower() == "gzip":
+            try:
+                plain = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, MAX_INFLATED)
+            except zlib.error:
+                return None
+        reason = api_error(plain, route.error_keys, route.error_text)
+        if reason is not None:
+            log.warning("upstream %s answered an API error for %s: %s", route.upstream,
+                        route.name, reason)  # fmt: skip
+            self.deps.metrics.upstream_error(route.upstream, "api-error", answered=True)
+            self.deps.upstreams.guards[route.upstream].failed("api-error")
+        return reason
 
     # --- background refreshes ----------------------------------------------------------
 
@@ -296,9 +335,12 @@ class CachedPath:
                 async with self._upstream(resolved, headers, 0.0) as resp:
                     limit = self.deps.config.cache.max_object_size
                     chunks, complete = await _read_limited(resp, limit)
+                    body = b"".join(chunks)
                     if not complete or is_upstream_failure(resp.status):
                         return
-                    entry, verdict = self._entry(resp, b"".join(chunks), resolved)
+                    if self._api_error(resp, body, resolved):
+                        return
+                    entry, verdict = self._entry(resp, body, resolved)
                     if isinstance(verdict, DontStore):
                         return
                     await store.set(key, entry)

@@ -177,6 +177,7 @@ def _fraction(value: object) -> float:
 
 _ROUTE_FIELDS = (
     "name", "path", "methods", "query", "upstream", "ttl_class", "pass", "shared", "key_headers",
+    "error_body",
 )  # fmt: skip
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -223,7 +224,17 @@ def _route(
         ttl_class=None if passthrough else ttl_class,
         shared=node.child("shared").flag(False),
         key_headers=tuple(h.lower() for h in node.child("key_headers").strings()),
+        **_error_body(node.child("error_body")),
     )
+
+
+def _error_body(node: Node) -> dict[str, Any]:
+    node.mapping(("json_keys", "contains"))
+    text = node.child("contains")
+    markers = tuple(t.encode() for t in text.strings())
+    if any(not m for m in markers):
+        raise text.error("markers must not be empty strings")
+    return {"error_keys": frozenset(node.child("json_keys").strings()), "error_text": markers}
 
 
 def _redis(node: Node) -> RedisConfig:

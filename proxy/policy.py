@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -162,6 +163,25 @@ def freshness(
     if -left < grace:
         return Stale(-left)
     return Expired(usable_on_error=-left < keep)
+
+
+def api_error(body: bytes, keys: frozenset[str], text: tuple[bytes, ...]) -> str | None:
+    """Why a 200 body is really an API error (a rate-limit note, an error message), or None.
+
+    Market APIs do this: Alpha Vantage answers a rate limit with 200 {"Note": ...}, FMP with
+    {"Error Message": ...}, Twelve Data with {"code": 429, ...}.
+    """
+    for marker in text:
+        if marker in body:
+            return f"body contains {marker.decode(errors='replace')!r}"
+    if keys and body.lstrip()[:1] == b"{":
+        try:
+            document = json.loads(body)
+        except ValueError:
+            return None
+        if isinstance(document, dict) and (found := keys & document.keys()):
+            return f"body has key {sorted(found)[0]!r}"
+    return None
 
 
 def is_upstream_failure(status: int) -> bool:

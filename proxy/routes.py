@@ -52,6 +52,10 @@ class Route:
     ttl_class: TTLClass | None  # None: forward uncached ("pass")
     shared: bool = False  # responses to requests with Authorization/Cookie may be shared
     key_headers: tuple[str, ...] = ()
+    # A 200 whose JSON has one of these top-level keys, or whose body contains one of these
+    # byte strings, is an API error in disguise (Alpha Vantage's {"Note": ...}).
+    error_keys: frozenset[str] = frozenset()
+    error_text: tuple[bytes, ...] = ()
 
     def accepts_query(self, query: Mapping[str, str]) -> bool:
         """Every condition holds: the parameter is present with one of the listed values."""

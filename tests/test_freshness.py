@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 
 import pytest
 from conftest import CountingUpstream, Proxy, ProxyFactory, Reply
@@ -125,3 +126,70 @@ async def test_refresh_ahead_keeps_a_hot_key_from_ever_missing(
     assert all(s.startswith("cacheproxy; hit; ttl=") for s in statuses), statuses
     # One refresh per ~30 s (half the ttl), never a client-facing miss.
     assert 15 <= upstream.calls[path] <= 22
+
+
+def _av_route(**extra: object) -> dict[str, object]:
+    return {
+        "routes": [
+            {"name": "av", "path": "/query", "upstream": "api", "ttl_class": "short",
+             "error_body": {"json_keys": ["Note", "Information", "Error Message"],
+                            "contains": ["API limit reached"]}},
+        ],
+        **extra,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"Note": "Thank you for using Alpha Vantage! Our standard API call frequency is 5 '
+        b'calls per minute"}',
+        b'{"Information": "We have detected your API key ... 25 requests per day."}',
+        b'{"Error Message": "Limit Reach . Please upgrade your plan"}',
+        b"API limit reached. Please try again later. Remaining Limit: 0",
+    ],
+)
+async def test_api_error_bodies_are_never_stored(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, body: bytes
+) -> None:
+    proxy = await make_proxy(**_av_route())
+    upstream.replies["/query"] = Reply(body=body)
+    for _ in range(2):
+        response = await proxy.client.get("/query?function=GLOBAL_QUOTE&symbol=IBM")
+        assert response.status == 200  # the client sees what the API said
+        assert response.headers["Cache-Status"] == "cacheproxy; fwd=miss; detail=api-error"
+    assert upstream.calls["/query"] == 2
+    assert len(proxy.l1) == 0
+    metrics = await (await proxy.admin.get("/metrics")).text()
+    assert 'cacheproxy_upstream_errors_total{kind="api-error",upstream="api"} 2.0' in metrics
+
+
+async def test_an_api_error_body_lets_stale_if_error_serve_the_good_entry(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(
+        **_av_route(ttl_classes={"short": {"ttl": 60, "stale_if_error": "1h"}, "long": "1h"})
+    )
+    good = b'{"Global Quote": {"01. symbol": "IBM", "05. price": "187.2"}}'
+    upstream.replies["/query"] = Reply(
+        body=gzip.compress(good), headers={"Content-Encoding": "gzip"}
+    )
+    await proxy.client.get("/query?function=GLOBAL_QUOTE&symbol=IBM")
+    proxy.clock.advance(61)
+    upstream.replies["/query"] = Reply(body=gzip.compress(b'{"Note": "5 calls per minute"}'),
+                                       headers={"Content-Encoding": "gzip"})  # fmt: skip
+    stale = await proxy.client.get(
+        "/query?function=GLOBAL_QUOTE&symbol=IBM", headers={"Accept-Encoding": "identity"}
+    )
+    assert await stale.read() == good
+    assert stale.headers["Cache-Status"].endswith("detail=stale-if-error")
+
+
+async def test_a_200_without_markers_is_stored_as_usual(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(**_av_route())
+    upstream.replies["/query"] = Reply(body=b'{"Global Quote": {"Notes": "fine"}}')
+    await proxy.client.get("/query?function=GLOBAL_QUOTE&symbol=IBM")
+    hit = await proxy.client.get("/query?function=GLOBAL_QUOTE&symbol=IBM")
+    assert hit.headers["Cache-Status"].startswith("cacheproxy; hit")
