@@ -231,16 +231,18 @@ class CachedPath:
         """The entry an upstream response makes, and whether it may be stored."""
         cls = resolved.match.route.ttl_class
         assert cls is not None
+        now = self.deps.clock()
         verdict = storability(
             resp.status, _joined(resp.headers, "Cache-Control", "Vary"),
             "Set-Cookie" in resp.headers, len(body), cls, self.deps.config.cache.max_object_size,
+            now,
         )  # fmt: skip
         stored = not isinstance(verdict, DontStore)
         entry = CachedResponse(
             status=resp.status,
             headers=_stored_headers(resp.headers),
             body=body,
-            stored_at=self.deps.clock(),
+            stored_at=now,
             ttl=0.0 if isinstance(verdict, DontStore) else verdict.ttl,
             initial_age=parse_age(resp.headers.get("Age")),
             route=resolved.match.route.name,

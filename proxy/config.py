@@ -15,6 +15,7 @@ from yarl import URL
 from proxy.confnode import Node, expand_tree
 from proxy.errors import ConfigError
 from proxy.guard import Rate
+from proxy.market import Market
 from proxy.policy import TTLClass
 from proxy.routes import Route, RouteTable, compile_template
 
@@ -102,6 +103,7 @@ class Config:
     upstreams: Mapping[str, Upstream]
     ttl_classes: Mapping[str, TTLClass]
     routes: RouteTable
+    markets: Mapping[str, Market] = field(default_factory=dict)
     cache: CacheConfig = field(default_factory=CacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
@@ -136,7 +138,7 @@ def _upstream(name: str, node: Node) -> Upstream:
     )
 
 
-def _ttl_class(name: str, node: Node) -> TTLClass:
+def _ttl_class(name: str, node: Node, markets: Mapping[str, Market]) -> TTLClass:
     if not isinstance(node.value, dict):  # shorthand: `news: 15m`
         ttl = node.duration(0.0)
         if not node.present():
@@ -148,9 +150,22 @@ def _ttl_class(name: str, node: Node) -> TTLClass:
         raise ttl_node.error("is required")
     ttl = ttl_node.duration(0.0)
     ahead_node = node.child("refresh_ahead")
-    ahead = ahead_node.convert(_fraction, 0.0)
+    ahead = ahead_node.fraction(0.0)
     if not 0.0 <= ahead < 1.0:
         raise ahead_node.error(f"must be a fraction of ttl in [0, 1), e.g. 0.8; got {ahead}")
+    closed_node = node.child("closed_ttl")
+    closed_ttl = closed_node.duration(0.0) if closed_node.present() else None
+    market_node = node.child("market")
+    market: Market | None = None
+    if market_node.present():
+        market_name = market_node.text()
+        if market_name not in markets:
+            raise market_node.error(f"unknown market {market_name!r}")
+        market = markets[market_name]
+    elif closed_ttl is not None:
+        if len(markets) != 1:
+            raise market_node.error("is required with closed_ttl (name one of 'markets')")
+        market = next(iter(markets.values()))
     return TTLClass(
         name=name,
         ttl=ttl,
@@ -158,21 +173,15 @@ def _ttl_class(name: str, node: Node) -> TTLClass:
         stale_while_revalidate=node.child("stale_while_revalidate").duration(0.0),
         stale_if_error=node.child("stale_if_error").duration(0.0),
         refresh_ahead=ahead,
+        closed_ttl=closed_ttl,
+        market=market,
     )
 
 
-_CLASS_FIELDS = ("ttl", "negative_ttl", "stale_while_revalidate", "stale_if_error", "refresh_ahead")
-
-
-def _fraction(value: object) -> float:
-    if isinstance(value, str) and value.strip().endswith("%"):
-        value = float(value.strip()[:-1]) / 100
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"expected a number, got {value!r}")
-    try:
-        return float(value)
-    except ValueError as e:
-        raise ValueError(f"expected a number, got {value!r}") from e
+_CLASS_FIELDS = (
+    "ttl", "negative_ttl", "stale_while_revalidate", "stale_if_error", "refresh_ahead",
+    "closed_ttl", "market",
+)  # fmt: skip
 
 
 _ROUTE_FIELDS = (
@@ -329,12 +338,15 @@ def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
     root = Node(expand_tree(data, "", environ), "")
     if not isinstance(root.value, dict):
         raise ConfigError("", "the file must hold a mapping with upstreams, ttl_classes and routes")
-    root.mapping(("upstreams", "ttl_classes", "routes", "cache", "server"))
+    root.mapping(("upstreams", "markets", "ttl_classes", "routes", "cache", "server"))
     upstreams_node = root.child("upstreams")
     upstreams = {name: _upstream(name, node) for name, node in upstreams_node.items()}
     if not upstreams:
         raise upstreams_node.error("at least one upstream is required")
-    classes = {name: _ttl_class(name, node) for name, node in root.child("ttl_classes").items()}
+    markets = {name: Market.parse(name, node) for name, node in root.child("markets").items()}
+    classes = {
+        name: _ttl_class(name, node, markets) for name, node in root.child("ttl_classes").items()
+    }
     routes_node = root.child("routes")
     routes = [_route(i, n, upstreams, classes) for i, n in enumerate(routes_node.sequence())]
     if not routes:
@@ -352,6 +364,7 @@ def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
         upstreams=upstreams,
         ttl_classes=classes,
         routes=RouteTable(tuple(routes)),
+        markets=markets,
         cache=_apply_env_overrides(_cache(root.child("cache")), environ),
         server=_server(root.child("server")),
     )

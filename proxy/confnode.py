@@ -79,6 +79,10 @@ class Node:
             raise self.error(f"must be at least {minimum}, got {value}")
         return value
 
+    def fraction(self, default: float) -> float:
+        """A number such as 0.8, or a percentage such as 80%."""
+        return self.convert(_parse_fraction, default)
+
     def duration(self, default: float) -> float:
         return self.convert(parse_duration, default)
 
@@ -124,3 +128,17 @@ def expand_tree(value: object, path: str, env: Mapping[str, str]) -> object:
     if isinstance(value, dict):
         return {k: expand_tree(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
     return value
+
+
+def _parse_fraction(value: object) -> float:
+    if isinstance(value, str) and value.strip().endswith("%"):
+        value = value.strip()[:-1]
+        scale = 0.01
+    else:
+        scale = 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        return float(value) * scale
+    except ValueError as e:
+        raise ValueError(f"expected a number, got {value!r}") from e

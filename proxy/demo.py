@@ -149,6 +149,8 @@ async def demo(
         "CACHEPROXY_HOST": "127.0.0.1",
         "CACHEPROXY_PORT": str(port),
         "CACHEPROXY_ADMIN_PORT": str(admin_port),
+        # The simulator has no quota to protect; a cold cache at demo rates would hit 10/s.
+        "YAHOO_RATE_LIMIT": os.environ.get("YAHOO_RATE_LIMIT", "500/s"),
     }
     config = load_config(config_path, env)
     sim = SimConfig(latency_scale=latency_scale, rtt_ms=30.0)  # an API a continent away

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from proxy.market import Market
+
 # RFC 9110 15.1: heuristically cacheable status codes (501 excluded: we never store 5xx).
 _CACHEABLE_STATUS: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
 _NEGATIVE_STATUS: Final = frozenset({404, 410})
@@ -25,6 +27,16 @@ class TTLClass:
     stale_while_revalidate: float = 0.0  # after ttl: serve stale, refresh in the background
     stale_if_error: float = 0.0  # after ttl: serve stale when the upstream fails
     refresh_ahead: float = 0.0  # fraction of ttl after which a hit refreshes early (0: off)
+    closed_ttl: float | None = None  # while `market` is closed: live until it opens, capped
+    market: Market | None = None
+
+    def lifetime(self, now: float) -> float:
+        """The ttl for a response fetched at `now` (longer while the market is closed)."""
+        if self.closed_ttl is not None and self.market is not None:
+            closed = self.market.closed_lifetime(now, self.closed_ttl)
+            if closed is not None:
+                return closed
+        return self.ttl
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +133,7 @@ def storability(
     body_size: int,
     ttl_class: TTLClass,
     max_object_size: int,
+    now: float = 0.0,
 ) -> Storability:
     """Whether an upstream response may be stored, and for how long (RFC 9111 3).
 
@@ -146,7 +159,7 @@ def storability(
         return DontStore("vary-star")  # RFC 9111 4.1: matches no later request
     if body_size > max_object_size:
         return DontStore("too-large")
-    ttl = ttl_class.negative_ttl if status in _NEGATIVE_STATUS else ttl_class.ttl
+    ttl = ttl_class.negative_ttl if status in _NEGATIVE_STATUS else ttl_class.lifetime(now)
     if ttl <= 0:
         return DontStore("ttl-zero")
     return Store(ttl)
