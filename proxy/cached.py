@@ -1,5 +1,5 @@
-"""The cached path: lookup -> freshness -> coalesce -> fetch -> store, serving stale
-when that is allowed and the upstream is slow to answer or failing."""
+"""The cached path: lookup -> freshness -> coalesce -> fetch -> store, serving stale when
+that is allowed, revalidating with the stored validators, and sparing the upstream."""
 
 from __future__ import annotations
 
@@ -18,16 +18,17 @@ from proxy.deps import Deps
 from proxy.entry import CachedResponse
 from proxy.errors import UpstreamError
 from proxy.keys import Target, header_suffix, upstream_target
+from proxy.origin import updated_headers
 from proxy.policy import (
     DontStore,
     Fresh,
     Stale,
     Storability,
+    Store,
     api_error,
     current_age,
     freshness,
     is_upstream_failure,
-    parse_age,
     storability,
 )
 from proxy.respond import (
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 _PRIVATE_REASONS = frozenset({"set-cookie", "private", "no-store"})
 # Headers never stored with an entry: recomputed per response, or per client.
 _NOT_STORED = frozenset({"age", "set-cookie"})
+# What storability reads, each folded into one value.
+_POLICY_FIELDS = ("Cache-Control", "Vary", "Expires", "Date", "Last-Modified", "Age")
 Served = tuple[web.StreamResponse, str]  # the response and its outcome label
 
 
@@ -61,9 +64,49 @@ class Resolved:
     key_headers: tuple[str, ...]  # request headers that complete the key
 
 
-def _joined(headers: CIMultiDictProxy[str], *names: str) -> dict[str, str]:
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One cacheable request's state, also usable by a background refresh."""
+
+    resolved: Resolved
+    key: str
+    headers: dict[str, str]  # what goes upstream (validators added per fetch)
+    previous: CachedResponse | None = None  # what we hold, however old (its validators)
+    stale: CachedResponse | None = None  # what may stand in if the upstream fails
+
+    def validated(self) -> dict[str, str]:
+        """The upstream headers plus the held entry's validators (RFC 9111 4.3.1)."""
+        held = self.previous
+        if held is None or held.status != 200:
+            return self.headers
+        headers = dict(self.headers)
+        if (etag := held.header("ETag")) is not None:
+            headers["If-None-Match"] = etag
+        if (modified := held.header("Last-Modified")) is not None:
+            headers["If-Modified-Since"] = modified
+        return headers
+
+
+def _joined(
+    headers: CIMultiDictProxy[str] | dict[str, str], names: tuple[str, ...]
+) -> dict[str, str]:
     """Fields that may come as several lines, each folded into one value (RFC 9110 5.3)."""
-    return {name: ", ".join(headers.getall(name, ())) for name in names}
+    if isinstance(headers, dict):
+        return {n: headers[n] for n in names if n in headers}
+    return {n: ", ".join(headers.getall(n)) for n in names if n in headers}
+
+
+def _fold(pairs: tuple[tuple[str, str], ...], names: tuple[str, ...]) -> dict[str, str]:
+    wanted = {n.lower(): n for n in names}
+    folded: dict[str, list[str]] = {}
+    for name, value in pairs:
+        if (canonical := wanted.get(name.lower())) is not None:
+            folded.setdefault(canonical, []).append(value)
+    return {name: ", ".join(values) for name, values in folded.items()}
+
+
+def _has_validators(headers: tuple[tuple[str, str], ...]) -> bool:
+    return any(n.lower() in ("etag", "last-modified") for n, _ in headers)
 
 
 def _stored_headers(headers: CIMultiDictProxy[str]) -> tuple[tuple[str, str], ...]:
@@ -105,30 +148,31 @@ class CachedPath:
             if name in request.headers
         ]
         key = resolved.key + header_suffix(key_headers) if key_headers else resolved.key
-        headers = self._upstream_headers(request, resolved, key_headers)
+        attempt = Attempt(resolved, key, self._upstream_headers(request, resolved, key_headers))
         store = self.deps.store
         found = await store.lookup(key)
         store.count_request(key)
-        stale: CachedResponse | None = None
-        if found is not None:
-            entry = found.entry
-            now = self.deps.clock()
-            cls = resolved.match.route.ttl_class
-            ahead = cls.refresh_ahead if cls else 0.0
-            verdict = freshness(entry.stored_at, entry.ttl, entry.grace, entry.keep, ahead, now)
-            age = current_age(entry.initial_age, entry.stored_at, now)
-            if isinstance(verdict, Fresh):
-                if verdict.refresh:
-                    self._refresh_soon(resolved, key, headers)
-                status = f"{NAME}; hit; ttl={int(verdict.ttl_left)}; detail={found.layer}"
-                return serve_entry(request, entry, status, age), f"hit_{found.layer}"
-            if isinstance(verdict, Stale):
-                self._refresh_soon(resolved, key, headers)
-                status = f"{NAME}; hit; fwd=stale; detail=stale-while-revalidate"
-                return serve_entry(request, entry, status, age), "stale"
-            if verdict.usable_on_error:
-                stale = entry
-        return await self._miss(request, resolved, key, headers, stale)
+        if found is None:
+            return await self._miss(request, attempt)
+        entry = found.entry
+        now = self.deps.clock()
+        cls = resolved.match.route.ttl_class
+        ahead = cls.refresh_ahead if cls else 0.0
+        verdict = freshness(entry.stored_at, entry.ttl, entry.grace, entry.keep, ahead, now)
+        age = current_age(entry.initial_age, entry.stored_at, now)
+        held = replace(attempt, previous=entry)
+        if isinstance(verdict, Fresh):
+            if verdict.refresh:
+                self._refresh_soon(held)
+            status = f"{NAME}; hit; ttl={int(verdict.ttl_left)}; detail={found.layer}"
+            return serve_entry(request, entry, status, age), f"hit_{found.layer}"
+        if isinstance(verdict, Stale):
+            self._refresh_soon(held)
+            status = f"{NAME}; hit; fwd=stale; detail=stale-while-revalidate"
+            return serve_entry(request, entry, status, age), "stale"
+        return await self._miss(
+            request, replace(held, stale=entry if verdict.usable_on_error else None)
+        )
 
     def _upstream_headers(
         self, request: web.Request, resolved: Resolved, key_headers: list[tuple[str, str]]
@@ -148,56 +192,41 @@ class CachedPath:
 
     # --- misses ------------------------------------------------------------------------
 
-    async def _miss(
-        self,
-        request: web.Request,
-        resolved: Resolved,
-        key: str,
-        headers: dict[str, str],
-        stale: CachedResponse | None,
-    ) -> Served:
+    async def _miss(self, request: web.Request, attempt: Attempt) -> Served:
         coalescer = self.deps.coalescer
-        if (future := coalescer.in_flight(key)) is not None:
+        if (future := coalescer.in_flight(attempt.key)) is not None:
             shared = await coalescer.wait(future, self.deps.config.server.coalesce_timeout)
             if isinstance(shared, CachedResponse):
                 status = f"{NAME}; fwd=miss; collapsed"
                 return serve_entry(request, shared, status, _miss_age(shared)), "coalesced"
             if isinstance(shared, UpstreamError):
-                return self._failed(request, shared, stale)
-            return await self._fetch(request, resolved, key, headers, None, stale)
-        with coalescer.lead(key) as flight:
+                return self._failed(request, shared, attempt.stale)
+            return await self._fetch(request, attempt, None)
+        with coalescer.lead(attempt.key) as flight:
             try:
-                return await self._lead(request, resolved, key, headers, flight, stale)
+                return await self._lead(request, attempt, flight)
             except UpstreamError as e:
                 flight.result = e
-                return self._failed(request, e, stale)
+                return self._failed(request, e, attempt.stale)
 
-    async def _lead(
-        self,
-        request: web.Request,
-        resolved: Resolved,
-        key: str,
-        headers: dict[str, str],
-        flight: Flight,
-        stale: CachedResponse | None,
-    ) -> Served:
+    async def _lead(self, request: web.Request, attempt: Attempt, flight: Flight) -> Served:
         """This instance's one fetch of key, first asking other instances (a Redis lease)."""
-        store = self.deps.store
+        store, key = self.deps.store, attempt.key
         if store.l2 is None:
-            return await self._fetch(request, resolved, key, headers, flight, stale)
+            return await self._fetch(request, attempt, flight)
         redis = self.deps.config.cache.redis
         if not await store.acquire_lease(key, redis.lease_ttl):
             # Another instance is fetching it: wait (bounded) for its answer to reach L2.
-            seen = stale.stored_at if stale is not None else float("-inf")
+            seen = attempt.previous.stored_at if attempt.previous else float("-inf")
             found = await store.wait_for_l2(key, redis.lease_wait, newer_than=seen)
             if found is not None:
                 flight.result = found.entry
                 status = f"{NAME}; fwd=miss; collapsed; detail=l2"
                 response = serve_entry(request, found.entry, status, _miss_age(found.entry))
                 return response, "coalesced"
-            return await self._fetch(request, resolved, key, headers, flight, stale)
+            return await self._fetch(request, attempt, flight)
         try:
-            return await self._fetch(request, resolved, key, headers, flight, stale)
+            return await self._fetch(request, attempt, flight)
         finally:
             store.release_lease(key)
 
@@ -214,81 +243,87 @@ class CachedPath:
 
     @asynccontextmanager
     async def _upstream(
-        self, resolved: Resolved, headers: dict[str, str], wait: float | None
+        self, attempt: Attempt, wait: float | None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """GET the resolved target from its upstream (HEAD misses fill the entry too).
-        `wait` bounds the wait for a rate-limit token (None: the upstream's default)."""
-        route = resolved.match.route
+        """GET the target from its upstream, conditionally when we hold an entry (HEAD misses
+        fill the entry too). `wait` bounds the wait for a rate-limit token."""
+        route = attempt.resolved.match.route
         upstream = self.deps.config.upstreams[route.upstream]
-        target = upstream_target(resolved.target, upstream.query)
+        target = upstream_target(attempt.resolved.target, upstream.query)
         pool = self.deps.upstreams
+        headers = attempt.validated()
         async with pool.request(route.upstream, "GET", target, headers, wait=wait) as resp:
             yield resp
 
     def _entry(
-        self, resp: aiohttp.ClientResponse, body: bytes, resolved: Resolved
+        self, resp: aiohttp.ClientResponse, body: bytes, attempt: Attempt, asked_at: float
     ) -> tuple[CachedResponse, Storability]:
-        """The entry an upstream response makes, and whether it may be stored."""
+        """The entry an upstream response makes (a 304 renews the held one), and whether it
+        may be stored."""
+        resolved = attempt.resolved
         cls = resolved.match.route.ttl_class
         assert cls is not None
         now = self.deps.clock()
+        held = attempt.previous
+        if resp.status == 304 and held is not None:  # RFC 9111 4.3.4: freshen what we hold
+            status, body = held.status, held.body
+            headers = updated_headers(held.headers, _stored_headers(resp.headers))
+            fields = _fold(headers, _POLICY_FIELDS)
+        else:
+            status, headers = resp.status, _stored_headers(resp.headers)
+            fields = _joined(resp.headers, _POLICY_FIELDS)
         verdict = storability(
-            resp.status, _joined(resp.headers, "Cache-Control", "Vary"),
-            "Set-Cookie" in resp.headers, len(body), cls, self.deps.config.cache.max_object_size,
-            now,
+            status, fields, "Set-Cookie" in resp.headers, len(body), cls,
+            self.deps.config.cache.max_object_size, now, asked_at,
         )  # fmt: skip
-        stored = not isinstance(verdict, DontStore)
+        lifetime = Store(0.0) if isinstance(verdict, DontStore) else verdict
         entry = CachedResponse(
-            status=resp.status,
-            headers=_stored_headers(resp.headers),
+            status=status,
+            headers=headers,
             body=body,
             stored_at=now,
-            ttl=0.0 if isinstance(verdict, DontStore) else verdict.ttl,
-            initial_age=parse_age(resp.headers.get("Age")),
+            ttl=lifetime.ttl,
+            initial_age=lifetime.initial_age,
             route=resolved.match.route.name,
             tags=tuple(f"{k}={v}" for k, v in resolved.match.params.items()),
-            grace=cls.stale_while_revalidate if stored else 0.0,
-            keep=cls.stale_if_error if stored else 0.0,
+            grace=lifetime.grace,
+            keep=lifetime.keep,
         )
+        if _has_validators(headers):  # keep it one more ttl, so a refetch can be a cheap 304
+            entry = replace(entry, revalidate=max(entry.ttl, 60.0))
         return entry, verdict
 
-    async def _fetch(
-        self,
-        request: web.Request,
-        resolved: Resolved,
-        key: str,
-        headers: dict[str, str],
-        flight: Flight | None,
-        stale: CachedResponse | None,
-    ) -> Served:
+    async def _fetch(self, request: web.Request, attempt: Attempt, flight: Flight | None) -> Served:
         """Fetch for a waiting client: store what may be stored, answer, share with waiters.
         With a stale entry in hand, never wait for a rate-limit token: serve that instead."""
-        async with self._upstream(resolved, headers, 0.0 if stale else None) as resp:
+        asked_at = self.deps.clock()
+        stale = attempt.stale
+        async with self._upstream(attempt, 0.0 if stale else None) as resp:
             chunks, complete = await _read_limited(resp, self.deps.config.cache.max_object_size)
             if not complete:
                 detail = "fwd=miss; detail=too-large"
                 return await relay(request, resp, chunks, detail, inflate=True), "miss"
             body = b"".join(chunks)
-            api = self._api_error(resp, body, resolved)
+            api = self._api_error(resp, body, attempt.resolved)
             if stale is not None and (api or is_upstream_failure(resp.status)):
                 error = UpstreamError("status", f"upstream answered {resp.status}", resp.status)
                 if flight is not None:
                     flight.result = error
                 return self._failed(request, error, stale)
-            entry, verdict = self._entry(resp, body, resolved)
+            entry, verdict = self._entry(resp, body, attempt, asked_at)
             if api:
-                entry, verdict = (
-                    replace(entry, ttl=0.0, grace=0.0, keep=0.0),
-                    DontStore("api-error"),
-                )
+                verdict = DontStore("api-error")
+                entry = replace(entry, ttl=0.0, grace=0.0, keep=0.0)
+            revalidated = resp.status == 304 and attempt.previous is not None
+            fwd = "fwd=stale; fwd-status=304" if revalidated else "fwd=miss"
             if isinstance(verdict, DontStore):
-                detail = f"fwd=miss; detail={verdict.reason}"
-                if verdict.reason in _PRIVATE_REASONS:
+                if verdict.reason in _PRIVATE_REASONS and not revalidated:
+                    detail = f"fwd=miss; detail={verdict.reason}"
                     return private_response(request, resp, entry.body, detail), "miss"
-                status = f"{NAME}; {detail}"
+                status = f"{NAME}; {fwd}; detail={verdict.reason}"
             else:
-                await self.deps.store.set(key, entry)
-                status = f"{NAME}; fwd=miss; stored"
+                await self.deps.store.set(attempt.key, entry)
+                status = f"{NAME}; {fwd}; stored"
             if flight is not None:
                 flight.result = entry
             return serve_entry(request, entry, status, _miss_age(entry)), "miss"
@@ -317,16 +352,18 @@ class CachedPath:
 
     # --- background refreshes ----------------------------------------------------------
 
-    def _refresh_soon(self, resolved: Resolved, key: str, headers: dict[str, str]) -> None:
+    def _refresh_soon(self, attempt: Attempt) -> None:
         """Start one background refresh of key, unless one is already running."""
+        key = attempt.key
         if key in self._refreshing or self.deps.coalescer.in_flight(key) is not None:
             return
         self._refreshing.add(key)
-        self.deps.tasks.spawn(self._refresh(resolved, key, headers), "refresh")
+        self.deps.tasks.spawn(self._refresh(attempt), "refresh")
 
-    async def _refresh(self, resolved: Resolved, key: str, headers: dict[str, str]) -> None:
-        """Fetch and store a new copy. A failed refresh never replaces the entry we have."""
-        store = self.deps.store
+    async def _refresh(self, attempt: Attempt) -> None:
+        """Fetch (conditionally) and store a new copy. A failed refresh never replaces the
+        entry we have, and never waits for a rate-limit token."""
+        store, key = self.deps.store, attempt.key
         leased = False
         try:
             if store.l2 is not None:
@@ -334,15 +371,16 @@ class CachedPath:
                 if not leased:
                     return  # another instance refreshes it; its write reaches us by backplane
             with self.deps.coalescer.lead(key) as flight:
-                async with self._upstream(resolved, headers, 0.0) as resp:
+                asked_at = self.deps.clock()
+                async with self._upstream(attempt, 0.0) as resp:
                     limit = self.deps.config.cache.max_object_size
                     chunks, complete = await _read_limited(resp, limit)
                     body = b"".join(chunks)
                     if not complete or is_upstream_failure(resp.status):
                         return
-                    if self._api_error(resp, body, resolved):
+                    if self._api_error(resp, body, attempt.resolved):
                         return
-                    entry, verdict = self._entry(resp, body, resolved)
+                    entry, verdict = self._entry(resp, body, attempt, asked_at)
                     if isinstance(verdict, DontStore):
                         return
                     await store.set(key, entry)

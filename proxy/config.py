@@ -148,7 +148,8 @@ def _ttl_class(name: str, node: Node, markets: Mapping[str, Market]) -> TTLClass
     ttl_node = node.child("ttl")
     if not ttl_node.present():
         raise ttl_node.error("is required")
-    ttl = ttl_node.duration(0.0)
+    origin = ttl_node.value == "origin"  # RFC 9111: the upstream's Cache-Control decides
+    ttl = 0.0 if origin else ttl_node.duration(0.0)
     ahead_node = node.child("refresh_ahead")
     ahead = ahead_node.fraction(0.0)
     if not 0.0 <= ahead < 1.0:
@@ -169,6 +170,7 @@ def _ttl_class(name: str, node: Node, markets: Mapping[str, Market]) -> TTLClass
     return TTLClass(
         name=name,
         ttl=ttl,
+        origin=origin,
         negative_ttl=node.child("negative_ttl").duration(min(ttl, 60.0)),
         stale_while_revalidate=node.child("stale_while_revalidate").duration(0.0),
         stale_if_error=node.child("stale_if_error").duration(0.0),

@@ -10,9 +10,10 @@ from typing import Final
 from proxy.errors import CorruptEntry
 
 MAGIC: Final = b"CP"
-VERSION: Final = 2  # 2: grace and keep windows
-# magic, version, status, stored_at, ttl, grace, keep, initial_age, metadata length, body length
-_HEAD: Final = struct.Struct(">2sBHdddddII")
+VERSION: Final = 3  # 2: grace and keep windows; 3: revalidate window
+# magic, version, status, stored_at, ttl, grace, keep, revalidate, initial_age, metadata
+# length, body length
+_HEAD: Final = struct.Struct(">2sBHddddddII")
 # Per-entry bookkeeping that is neither body nor header text (object headers, dict slot).
 ENTRY_OVERHEAD: Final = 200
 
@@ -31,6 +32,7 @@ class CachedResponse:
     tags: tuple[str, ...] = ()  # e.g. "symbol=AAPL", for purges by tag
     grace: float = 0.0  # after ttl: served stale while one background refresh runs
     keep: float = 0.0  # after ttl: served stale only when the upstream fails
+    revalidate: float = 0.0  # after ttl: never served, kept for its validators (ETag, ...)
 
     @property
     def expires_at(self) -> float:
@@ -40,7 +42,7 @@ class CachedResponse:
     @property
     def keep_until(self) -> float:
         """When the entry is of no use at all: stores drop it then (Varnish's ttl+grace+keep)."""
-        return self.stored_at + self.ttl + max(self.grace, self.keep)
+        return self.stored_at + self.ttl + max(self.grace, self.keep, self.revalidate)
 
     @property
     def size(self) -> int:
@@ -67,7 +69,7 @@ def encode(entry: CachedResponse) -> bytes:
     ).encode()
     head = _HEAD.pack(
         MAGIC, VERSION, entry.status, entry.stored_at, entry.ttl, entry.grace, entry.keep,
-        entry.initial_age, len(meta), len(entry.body),
+        entry.revalidate, entry.initial_age, len(meta), len(entry.body),
     )  # fmt: skip
     return head + meta + entry.body
 
@@ -76,9 +78,8 @@ def decode(data: bytes) -> CachedResponse:
     """Inverse of encode; anything else (corrupt, truncated, foreign, old) is CorruptEntry."""
     if len(data) < _HEAD.size:
         raise CorruptEntry("truncated header")
-    (magic, version, status, stored_at, ttl, grace, keep, initial_age, meta_len, body_len) = (
-        _HEAD.unpack_from(data)
-    )
+    (magic, version, status, stored_at, ttl, grace, keep, revalidate, initial_age, meta_len,
+     body_len) = _HEAD.unpack_from(data)  # fmt: skip
     if magic != MAGIC:
         raise CorruptEntry("not a cacheproxy entry")
     if version != VERSION:
@@ -103,4 +104,5 @@ def decode(data: bytes) -> CachedResponse:
         tags=tags,
         grace=grace,
         keep=keep,
+        revalidate=revalidate,
     )

@@ -9,6 +9,13 @@ from dataclasses import dataclass
 from typing import Final
 
 from proxy.market import Market
+from proxy.origin import (
+    corrected_initial_age,
+    delta_seconds,
+    freshness_lifetime,
+    parse_cache_control,
+    stale_windows,
+)
 
 # RFC 9110 15.1: heuristically cacheable status codes (501 excluded: we never store 5xx).
 _CACHEABLE_STATUS: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
@@ -24,6 +31,7 @@ class TTLClass:
     name: str
     ttl: float
     negative_ttl: float  # for 404 and 410
+    origin: bool = False  # `ttl: origin`: the upstream's Cache-Control decides (RFC 9111)
     stale_while_revalidate: float = 0.0  # after ttl: serve stale, refresh in the background
     stale_if_error: float = 0.0  # after ttl: serve stale when the upstream fails
     refresh_ahead: float = 0.0  # fraction of ttl after which a hit refreshes early (0: off)
@@ -69,9 +77,13 @@ Freshness = Fresh | Stale | Expired
 
 @dataclass(frozen=True, slots=True)
 class Store:
-    """Store the response; it stays fresh for `ttl` seconds."""
+    """Store the response: fresh for `ttl` seconds, then usable stale for `grace` (while
+    refreshing) and `keep` (on upstream error); it was `initial_age` old on arrival."""
 
     ttl: float
+    grace: float = 0.0
+    keep: float = 0.0
+    initial_age: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,16 +113,6 @@ RequestVerdict = Lookup | Bypass
 CACHEABLE_METHODS: Final = frozenset({"GET", "HEAD"})
 
 
-def parse_cache_control(value: str) -> dict[str, str | None]:
-    """`public, max-age=10` -> {"public": None, "max-age": "10"} (RFC 9111 5.2)."""
-    directives: dict[str, str | None] = {}
-    for part in value.split(","):
-        name, sep, arg = part.strip().partition("=")
-        if name:
-            directives[name.strip().lower()] = arg.strip().strip('"') if sep else None
-    return directives
-
-
 def classify_request(
     method: str, ttl_class: TTLClass | None, has_credentials: bool, shared: bool
 ) -> RequestVerdict:
@@ -134,10 +136,13 @@ def storability(
     ttl_class: TTLClass,
     max_object_size: int,
     now: float = 0.0,
+    request_time: float | None = None,
 ) -> Storability:
     """Whether an upstream response may be stored, and for how long (RFC 9111 3).
 
-    `headers` holds each field's lines folded into one value (RFC 9110 5.3).
+    `headers` holds each field's lines folded into one value (RFC 9110 5.3): at least
+    Cache-Control and Vary, and for `ttl: origin` also Expires, Date, Last-Modified and Age.
+    `now` is when the response arrived, `request_time` when it was asked for.
     """
     if status >= 500:
         return DontStore("status-5xx")
@@ -159,10 +164,19 @@ def storability(
         return DontStore("vary-star")  # RFC 9111 4.1: matches no later request
     if body_size > max_object_size:
         return DontStore("too-large")
-    ttl = ttl_class.negative_ttl if status in _NEGATIVE_STATUS else ttl_class.lifetime(now)
+    cls = ttl_class
+    if cls.origin:
+        age = corrected_initial_age(headers, now if request_time is None else request_time, now)
+        ttl = freshness_lifetime(status, headers, now) - age
+        grace, keep = stale_windows(cache_control, cls.stale_while_revalidate, cls.stale_if_error)
+        if ttl <= 0 and grace <= 0 and keep <= 0:
+            return DontStore("stale-on-arrival")
+        return Store(max(0.0, ttl), grace, keep, age)
+    ttl = cls.negative_ttl if status in _NEGATIVE_STATUS else cls.lifetime(now)
     if ttl <= 0:
         return DontStore("ttl-zero")
-    return Store(ttl)
+    age_value = delta_seconds((headers.get("Age") or "").strip()) or 0.0
+    return Store(ttl, cls.stale_while_revalidate, cls.stale_if_error, age_value)
 
 
 def freshness(
@@ -208,12 +222,5 @@ def current_age(initial_age: float, stored_at: float, now: float) -> int:
 
 
 def parse_age(value: str | None) -> float:
-    """The upstream's Age header as seconds; absent or invalid counts as 0 (RFC 9111 5.1).
-
-    Values beyond 2^31 are capped there (RFC 9111 1.2.2, delta-seconds).
-    """
-    if value and (m := _DELTA_SECONDS.fullmatch(value.strip())):
-        digits = m.group()
-        # Longer than 2^31 has digits: cap without int(), which refuses >4300 digits.
-        return float(_MAX_DELTA if len(digits) > 10 else min(int(digits), _MAX_DELTA))
-    return 0.0
+    """The upstream's Age header as seconds; absent or invalid counts as 0 (RFC 9111 5.1)."""
+    return delta_seconds(value.strip() if value else None) or 0.0

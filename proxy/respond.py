@@ -13,6 +13,7 @@ from aiohttp import web
 
 from proxy.entry import CachedResponse
 from proxy.errors import UpstreamError
+from proxy.origin import NOT_MODIFIED_FIELDS, not_modified
 from proxy.upstream import end_to_end
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,30 @@ def decode_for(request: web.Request, headers: Headers, body: bytes) -> tuple[Hea
 def serve_entry(
     request: web.Request, entry: CachedResponse, cache_status: str, age: int | None
 ) -> web.Response:
-    """The client response for an entry, with Cache-Status and (on hits) Age."""
+    """The client response for an entry, with Cache-Status and (on hits) Age; a 304 when the
+    client's If-None-Match / If-Modified-Since say it has this one already."""
     # A plain list: aiohttp copies headers into its own CIMultiDict once anyway.
     headers = [*entry.headers, ("Cache-Status", cache_status)]
     if age is not None:
         headers.append(("Age", str(age)))
+    if entry.status == 200 and _conditional(request, entry):
+        kept = [(n, v) for n, v in headers if n.lower() in _NOT_MODIFIED_KEEP]
+        return web.Response(status=304, headers=kept)
     headers, body = decode_for(request, headers, entry.body)
     return web.Response(status=entry.status, headers=headers, body=body)
+
+
+_NOT_MODIFIED_KEEP = NOT_MODIFIED_FIELDS | {"age", "cache-status"}
+
+
+def _conditional(request: web.Request, entry: CachedResponse) -> bool:
+    inm = request.headers.get("If-None-Match")
+    ims = request.headers.get("If-Modified-Since")
+    if inm is None and ims is None:  # the common case: no work
+        return False
+    return request.method in ("GET", "HEAD") and not_modified(
+        inm, ims, entry.header("ETag"), entry.header("Last-Modified")
+    )
 
 
 def private_response(

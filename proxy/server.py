@@ -13,7 +13,7 @@ from proxy.cached import CachedPath, Resolved
 from proxy.config import Config
 from proxy.deps import DEPS, Deps
 from proxy.errors import BadRequest, UpstreamError
-from proxy.keys import cache_key, parse_target, upstream_target
+from proxy.keys import cache_key, escape_glob, parse_target, upstream_target
 from proxy.metrics import UNMATCHED
 from proxy.policy import (
     Bypass,
@@ -24,6 +24,7 @@ from proxy.upstream import end_to_end
 
 log = logging.getLogger(__name__)
 
+_SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # RFC 9110 9.2.1
 # Request headers that would let a client steer what the upstream serves everyone.
 _NEVER_FORWARDED = frozenset({"host", "x-forwarded-host", "x-original-url", "x-rewrite-url"})
 
@@ -129,8 +130,20 @@ class ProxyHandler:
         async with self.deps.upstreams.request(
             route.upstream, request.method, upstream_target(target, upstream.query), headers, data
         ) as resp:
+            if request.method not in _SAFE and resp.status < 400:
+                await self._invalidate(resolved)
             # The client's own Accept-Encoding went upstream: relay the encoding as is.
             return await relay(request, resp, [], f"fwd={fwd}; detail={reason}", False)
+
+    async def _invalidate(self, resolved: Resolved) -> None:
+        """RFC 9111 4.4: a non-error answer to an unsafe method invalidates the target URI,
+        so the next GET fetches what the change produced (every key-header variant too)."""
+        _method, _, rest = resolved.key.partition(" ")
+        get_key = f"GET {rest}"
+        store = self.deps.store
+        await store.purge_key(get_key)
+        if resolved.key_headers:
+            await store.purge(escape_glob(get_key) + " *")
 
 
 def make_proxy_app(deps: Deps) -> web.Application:

@@ -59,6 +59,7 @@ class CountingUpstream:
         self.seen: list[Seen] = []
         self.replies: dict[str, Reply] = {}
         self.gate: asyncio.Event | None = None  # when set, responses wait for it
+        self.not_modified = 0  # 304s answered to conditional requests
         self.server: TestServer | None = None
 
     @property
@@ -85,6 +86,10 @@ class CountingUpstream:
             assert request.transport is not None
             request.transport.close()
             return response
+        etag = dict(reply.headers).get("ETag") if isinstance(reply.headers, dict) else None
+        if etag is not None and request.headers.get("If-None-Match") == etag:
+            self.not_modified += 1
+            return web.Response(status=304, headers={"ETag": etag, "Cache-Control": "max-age=60"})
         if reply.body == b"<echo>":
             return web.Response(body=body or b"(empty)", headers=reply.headers)
         return web.Response(status=reply.status, body=reply.body, headers=reply.headers)

@@ -11,7 +11,7 @@ import pytest
 from proxy.entry import MAGIC, VERSION, CachedResponse, decode, encode
 from proxy.errors import CorruptEntry
 
-HEAD = struct.Struct(">2sBHdddddII")
+HEAD = struct.Struct(">2sBHddddddII")
 
 SAMPLE = CachedResponse(
     status=200,
@@ -66,8 +66,8 @@ def test_encoding_is_deterministic() -> None:
 
 def _with_head(data: bytes, **fields: object) -> bytes:
     names = (
-        "magic", "version", "status", "stored_at", "ttl", "grace", "keep", "initial_age",
-        "meta", "body",
+        "magic", "version", "status", "stored_at", "ttl", "grace", "keep", "revalidate",
+        "initial_age", "meta", "body",
     )  # fmt: skip
     values = dict(zip(names, HEAD.unpack_from(data), strict=True))
     values.update(fields)
@@ -75,7 +75,7 @@ def _with_head(data: bytes, **fields: object) -> bytes:
 
 
 def _with_meta(meta: bytes, body: bytes = b"body") -> bytes:
-    head = HEAD.pack(MAGIC, VERSION, 200, 1.0, 60.0, 0.0, 0.0, 0.0, len(meta), len(body))
+    head = HEAD.pack(MAGIC, VERSION, 200, 1.0, 60.0, 0.0, 0.0, 0.0, 0.0, len(meta), len(body))
     return head + meta + body
 
 
