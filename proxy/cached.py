@@ -350,6 +350,17 @@ class CachedPath:
             self.deps.upstreams.guards[route.upstream].failed("api-error")
         return reason
 
+    async def warm(self, resolved: Resolved) -> bool:
+        """Fetch and store one target unless it is already fresh (warm start)."""
+        key = resolved.key
+        found = await self.deps.store.lookup(key)
+        if found is not None and found.entry.expires_at > self.deps.clock():
+            return True
+        headers = {"Accept-Encoding": "gzip"}
+        await self._refresh(Attempt(resolved, key, headers, found.entry if found else None))
+        found = await self.deps.store.lookup(key)
+        return found is not None
+
     # --- background refreshes ----------------------------------------------------------
 
     def _refresh_soon(self, attempt: Attempt) -> None:

@@ -18,6 +18,7 @@ from proxy.guard import Rate
 from proxy.market import Market
 from proxy.policy import TTLClass
 from proxy.routes import Route, RouteTable, compile_template
+from proxy.warm import WarmConfig
 
 Backend = Literal["memory", "redis", "layered"]
 BACKENDS: tuple[Backend, ...] = ("memory", "redis", "layered")
@@ -106,6 +107,7 @@ class Config:
     markets: Mapping[str, Market] = field(default_factory=dict)
     cache: CacheConfig = field(default_factory=CacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    warm: WarmConfig = field(default_factory=WarmConfig)
 
 
 def _upstream(name: str, node: Node) -> Upstream:
@@ -340,7 +342,7 @@ def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
     root = Node(expand_tree(data, "", environ), "")
     if not isinstance(root.value, dict):
         raise ConfigError("", "the file must hold a mapping with upstreams, ttl_classes and routes")
-    root.mapping(("upstreams", "markets", "ttl_classes", "routes", "cache", "server"))
+    root.mapping(("upstreams", "markets", "ttl_classes", "routes", "cache", "server", "warm"))
     upstreams_node = root.child("upstreams")
     upstreams = {name: _upstream(name, node) for name, node in upstreams_node.items()}
     if not upstreams:
@@ -369,6 +371,7 @@ def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
         markets=markets,
         cache=_apply_env_overrides(_cache(root.child("cache")), environ),
         server=_server(root.child("server")),
+        warm=WarmConfig.parse(root.child("warm")),
     )
 
 

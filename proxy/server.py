@@ -21,6 +21,7 @@ from proxy.policy import (
 )
 from proxy.respond import CHUNK, json_error, relay, upstream_error
 from proxy.upstream import end_to_end
+from proxy.warm import bounded
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,31 @@ class ProxyHandler:
         except UpstreamError as e:
             return upstream_error(e), route.name, "error"
 
+    async def warm_up(self) -> None:
+        """Warm start: fill L1 from L2's hottest keys, then fetch the configured URLs."""
+        warm, store = self.deps.config.warm, self.deps.store
+        started = time.perf_counter()
+        if warm.hottest and store.l1 is not None and store.l2 is not None:
+            keys = [key for key, _count in await store.hottest(warm.hottest)]
+
+            async def fill(key: str) -> bool:
+                return await store.lookup(key) is not None  # an L2 hit fills L1
+
+            filled = await bounded(keys, warm.concurrency, fill)
+            log.info("warm start: %d of L2's %d hottest keys now in L1", filled, len(keys))
+        if warm.urls:
+
+            async def fetch(url: str) -> bool:
+                resolved = self._resolve("GET", url)
+                if isinstance(resolved, web.Response) or resolved.match.route.ttl_class is None:
+                    log.warning("warm start: %s matches no cached route", url)
+                    return False
+                return await self.cached.warm(resolved)
+
+            warmed = await bounded(warm.urls, warm.concurrency, fetch)
+            log.info("warm start: %d of %d URLs cached in %.1fs", warmed, len(warm.urls),
+                     time.perf_counter() - started)  # fmt: skip
+
     async def _forward(
         self, request: web.Request, resolved: Resolved, reason: str
     ) -> web.StreamResponse:
@@ -150,7 +176,8 @@ def make_proxy_app(deps: Deps) -> web.Application:
     """The client-facing application: every path goes through ProxyHandler."""
     app = web.Application(handler_args={"max_line_size": 8190, "max_field_size": 8190})
     app[DEPS] = deps
-    app.router.add_route("*", "/{tail:.*}", ProxyHandler(deps).handle)
+    handler = ProxyHandler(deps)
+    app.router.add_route("*", "/{tail:.*}", handler.handle)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await deps.upstreams.start()
@@ -159,6 +186,8 @@ def make_proxy_app(deps: Deps) -> web.Application:
         every = deps.config.cache.redis.popularity_flush
         if deps.store.l2 is not None and every > 0:
             deps.tasks.spawn(deps.store.run_popularity(every), "popularity")
+        if deps.config.warm.urls or deps.config.warm.hottest:
+            deps.tasks.spawn(handler.warm_up(), "warm-start")
         yield
         await deps.tasks.close()
         await deps.upstreams.close()

@@ -60,6 +60,8 @@ class CountingUpstream:
         self.replies: dict[str, Reply] = {}
         self.gate: asyncio.Event | None = None  # when set, responses wait for it
         self.not_modified = 0  # 304s answered to conditional requests
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most requests it was answering at once
         self.server: TestServer | None = None
 
     @property
@@ -75,8 +77,15 @@ class CountingUpstream:
         body = await request.read()
         self.calls[request.path] += 1
         self.seen.append(Seen(request.method, request.path_qs, dict(request.headers), body))
-        if self.gate is not None:
-            await self.gate.wait()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            else:
+                await asyncio.sleep(0)  # let concurrent requests overlap, as real ones do
+        finally:
+            self.in_flight -= 1
         reply = self.replies.get(request.path, Reply())
         if reply.truncate:
             response = web.StreamResponse(status=reply.status, headers=reply.headers)
