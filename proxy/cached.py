@@ -17,7 +17,7 @@ from proxy.coalesce import Flight
 from proxy.deps import Deps
 from proxy.entry import CachedResponse
 from proxy.errors import UpstreamError
-from proxy.keys import Target, header_suffix, upstream_target
+from proxy.keys import Target, body_digest, header_suffix, upstream_target
 from proxy.origin import updated_headers
 from proxy.policy import (
     DontStore,
@@ -73,11 +73,12 @@ class Attempt:
     headers: dict[str, str]  # what goes upstream (validators added per fetch)
     previous: CachedResponse | None = None  # what we hold, however old (its validators)
     stale: CachedResponse | None = None  # what may stand in if the upstream fails
+    body: bytes | None = None  # a cached POST's body (part of its key)
 
     def validated(self) -> dict[str, str]:
         """The upstream headers plus the held entry's validators (RFC 9111 4.3.1)."""
         held = self.previous
-        if held is None or held.status != 200:
+        if held is None or held.status != 200 or self.body is not None:
             return self.headers
         headers = dict(self.headers)
         if (etag := held.header("ETag")) is not None:
@@ -140,15 +141,24 @@ class CachedPath:
         self.deps = deps
         self._refreshing: set[str] = set()  # keys with a background refresh running
 
-    async def serve(self, request: web.Request, resolved: Resolved) -> Served:
-        """Answer from the cache when the entry allows it, else fetch (once per key)."""
+    async def serve(
+        self, request: web.Request, resolved: Resolved, body: bytes | None = None
+    ) -> Served:
+        """Answer from the cache when the entry allows it, else fetch (once per key).
+        `body`: a cached POST's body, which becomes part of the key."""
         key_headers = [
             (name, request.headers[name])
             for name in resolved.key_headers
             if name in request.headers
         ]
         key = resolved.key + header_suffix(key_headers) if key_headers else resolved.key
-        attempt = Attempt(resolved, key, self._upstream_headers(request, resolved, key_headers))
+        headers = self._upstream_headers(request, resolved, key_headers)
+        if body is not None:
+            content_type = request.headers.get("Content-Type", "")
+            key += " body=" + body_digest(content_type, body)
+            if content_type:
+                headers["Content-Type"] = content_type
+        attempt = Attempt(resolved, key, headers, body=body)
         store = self.deps.store
         found = await store.lookup(key)
         store.count_request(key)
@@ -252,7 +262,10 @@ class CachedPath:
         target = upstream_target(attempt.resolved.target, upstream.query)
         pool = self.deps.upstreams
         headers = attempt.validated()
-        async with pool.request(route.upstream, "GET", target, headers, wait=wait) as resp:
+        method = "GET" if attempt.body is None else "POST"
+        async with pool.request(
+            route.upstream, method, target, headers, data=attempt.body, wait=wait
+        ) as resp:
             yield resp
 
     def _entry(

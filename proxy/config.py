@@ -190,7 +190,7 @@ _CLASS_FIELDS = (
 
 _ROUTE_FIELDS = (
     "name", "path", "methods", "query", "upstream", "ttl_class", "pass", "shared", "key_headers",
-    "error_body",
+    "error_body", "cache_post",
 )  # fmt: skip
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -237,8 +237,16 @@ def _route(
         ttl_class=None if passthrough else ttl_class,
         shared=node.child("shared").flag(False),
         key_headers=tuple(h.lower() for h in node.child("key_headers").strings()),
+        cache_post=_cache_post(node, methods),
         **_error_body(node.child("error_body")),
     )
+
+
+def _cache_post(node: Node, methods: tuple[str, ...]) -> bool:
+    flag = node.child("cache_post")
+    if flag.flag(False) and "POST" not in methods:
+        raise flag.error("needs POST in the route's methods")
+    return flag.flag(False)
 
 
 def _error_body(node: Node) -> dict[str, Any]:

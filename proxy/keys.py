@@ -111,6 +111,14 @@ def header_suffix(headers: Iterable[tuple[str, str]]) -> str:
     )
 
 
+def body_digest(content_type: str, body: bytes) -> str:
+    """A cached POST's key part: a hash of its media type and body (never the body itself)."""
+    digest = hashlib.sha256(content_type.split(";")[0].strip().lower().encode())
+    digest.update(b"\0")
+    digest.update(body)
+    return digest.hexdigest()[:32]
+
+
 def key_url(key: str) -> str:
     """The path?query part of a cache key."""
     parts = key.split(" ", 3)

@@ -111,15 +111,28 @@ class Bypass:
 RequestVerdict = Lookup | Bypass
 
 CACHEABLE_METHODS: Final = frozenset({"GET", "HEAD"})
+MAX_POST_KEY_BODY: Final = 64 * 1024  # larger POST bodies are forwarded, never keyed
 
 
 def classify_request(
-    method: str, ttl_class: TTLClass | None, has_credentials: bool, shared: bool
+    method: str,
+    ttl_class: TTLClass | None,
+    has_credentials: bool,
+    shared: bool,
+    cache_post: bool = False,
+    body_size: int | None = None,
 ) -> RequestVerdict:
-    """Whether a request may use the shared cache (DESIGN.md, Freshness and cost)."""
+    """Whether a request may use the shared cache (DESIGN.md, Freshness and cost).
+
+    POST only on routes that opt in (`cache_post`), keyed on the body, and only with a
+    declared body of at most MAX_POST_KEY_BODY bytes.
+    """
     if ttl_class is None:
         return Bypass("route-pass")
-    if method not in CACHEABLE_METHODS:
+    if method == "POST" and cache_post:
+        if body_size is None or body_size > MAX_POST_KEY_BODY:
+            return Bypass("post-body")
+    elif method not in CACHEABLE_METHODS:
         return Bypass("method")
     # RFC 9111 3.5: a shared cache must not reuse a response to an authenticated request
     # unless told it may; the route's `shared: true` is that statement.

@@ -52,6 +52,7 @@ class Route:
     ttl_class: TTLClass | None  # None: forward uncached ("pass")
     shared: bool = False  # responses to requests with Authorization/Cookie may be shared
     key_headers: tuple[str, ...] = ()
+    cache_post: bool = False  # POSTs are cached, keyed on a hash of their body
     # A 200 whose JSON has one of these top-level keys, or whose body contains one of these
     # byte strings, is an API error in disguise (Alpha Vantage's {"Note": ...}).
     error_keys: frozenset[str] = frozenset()

@@ -100,12 +100,16 @@ class ProxyHandler:
             return resolved, UNMATCHED, "error"
         route = resolved.match.route
         has_credentials = "Authorization" in request.headers or "Cookie" in request.headers
-        verdict = classify_request(request.method, route.ttl_class, has_credentials, route.shared)
+        verdict = classify_request(
+            request.method, route.ttl_class, has_credentials, route.shared,
+            route.cache_post, request.content_length,
+        )  # fmt: skip
         try:
             if isinstance(verdict, Bypass):
                 forwarded = await self._forward(request, resolved, verdict.reason)
                 return forwarded, route.name, "bypass"
-            served, outcome = await self.cached.serve(request, resolved)
+            body = await request.read() if request.method == "POST" else None
+            served, outcome = await self.cached.serve(request, resolved, body)
             return served, route.name, outcome
         except UpstreamError as e:
             return upstream_error(e), route.name, "error"

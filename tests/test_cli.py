@@ -43,7 +43,7 @@ def test_check_config_prints_the_routes_table(capsys: pytest.CaptureFixture[str]
     assert rows["chart_5d"].split()[-2:] == ["chart_5d", "5m"]
     assert rows["chart_1mo"].split()[-2:] == ["chart_1mo", "30m"]
     assert rows["chart_3mo_plus"].split()[-2:] == ["chart_3mo_plus", "1h"]
-    assert "(pass)" in rows["news_post"]
+    assert "news" in rows["news_post"] and "POST" in rows["news_post"]
     assert len(lines) - 2 == len(rows)
     assert "invalid" not in err
 

@@ -1,0 +1,90 @@
+"""Opt-in POST caching keyed on the body (Yahoo's news is a POST with a JSON body)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import CountingUpstream, ProxyFactory, Reply
+
+from proxy.config import parse_config
+from proxy.errors import ConfigError
+
+NEWS = {
+    "routes": [
+        {"name": "ncp", "path": "/xhr/ncp", "methods": ["POST"], "upstream": "api",
+         "ttl_class": "short", "cache_post": True},
+        {"name": "quote", "path": "/quote/{symbol}", "methods": ["GET", "POST"],
+         "upstream": "api", "ttl_class": "long"},
+    ]
+}  # fmt: skip
+
+
+def news_body(symbol: str) -> bytes:
+    return json.dumps({"serviceConfig": {"snippetCount": 10, "s": [symbol]}}).encode()
+
+
+async def test_identical_posts_share_an_entry_and_different_bodies_do_not(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(**NEWS)
+    upstream.replies["/xhr/ncp"] = Reply(body=b"<echo>")
+    json_type = {"Content-Type": "application/json"}
+    url = "/xhr/ncp?queryRef=latestNews"
+    first = await proxy.client.post(url, data=news_body("AAPL"), headers=json_type)
+    assert first.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    assert await first.read() == news_body("AAPL")  # the upstream got the body
+    assert upstream.seen[0].method == "POST"
+    assert upstream.seen[0].headers["Content-Type"] == "application/json"
+    again = await proxy.client.post(url, data=news_body("AAPL"), headers=json_type)
+    assert again.headers["Cache-Status"].startswith("cacheproxy; hit")
+    assert await again.read() == news_body("AAPL")
+    other = await proxy.client.post(url, data=news_body("MSFT"), headers=json_type)
+    assert other.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    as_text = await proxy.client.post(
+        url, data=news_body("AAPL"), headers={"Content-Type": "text/plain"}
+    )
+    assert as_text.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    assert upstream.calls["/xhr/ncp"] == 3
+    keys = [k async for k, _ in proxy.deps.store.scan()]
+    assert all("AAPL" not in key and "body=" in key for key in keys)  # a hash, never the body
+
+
+async def test_large_or_unsized_post_bodies_are_forwarded_uncached(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(**NEWS)
+    upstream.replies["/xhr/ncp"] = Reply(body=b"<echo>")
+    big = b"x" * (64 * 1024 + 1)
+    for _ in range(2):
+        response = await proxy.client.post("/xhr/ncp", data=big)
+        assert response.headers["Cache-Status"] == "cacheproxy; fwd=bypass; detail=post-body"
+        assert await response.read() == big
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        yield b"no "
+        yield b"length"
+
+    chunked = await proxy.client.post("/xhr/ncp", data=chunks())
+    assert chunked.headers["Cache-Status"] == "cacheproxy; fwd=bypass; detail=post-body"
+    assert upstream.calls["/xhr/ncp"] == 3
+
+
+async def test_posts_on_routes_without_cache_post_still_pass_through(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(**NEWS)
+    for _ in range(2):
+        response = await proxy.client.post("/quote/AAPL", data=b"order")
+        assert response.headers["Cache-Status"] == "cacheproxy; fwd=method; detail=method"
+    assert upstream.calls["/quote/AAPL"] == 2
+
+
+def test_cache_post_needs_post_among_the_methods() -> None:
+    data = {
+        "upstreams": {"api": {"url": "http://127.0.0.1:9"}},
+        "ttl_classes": {"t": 60},
+        "routes": [{"path": "/x", "upstream": "api", "ttl_class": "t", "cache_post": True}],
+    }
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.cache_post: needs POST"):
+        parse_config(data, env={})
