@@ -152,37 +152,38 @@ class CachedPath:
             if name in request.headers
         ]
         key = resolved.key + header_suffix(key_headers) if key_headers else resolved.key
-        headers = self._upstream_headers(request, resolved, key_headers)
+        content_type = request.headers.get("Content-Type", "") if body is not None else ""
         if body is not None:
-            content_type = request.headers.get("Content-Type", "")
             key += " body=" + body_digest(content_type, body)
+
+        def attempt(previous: CachedResponse | None = None, stale: bool = False) -> Attempt:
+            # Only requests that go upstream (or start a refresh) pay for building this.
+            headers = self._upstream_headers(request, resolved, key_headers)
             if content_type:
                 headers["Content-Type"] = content_type
-        attempt = Attempt(resolved, key, headers, body=body)
+            return Attempt(resolved, key, headers, previous, previous if stale else None, body)
+
         store = self.deps.store
         found = await store.lookup(key)
         store.count_request(key)
         if found is None:
-            return await self._miss(request, attempt)
+            return await self._miss(request, attempt())
         entry = found.entry
         now = self.deps.clock()
         cls = resolved.match.route.ttl_class
         ahead = cls.refresh_ahead if cls else 0.0
         verdict = freshness(entry.stored_at, entry.ttl, entry.grace, entry.keep, ahead, now)
         age = current_age(entry.initial_age, entry.stored_at, now)
-        held = replace(attempt, previous=entry)
         if isinstance(verdict, Fresh):
             if verdict.refresh:
-                self._refresh_soon(held)
+                self._refresh_soon(attempt(entry))
             status = f"{NAME}; hit; ttl={int(verdict.ttl_left)}; detail={found.layer}"
             return serve_entry(request, entry, status, age), f"hit_{found.layer}"
         if isinstance(verdict, Stale):
-            self._refresh_soon(held)
+            self._refresh_soon(attempt(entry))
             status = f"{NAME}; hit; fwd=stale; detail=stale-while-revalidate"
             return serve_entry(request, entry, status, age), "stale"
-        return await self._miss(
-            request, replace(held, stale=entry if verdict.usable_on_error else None)
-        )
+        return await self._miss(request, attempt(entry, stale=verdict.usable_on_error))
 
     def _upstream_headers(
         self, request: web.Request, resolved: Resolved, key_headers: list[tuple[str, str]]
