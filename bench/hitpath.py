@@ -55,7 +55,7 @@ upstreams: {{api: {{url: "http://127.0.0.1:{upstream}"}}}}
 ttl_classes: {{long: 1h}}
 routes:
   - {{name: quote, path: "/quote/{{symbol}}", upstream: api, ttl_class: long}}
-cache: {{backend: {backend}, redis: {{url: "redis://127.0.0.1:{redis}/0", command_timeout: 250ms}}}}
+cache: {{backend: {backend}, redis: {{url: "redis://127.0.0.1:{redis}/0"}}}}  # default timeouts
 """
 
 
@@ -118,6 +118,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="cacheproxy-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     ports = {name: free_port() for name in ("bare", "upstream", "l1", "l2", "redis")}
+    admin = {name: free_port() for name in ("l1", "l2")}
 
     def spawn(argv: list[str], core: int) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(pinned(core, argv), cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -134,7 +135,7 @@ def main() -> int:
         for name, backend in (("l1", "memory"), ("l2", "redis")):
             path = tmp / f"{name}.yaml"
             path.write_text(CONFIG.format(
-                port=ports[name], admin=free_port(), upstream=ports["upstream"],
+                port=ports[name], admin=admin[name], upstream=ports["upstream"],
                 backend=backend, redis=ports["redis"],
             ))  # fmt: skip
             servers[name] = spawn(
@@ -173,13 +174,22 @@ def main() -> int:
             print(f"rep {rep + 1}: " + "  ".join(f"{n} {row[n]['rps']:.0f} req/s" for n in
                   ("bare", "l1", "l2")) + f"  L1/bare {row['ratio']['l1_over_bare']:.2f}"
                   f"  L2/L1 {row['ratio']['l2_over_l1']:.2f}")  # fmt: skip
+        # Were the L2 hits really L2 hits (and not misses after a Redis timeout)?
+        outcomes = {}
+        for name in ("l1", "l2"):
+            stats = json.loads(subprocess.run(
+                ["curl", "-s", f"http://127.0.0.1:{admin[name]}/stats"],
+                capture_output=True, text=True, check=True,
+            ).stdout)  # fmt: skip
+            outcomes[name] = {k: v for k, v in stats["outcomes"].items() if v}
+        print(f"outcomes: {outcomes}")
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
-    write_results(rows, args)
+    write_results(rows, args, outcomes)
     return 0
 
 
@@ -187,7 +197,11 @@ def median(rows: list[dict[str, dict[str, float]]], name: str, field: str) -> fl
     return statistics.median(row[name][field] for row in rows)
 
 
-def write_results(rows: list[dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
+def write_results(
+    rows: list[dict[str, dict[str, float]]],
+    args: argparse.Namespace,
+    outcomes: dict[str, dict[str, int]],
+) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary = {
         name: {f: median(rows, name, f) for f in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request")}
@@ -202,7 +216,10 @@ def write_results(rows: list[dict[str, dict[str, float]]], args: argparse.Namesp
         "command": "python bench/hitpath.py " + f"--reps {args.reps} --seconds {args.seconds}",
     }
     (RESULTS / "hitpath.json").write_text(
-        json.dumps({"meta": meta, "median": summary, "ratios": ratios, "runs": rows}, indent=2)
+        json.dumps(
+            {"meta": meta, "median": summary, "ratios": ratios, "outcomes": outcomes, "runs": rows},
+            indent=2,
+        )
     )
     labels = {
         "bare": "bare aiohttp (ceiling)",
@@ -223,6 +240,9 @@ def write_results(rows: list[dict[str, dict[str, float]]], args: argparse.Namesp
         "",
         f"L1 hit / bare aiohttp: **{ratios['l1_over_bare']:.2f}x** (target 0.9x).  "
         f"L2 hit / L1 hit: **{ratios['l2_over_l1']:.2f}x** (target 0.6x).",
+        "",
+        f"Outcomes counted by the proxies over the whole run: L1 target {outcomes['l1']}, "
+        f"L2 target {outcomes['l2']}.",
         "",
     ]
     (RESULTS / "hitpath.md").write_text("\n".join(lines))

@@ -106,18 +106,25 @@ def _fold(pairs: tuple[tuple[str, str], ...], names: tuple[str, ...]) -> dict[st
     return {name: ", ".join(values) for name, values in folded.items()}
 
 
+def _keep_gzip_vary(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """A 304 may replace Vary; a gzip entry must still say it varies on Accept-Encoding."""
+    gzipped = any(
+        n.lower() == "content-encoding" and v.strip().lower() == "gzip" for n, v in headers
+    )
+    vary = ", ".join(v for n, v in headers if n.lower() == "vary").lower()
+    if gzipped and "accept-encoding" not in vary:
+        return (*headers, ("Vary", "Accept-Encoding"))
+    return headers
+
+
 def _has_validators(headers: tuple[tuple[str, str], ...]) -> bool:
     return any(n.lower() in ("etag", "last-modified") for n, _ in headers)
 
 
 def _stored_headers(headers: CIMultiDictProxy[str]) -> tuple[tuple[str, str], ...]:
     """End-to-end headers worth keeping; a gzip entry varies on Accept-Encoding."""
-    kept = [(n, v) for n, v in end_to_end(headers) if n.lower() not in _NOT_STORED]
-    gzipped = headers.get("Content-Encoding", "").strip().lower() == "gzip"
-    vary = ", ".join(headers.getall("Vary", ())).lower()
-    if gzipped and "accept-encoding" not in vary:
-        kept.append(("Vary", "Accept-Encoding"))
-    return tuple(kept)
+    kept = tuple((n, v) for n, v in end_to_end(headers) if n.lower() not in _NOT_STORED)
+    return _keep_gzip_vary(kept)
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:
@@ -212,7 +219,10 @@ class CachedPath:
                 return serve_entry(request, shared, status, _miss_age(shared)), "coalesced"
             if isinstance(shared, UpstreamError):
                 return self._failed(request, shared, attempt.stale)
-            return await self._fetch(request, attempt, None)
+            try:  # the leader had nothing to share: fetch, still covered by stale-if-error
+                return await self._fetch(request, attempt, None)
+            except UpstreamError as e:
+                return self._failed(request, e, attempt.stale)
         with coalescer.lead(attempt.key) as flight:
             try:
                 return await self._lead(request, attempt, flight)
@@ -248,7 +258,7 @@ class CachedPath:
         if stale is None:
             return upstream_error(error), "error"
         now = self.deps.clock()
-        status = f"{NAME}; fwd=stale; fwd-status={error.status}; detail=stale-if-error"
+        status = f"{NAME}; hit; fwd=stale; fwd-status={error.status}; detail=stale-if-error"
         age = current_age(stale.initial_age, stale.stored_at, now)
         return serve_entry(request, stale, status, age), "stale_error"
 
@@ -281,7 +291,10 @@ class CachedPath:
         held = attempt.previous
         if resp.status == 304 and held is not None:  # RFC 9111 4.3.4: freshen what we hold
             status, body = held.status, held.body
-            headers = updated_headers(held.headers, _stored_headers(resp.headers))
+            fresh = tuple(
+                (n, v) for n, v in end_to_end(resp.headers) if n.lower() not in _NOT_STORED
+            )
+            headers = _keep_gzip_vary(updated_headers(held.headers, fresh))
             fields = _fold(headers, _POLICY_FIELDS)
         else:
             status, headers = resp.status, _stored_headers(resp.headers)
@@ -289,6 +302,7 @@ class CachedPath:
         verdict = storability(
             status, fields, "Set-Cookie" in resp.headers, len(body), cls,
             self.deps.config.cache.max_object_size, now, asked_at,
+            authorized="Authorization" in attempt.headers,
         )  # fmt: skip
         lifetime = Store(0.0) if isinstance(verdict, DontStore) else verdict
         entry = CachedResponse(
@@ -371,7 +385,8 @@ class CachedPath:
         if found is not None and found.entry.expires_at > self.deps.clock():
             return True
         headers = {"Accept-Encoding": "gzip"}
-        await self._refresh(Attempt(resolved, key, headers, found.entry if found else None))
+        held = found.entry if found else None
+        await self._refresh(Attempt(resolved, key, headers, held), wait=None)  # may wait a slot
         found = await self.deps.store.lookup(key)
         return found is not None
 
@@ -385,9 +400,10 @@ class CachedPath:
         self._refreshing.add(key)
         self.deps.tasks.spawn(self._refresh(attempt), "refresh")
 
-    async def _refresh(self, attempt: Attempt) -> None:
+    async def _refresh(self, attempt: Attempt, wait: float | None = 0.0) -> None:
         """Fetch (conditionally) and store a new copy. A failed refresh never replaces the
-        entry we have, and never waits for a rate-limit token."""
+        entry we have, tells requests waiting on it that it failed (so stale-if-error applies
+        to them at once), and by default never waits for a rate-limit token."""
         store, key = self.deps.store, attempt.key
         leased = False
         try:
@@ -396,22 +412,29 @@ class CachedPath:
                 if not leased:
                     return  # another instance refreshes it; its write reaches us by backplane
             with self.deps.coalescer.lead(key) as flight:
+                failed = UpstreamError("status", "the refresh got nothing storable")
+                flight.result = failed  # until it succeeds
                 asked_at = self.deps.clock()
-                async with self._upstream(attempt, 0.0) as resp:
-                    limit = self.deps.config.cache.max_object_size
-                    chunks, complete = await _read_limited(resp, limit)
-                    body = b"".join(chunks)
-                    if not complete or is_upstream_failure(resp.status):
-                        return
-                    if self._api_error(resp, body, attempt.resolved):
-                        return
-                    entry, verdict = self._entry(resp, body, attempt, asked_at)
-                    if isinstance(verdict, DontStore):
-                        return
-                    await store.set(key, entry)
-                    flight.result = entry
-        except UpstreamError as e:
-            log.info("background refresh of %s failed: %s", key, e)
+                try:
+                    async with self._upstream(attempt, wait) as resp:
+                        limit = self.deps.config.cache.max_object_size
+                        chunks, complete = await _read_limited(resp, limit)
+                        body = b"".join(chunks)
+                        if not complete or is_upstream_failure(resp.status):
+                            flight.result = UpstreamError(
+                                "status", f"upstream answered {resp.status}", resp.status
+                            )
+                            return
+                        if self._api_error(resp, body, attempt.resolved):
+                            return
+                        entry, verdict = self._entry(resp, body, attempt, asked_at)
+                        if isinstance(verdict, DontStore):
+                            return
+                        await store.set(key, entry)
+                        flight.result = entry
+                except UpstreamError as e:
+                    flight.result = e
+                    log.info("background refresh of %s failed: %s", key, e)
         finally:
             self._refreshing.discard(key)
             if leased:

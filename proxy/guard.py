@@ -117,6 +117,20 @@ class UpstreamGuard:
             )  # fmt: skip
         return wait
 
+    def recheck(self) -> None:
+        """Before sending a call that waited for its token: still not paused, breaker closed?"""
+        now = self._clock()
+        if now < self.paused_until:
+            raise UpstreamError(
+                "rate-limited", f"upstream {self.name} asked us to wait (429 Retry-After)",
+                retry_after=self.paused_until - now,
+            )  # fmt: skip
+        if self.breaker.is_open:
+            raise UpstreamError(
+                "unavailable", f"upstream {self.name} keeps failing: {self.breaker.reason}",
+                retry_after=self.breaker.retry_in(),
+            )  # fmt: skip
+
     def answered(self, status: int, retry_after: str | None) -> None:
         """Learn from a response: a 429 with Retry-After pauses, 5xx counts against the breaker."""
         if status == 429 and (pause := _retry_after(retry_after)) is not None:

@@ -14,6 +14,8 @@ HEURISTIC_CAP: Final = 86400.0  # we never guess more than a day
 # RFC 9110 15.1: statuses cacheable by default, i.e. heuristic freshness may apply.
 HEURISTIC_STATUS: Final = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
 _ETAG: Final = re.compile(r'(W/)?"([^"]*)"')
+# name[=token|"quoted, may hold commas"], RFC 9111 5.2
+_DIRECTIVE: Final = re.compile(r'([^\s=,"]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^,]*))?')
 # RFC 9110 15.4.5: what a 304 repeats from the 200 it stands for.
 NOT_MODIFIED_FIELDS: Final = frozenset(
     {"cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified"}
@@ -29,11 +31,11 @@ def parse_cache_control(value: str) -> dict[str, str | None]:
     (RFC 9111 4.2.1 allows using the first).
     """
     directives: dict[str, str | None] = {}
-    for part in value.split(","):
-        name, sep, arg = part.strip().partition("=")
-        name = name.strip().lower()
-        if name and name not in directives:
-            directives[name] = arg.strip().strip('"') if sep else None
+    for m in _DIRECTIVE.finditer(value):
+        name = m.group(1).lower()
+        if name not in directives:
+            arg = m.group(2)
+            directives[name] = None if arg is None else arg.strip().strip('"')
     return directives
 
 
@@ -99,6 +101,33 @@ def stale_windows(cc: Mapping[str, str | None], grace: float, keep: float) -> tu
 
 def _tags(value: str) -> list[str]:
     return [opaque for _weak, opaque in _ETAG.findall(value)]
+
+
+def precondition(headers: Mapping[str, str], etag: str | None, last_modified: str | None) -> int:
+    """The status preconditions give a GET or HEAD against a stored 200 (RFC 9110 13.2.2):
+    412 when If-Match / If-Unmodified-Since fail, 304 when If-None-Match /
+    If-Modified-Since say the client has it, else 200. `last_modified` falls back to the
+    stored Date when there is no Last-Modified (RFC 9111 4.3.2)."""
+    if_match = headers.get("If-Match")
+    if if_match is not None:
+        if if_match.strip() != "*":  # "*": a current representation exists, and we hold it
+            # Strong comparison (RFC 9110 8.8.3.2): a weak tag on either side never matches.
+            stored = _strong_tags(etag or "")
+            if not stored or stored[0] not in _strong_tags(if_match):
+                return 412
+    elif (unmodified := http_date(headers.get("If-Unmodified-Since"))) is not None:
+        modified = http_date(last_modified)
+        if modified is None or modified > unmodified:
+            return 412
+    if not_modified(
+        headers.get("If-None-Match"), headers.get("If-Modified-Since"), etag, last_modified
+    ):
+        return 304
+    return 200
+
+
+def _strong_tags(value: str) -> list[str]:
+    return [opaque for weak, opaque in _ETAG.findall(value) if not weak]
 
 
 def not_modified(

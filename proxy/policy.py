@@ -150,6 +150,7 @@ def storability(
     max_object_size: int,
     now: float = 0.0,
     request_time: float | None = None,
+    authorized: bool = False,
 ) -> Storability:
     """Whether an upstream response may be stored, and for how long (RFC 9111 3).
 
@@ -170,14 +171,21 @@ def storability(
         return DontStore("no-store")
     if "private" in cache_control:  # RFC 9111 5.2.2.7: shared caches must not store
         return DontStore("private")
-    if "no-cache" in cache_control and cache_control["no-cache"] is None:
-        # RFC 9111 5.2.2.4: reuse needs revalidation every time, which buys nothing here.
+    if "no-cache" in cache_control:
+        # RFC 9111 5.2.2.4: reuse needs revalidation every time, which buys nothing here;
+        # the qualified form (no-cache="field") would need those fields stripped: not stored.
         return DontStore("no-cache")
     if any(v.strip() == "*" for v in headers.get("Vary", "").split(",")):
         return DontStore("vary-star")  # RFC 9111 4.1: matches no later request
     if body_size > max_object_size:
         return DontStore("too-large")
     cls = ttl_class
+    if (
+        cls.origin
+        and authorized
+        and not {"public", "s-maxage", "must-revalidate"} & (cache_control.keys())
+    ):
+        return DontStore("authorization")  # RFC 9111 3.5
     if cls.origin:
         age = corrected_initial_age(headers, now if request_time is None else request_time, now)
         ttl = freshness_lifetime(status, headers, now) - age

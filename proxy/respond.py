@@ -13,7 +13,7 @@ from aiohttp import web
 
 from proxy.entry import CachedResponse
 from proxy.errors import UpstreamError
-from proxy.origin import NOT_MODIFIED_FIELDS, not_modified
+from proxy.origin import NOT_MODIFIED_FIELDS, precondition
 from proxy.upstream import end_to_end
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,15 @@ def decode_for(request: web.Request, headers: Headers, body: bytes) -> tuple[Hea
     if inflater.unconsumed_tail:
         log.warning("a gzip body inflates past %d bytes; serving it compressed", MAX_INFLATED)
         return headers, body
-    return _without(headers, "Content-Encoding"), plain
+    return _weak_etags(_without(headers, "Content-Encoding")), plain
+
+
+def _weak_etags(headers: Headers) -> Headers:
+    """Another encoding is another representation: its ETag may only be weak (RFC 9110 8.8.3)."""
+    return [
+        (n, "W/" + v.strip() if n.lower() == "etag" and not v.strip().startswith("W/") else v)
+        for n, v in headers
+    ]
 
 
 def serve_entry(
@@ -103,7 +111,9 @@ def serve_entry(
     headers = [*entry.headers, ("Cache-Status", cache_status)]
     if age is not None:
         headers.append(("Age", str(age)))
-    if entry.status == 200 and _conditional(request, entry):
+    if entry.status == 200 and (outcome := _conditional(request, entry)) != 200:
+        if outcome == 412:
+            return json_error(412, "precondition_failed", "If-Match / If-Unmodified-Since")
         kept = [(n, v) for n, v in headers if n.lower() in _NOT_MODIFIED_KEEP]
         return web.Response(status=304, headers=kept)
     headers, body = decode_for(request, headers, entry.body)
@@ -113,14 +123,18 @@ def serve_entry(
 _NOT_MODIFIED_KEEP = NOT_MODIFIED_FIELDS | {"age", "cache-status"}
 
 
-def _conditional(request: web.Request, entry: CachedResponse) -> bool:
-    inm = request.headers.get("If-None-Match")
-    ims = request.headers.get("If-Modified-Since")
-    if inm is None and ims is None:  # the common case: no work
-        return False
-    return request.method in ("GET", "HEAD") and not_modified(
-        inm, ims, entry.header("ETag"), entry.header("Last-Modified")
-    )
+_PRECONDITIONS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since")
+
+
+def _conditional(request: web.Request, entry: CachedResponse) -> int:
+    """200, 304 or 412 for this request's preconditions against the entry."""
+    headers = request.headers
+    if not any(name in headers for name in _PRECONDITIONS):  # the common case: no work
+        return 200
+    if request.method not in ("GET", "HEAD"):
+        return 200
+    modified = entry.header("Last-Modified") or entry.header("Date")
+    return precondition(headers, entry.header("ETag"), modified)
 
 
 def private_response(

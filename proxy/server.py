@@ -170,10 +170,13 @@ class ProxyHandler:
         so the next GET fetches what the change produced (every key-header variant too)."""
         _method, _, rest = resolved.key.partition(" ")
         get_key = f"GET {rest}"
-        store = self.deps.store
+        store, config = self.deps.store, self.deps.config
         await store.purge_key(get_key)
-        if resolved.key_headers:
+        # Variants are found by pattern (a SCAN in L2), so only when the config makes any.
+        if config.cache.keys.headers or any(r.key_headers for r in config.routes):
             await store.purge(escape_glob(get_key) + " *")
+        if any(r.cache_post for r in config.routes):
+            await store.purge(escape_glob(f"POST {rest}") + " *")
 
 
 def make_proxy_app(deps: Deps) -> web.Application:

@@ -72,7 +72,7 @@ class UpstreamPool:
             self._sessions[name] = self._open(upstream)
 
     def _open(self, upstream: Upstream) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=upstream.max_connections, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(
                 total=upstream.timeout, sock_connect=upstream.connect_timeout
@@ -81,6 +81,10 @@ class UpstreamPool:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
         )
+        # aiohttp silently resends an idempotent request once when a kept-alive connection
+        # turns out closed; our own retries already do that, each with a rate-limit token.
+        session._retry_connection = False
+        return session
 
     async def close(self) -> None:
         """Close every session."""
@@ -109,6 +113,7 @@ class UpstreamPool:
         delay = guard.admit(upstream.rate_limit_wait if wait is None else wait)
         if delay > 0:
             await asyncio.sleep(delay)
+            guard.recheck()  # a 429 pause or an open breaker may have come while we queued
         response = await self._send(upstream, guard, method, target, headers, data)
         try:
             yield response
@@ -156,6 +161,7 @@ class UpstreamPool:
                 if attempt + 1 < attempts:
                     # Jittered exponential backoff, so retries from many requests spread out.
                     await asyncio.sleep(0.05 * 2**attempt * self._rng.uniform(0.5, 1.5))
+                    guard.admit(0.0)  # a retry is a call too: it needs a token of its own
                     continue
                 guard.failed("connect")
                 raise UpstreamError("connect", f"cannot connect to upstream {name}") from e

@@ -34,7 +34,7 @@ async def test_stale_if_error_serves_the_old_entry_within_its_window_only(
     assert stale.status == 200
     assert await stale.read() == b'{"price": 1}'
     assert stale.headers["Cache-Status"] == (
-        f"cacheproxy; fwd=stale; fwd-status={fwd_status}; detail=stale-if-error"
+        f"cacheproxy; hit; fwd=stale; fwd-status={fwd_status}; detail=stale-if-error"
     )
     assert stale.headers["Age"] == "61"
     proxy.clock.advance(119)  # 180 s after storing: 120 s past ttl, the window is over
@@ -193,3 +193,25 @@ async def test_a_200_without_markers_is_stored_as_usual(
     await proxy.client.get("/query?function=GLOBAL_QUOTE&symbol=IBM")
     hit = await proxy.client.get("/query?function=GLOBAL_QUOTE&symbol=IBM")
     assert hit.headers["Cache-Status"].startswith("cacheproxy; hit")
+
+
+async def test_a_request_waiting_on_a_failed_refresh_still_gets_stale_if_error(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(
+        upstreams={"api": {"url": upstream.url, "timeout": "300ms"}},
+        **_classes(stale_while_revalidate=30, stale_if_error=600),
+    )
+    path = "/v8/finance/chart/AMZN"
+    await proxy.client.get(path)
+    proxy.clock.advance(61)
+    upstream.gate = asyncio.Event()  # the refresh hangs until it times out
+    stale = await proxy.client.get(path)  # within grace: served, refresh started
+    assert "stale-while-revalidate" in stale.headers["Cache-Status"]
+    proxy.clock.advance(40)  # past grace, within stale-if-error; the refresh still runs
+    waiter = await proxy.client.get(path)
+    assert waiter.status == 200
+    assert waiter.headers["Cache-Status"].endswith("detail=stale-if-error")
+    upstream.gate.set()
+    await proxy.deps.tasks.wait()
+    assert upstream.calls[path] == 2  # the first fetch and the one refresh: no third call

@@ -11,6 +11,7 @@ from proxy.origin import (
     corrected_initial_age,
     freshness_lifetime,
     not_modified,
+    precondition,
     stale_windows,
     updated_headers,
 )
@@ -103,10 +104,56 @@ ORIGIN = TTLClass("origin", 0.0, 0.0, origin=True)
         (404, {"Cache-Control": "max-age=30"}, Store(30)),
         (200, {"Cache-Control": "max-age=60", "Vary": "*"}, DontStore("vary-star")),
         (503, {"Cache-Control": "max-age=60"}, DontStore("status-5xx")),
+        (200, {"Cache-Control": 'no-cache="Set-Cookie, X-A", max-age=60'}, DontStore("no-cache")),
     ],
 )
 def test_origin_storability(status: int, headers: dict[str, str], verdict: object) -> None:
     assert storability(status, headers, False, 10, ORIGIN, 1000, T, T) == verdict
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "stored"),
+    [
+        ("max-age=60", False),  # RFC 9111 3.5: not for an authorized request ...
+        ("public, max-age=60", True),  # ... unless the response says so
+        ("s-maxage=60", True),
+        ("max-age=60, must-revalidate", True),
+    ],
+)
+def test_origin_responses_to_authorized_requests(cache_control: str, stored: bool) -> None:
+    verdict = storability(
+        200, {"Cache-Control": cache_control}, False, 10, ORIGIN, 1000, T, T, authorized=True
+    )
+    assert isinstance(verdict, Store) is stored
+
+
+def test_quoted_directive_values_may_hold_commas() -> None:
+    assert parse_cache_control('no-cache="Set-Cookie, X-A", max-age=5') == {
+        "no-cache": "Set-Cookie, X-A",
+        "max-age": "5",
+    }
+
+
+@pytest.mark.parametrize(
+    ("headers", "etag", "modified", "status"),
+    [
+        ({}, '"a"', date(-10), 200),
+        ({"If-Match": '"a"'}, '"a"', None, 200),
+        ({"If-Match": '"b"'}, '"a"', None, 412),
+        ({"If-Match": 'W/"a"'}, '"a"', None, 412),  # strong comparison
+        ({"If-Match": '"a"'}, 'W/"a"', None, 412),
+        ({"If-Match": "*"}, '"a"', None, 200),
+        ({"If-Unmodified-Since": date(0)}, None, date(-10), 200),
+        ({"If-Unmodified-Since": date(-20)}, None, date(-10), 412),
+        ({"If-Match": '"a"', "If-Unmodified-Since": date(-20)}, '"a"', date(-10), 200),
+        ({"If-Match": '"a"', "If-None-Match": '"a"'}, '"a"', None, 304),
+        ({"If-Modified-Since": date(0)}, None, date(-10), 304),  # modified = a stored Date
+    ],
+)
+def test_preconditions(
+    headers: dict[str, str], etag: str | None, modified: str | None, status: int
+) -> None:
+    assert precondition(headers, etag, modified) == status
 
 
 @pytest.mark.parametrize(
@@ -211,6 +258,54 @@ async def test_ttl_origin_follows_the_upstream(
     upstream.replies["/v8/finance/chart/NONE"] = Reply(headers={})
     silent = await proxy.client.get("/v8/finance/chart/NONE")
     assert silent.headers["Cache-Status"] == "cacheproxy; fwd=miss; detail=stale-on-arrival"
+
+
+async def test_if_modified_since_against_an_entry_without_last_modified_uses_its_date(
+    proxy: object, upstream: CountingUpstream
+) -> None:
+    from conftest import Proxy
+
+    assert isinstance(proxy, Proxy)
+    upstream.replies["/quote/D"] = Reply(body=b"{}", headers={"Date": date(-100)})
+    await proxy.client.get("/quote/D")
+    since = await proxy.client.get("/quote/D", headers={"If-Modified-Since": date(-50)})
+    assert since.status == 304
+
+
+async def test_an_inflated_gzip_entry_has_a_weak_etag(
+    proxy: object, upstream: CountingUpstream
+) -> None:
+    import gzip
+
+    from conftest import Proxy
+
+    assert isinstance(proxy, Proxy)
+    upstream.replies["/quote/Z"] = Reply(
+        body=gzip.compress(b"{}"), headers={"Content-Encoding": "gzip", "ETag": '"z1"'}
+    )
+    await proxy.client.get("/quote/Z")
+    zipped = await proxy.client.get("/quote/Z", headers={"Accept-Encoding": "gzip"})
+    plain = await proxy.client.get("/quote/Z", headers={"Accept-Encoding": "identity"})
+    assert zipped.headers["ETag"] == '"z1"'
+    assert plain.headers["ETag"] == 'W/"z1"'
+
+
+async def test_unsafe_requests_on_another_route_invalidate_every_variant(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(
+        routes=[
+            {"name": "q", "path": "/q/{s}", "upstream": "api", "ttl_class": "long",
+             "key_headers": ["Accept-Language"]},
+            {"name": "q_put", "path": "/q/{s}", "methods": ["PUT"], "upstream": "api",
+             "pass": True},
+        ]
+    )  # fmt: skip
+    for language in ("en", "fr"):
+        await proxy.client.get("/q/A", headers={"Accept-Language": language})
+    assert len(proxy.l1) == 2
+    await proxy.client.put("/q/A", data=b"new")
+    assert len(proxy.l1) == 0
 
 
 @pytest.mark.parametrize(("status", "invalidates"), [(200, True), (303, True), (500, False)])
