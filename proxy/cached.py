@@ -11,12 +11,19 @@ from dataclasses import dataclass, replace
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDictProxy
 
 from proxy.coalesce import Flight
 from proxy.deps import Deps
 from proxy.entry import CachedResponse
 from proxy.errors import UpstreamError
+from proxy.headers import (
+    NOT_STORED,
+    fold,
+    has_validators,
+    joined,
+    keep_gzip_vary,
+    stored_headers,
+)
 from proxy.keys import Target, body_digest, header_suffix, upstream_target
 from proxy.origin import updated_headers
 from proxy.policy import (
@@ -32,7 +39,6 @@ from proxy.policy import (
     storability,
 )
 from proxy.respond import (
-    CHUNK,
     MAX_INFLATED,
     NAME,
     private_response,
@@ -41,14 +47,12 @@ from proxy.respond import (
     upstream_error,
 )
 from proxy.routes import Match
-from proxy.upstream import end_to_end
+from proxy.upstream import end_to_end, read_limited
 
 log = logging.getLogger(__name__)
 
 # Reasons a response may not even be handed to concurrent waiters: it belongs to one client.
 _PRIVATE_REASONS = frozenset({"set-cookie", "private", "no-store"})
-# Headers never stored with an entry: recomputed per response, or per client.
-_NOT_STORED = frozenset({"age", "set-cookie"})
 # What storability reads, each folded into one value.
 _POLICY_FIELDS = ("Cache-Control", "Vary", "Expires", "Date", "Last-Modified", "Age")
 Served = tuple[web.StreamResponse, str]  # the response and its outcome label
@@ -86,59 +90,6 @@ class Attempt:
         if (modified := held.header("Last-Modified")) is not None:
             headers["If-Modified-Since"] = modified
         return headers
-
-
-def _joined(
-    headers: CIMultiDictProxy[str] | dict[str, str], names: tuple[str, ...]
-) -> dict[str, str]:
-    """Fields that may come as several lines, each folded into one value (RFC 9110 5.3)."""
-    if isinstance(headers, dict):
-        return {n: headers[n] for n in names if n in headers}
-    return {n: ", ".join(headers.getall(n)) for n in names if n in headers}
-
-
-def _fold(pairs: tuple[tuple[str, str], ...], names: tuple[str, ...]) -> dict[str, str]:
-    wanted = {n.lower(): n for n in names}
-    folded: dict[str, list[str]] = {}
-    for name, value in pairs:
-        if (canonical := wanted.get(name.lower())) is not None:
-            folded.setdefault(canonical, []).append(value)
-    return {name: ", ".join(values) for name, values in folded.items()}
-
-
-def _keep_gzip_vary(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    """A 304 may replace Vary; a gzip entry must still say it varies on Accept-Encoding."""
-    gzipped = any(
-        n.lower() == "content-encoding" and v.strip().lower() == "gzip" for n, v in headers
-    )
-    vary = ", ".join(v for n, v in headers if n.lower() == "vary").lower()
-    if gzipped and "accept-encoding" not in vary:
-        return (*headers, ("Vary", "Accept-Encoding"))
-    return headers
-
-
-def _has_validators(headers: tuple[tuple[str, str], ...]) -> bool:
-    return any(n.lower() in ("etag", "last-modified") for n, _ in headers)
-
-
-def _stored_headers(headers: CIMultiDictProxy[str]) -> tuple[tuple[str, str], ...]:
-    """End-to-end headers worth keeping; a gzip entry varies on Accept-Encoding."""
-    kept = tuple((n, v) for n, v in end_to_end(headers) if n.lower() not in _NOT_STORED)
-    return _keep_gzip_vary(kept)
-
-
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:
-    """The body's chunks, and whether that is all of it (False: over `limit`, stop reading)."""
-    if resp.content_length is not None and resp.content_length > limit:
-        return [], False
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_chunked(CHUNK):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            return chunks, False
-    return chunks, True
 
 
 class CachedPath:
@@ -292,13 +243,13 @@ class CachedPath:
         if resp.status == 304 and held is not None:  # RFC 9111 4.3.4: freshen what we hold
             status, body = held.status, held.body
             fresh = tuple(
-                (n, v) for n, v in end_to_end(resp.headers) if n.lower() not in _NOT_STORED
+                (n, v) for n, v in end_to_end(resp.headers) if n.lower() not in NOT_STORED
             )
-            headers = _keep_gzip_vary(updated_headers(held.headers, fresh))
-            fields = _fold(headers, _POLICY_FIELDS)
+            headers = keep_gzip_vary(updated_headers(held.headers, fresh))
+            fields = fold(headers, _POLICY_FIELDS)
         else:
-            status, headers = resp.status, _stored_headers(resp.headers)
-            fields = _joined(resp.headers, _POLICY_FIELDS)
+            status, headers = resp.status, stored_headers(resp.headers)
+            fields = joined(resp.headers, _POLICY_FIELDS)
         verdict = storability(
             status, fields, "Set-Cookie" in resp.headers, len(body), cls,
             self.deps.config.cache.max_object_size, now, asked_at,
@@ -317,7 +268,7 @@ class CachedPath:
             grace=lifetime.grace,
             keep=lifetime.keep,
         )
-        if _has_validators(headers):  # keep it one more ttl, so a refetch can be a cheap 304
+        if has_validators(headers):  # keep it one more ttl, so a refetch can be a cheap 304
             entry = replace(entry, revalidate=max(entry.ttl, 60.0))
         return entry, verdict
 
@@ -327,7 +278,7 @@ class CachedPath:
         asked_at = self.deps.clock()
         stale = attempt.stale
         async with self._upstream(attempt, 0.0 if stale else None) as resp:
-            chunks, complete = await _read_limited(resp, self.deps.config.cache.max_object_size)
+            chunks, complete = await read_limited(resp, self.deps.config.cache.max_object_size)
             if not complete:
                 detail = "fwd=miss; detail=too-large"
                 return await relay(request, resp, chunks, detail, inflate=True), "miss"
@@ -418,7 +369,7 @@ class CachedPath:
                 try:
                     async with self._upstream(attempt, wait) as resp:
                         limit = self.deps.config.cache.max_object_size
-                        chunks, complete = await _read_limited(resp, limit)
+                        chunks, complete = await read_limited(resp, limit)
                         body = b"".join(chunks)
                         if not complete or is_upstream_failure(resp.status):
                             flight.result = UpstreamError(

@@ -14,12 +14,11 @@ from aiohttp import web
 from proxy.entry import CachedResponse
 from proxy.errors import UpstreamError
 from proxy.origin import NOT_MODIFIED_FIELDS, precondition
-from proxy.upstream import end_to_end
+from proxy.upstream import CHUNK, end_to_end
 
 log = logging.getLogger(__name__)
 
 NAME = "cacheproxy"
-CHUNK = 64 * 1024
 # A decompressed body larger than this is not produced: the client gets gzip as stored.
 MAX_INFLATED = 64 * 1024 * 1024
 Headers = list[tuple[str, str]]

@@ -19,8 +19,8 @@ from proxy.policy import (
     Bypass,
     classify_request,
 )
-from proxy.respond import CHUNK, json_error, relay, upstream_error
-from proxy.upstream import end_to_end
+from proxy.respond import json_error, relay, upstream_error
+from proxy.upstream import CHUNK, end_to_end
 from proxy.warm import bounded
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from proxy.metrics import Metrics
 
 # RFC 9110 7.6.1: connection-specific fields a proxy must not forward. Content-Length is
 # re-computed for every message we send, so it never travels through either.
+CHUNK = 64 * 1024  # bytes read or written at a time when streaming bodies
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # RFC 9110 9.2.2
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
@@ -40,6 +41,20 @@ def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[
         for name, value in headers.items()
         if name.lower() not in HOP_BY_HOP and name.lower() not in named
     ]
+
+
+async def read_limited(resp: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:
+    """The body's chunks, and whether that is all of it (False: over `limit`, stop reading)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        return [], False
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(CHUNK):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return chunks, False
+    return chunks, True
 
 
 class UpstreamPool:

@@ -1,0 +1,47 @@
+"""Response headers as the cache keeps them: folded fields, what is stored, validators."""
+
+from __future__ import annotations
+
+from multidict import CIMultiDictProxy
+
+from proxy.upstream import end_to_end
+
+# Headers never stored with an entry: recomputed per response, or per client.
+NOT_STORED = frozenset({"age", "set-cookie"})
+Pairs = tuple[tuple[str, str], ...]
+
+
+def joined(headers: CIMultiDictProxy[str], names: tuple[str, ...]) -> dict[str, str]:
+    """Fields that may come as several lines, each folded into one value (RFC 9110 5.3)."""
+    return {n: ", ".join(headers.getall(n)) for n in names if n in headers}
+
+
+def fold(pairs: Pairs, names: tuple[str, ...]) -> dict[str, str]:
+    """Like joined(), for stored header pairs."""
+    wanted = {n.lower(): n for n in names}
+    folded: dict[str, list[str]] = {}
+    for name, value in pairs:
+        if (canonical := wanted.get(name.lower())) is not None:
+            folded.setdefault(canonical, []).append(value)
+    return {name: ", ".join(values) for name, values in folded.items()}
+
+
+def keep_gzip_vary(headers: Pairs) -> Pairs:
+    """A gzip entry says it varies on Accept-Encoding (we serve it inflated to some clients),
+    whatever the upstream's Vary or a later 304's replacement of it said."""
+    fields = fold(headers, ("Content-Encoding", "Vary"))
+    gzipped = fields.get("Content-Encoding", "").strip().lower() == "gzip"
+    if gzipped and "accept-encoding" not in fields.get("Vary", "").lower():
+        return (*headers, ("Vary", "Accept-Encoding"))
+    return headers
+
+
+def has_validators(headers: Pairs) -> bool:
+    """Whether a response carries ETag or Last-Modified, so it can be revalidated."""
+    return any(n.lower() in ("etag", "last-modified") for n, _ in headers)
+
+
+def stored_headers(headers: CIMultiDictProxy[str]) -> Pairs:
+    """End-to-end headers worth keeping; a gzip entry varies on Accept-Encoding."""
+    kept = tuple((n, v) for n, v in end_to_end(headers) if n.lower() not in NOT_STORED)
+    return keep_gzip_vary(kept)
