@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy.deps import DEPS, Deps
 from proxy.errors import BadRequest
 from proxy.keys import cache_key, escape_glob, key_url, parse_target
+from proxy.reload import reload
 from proxy.respond import json_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -227,6 +228,16 @@ async def clear(request: web.Request) -> web.Response:
     return web.json_response({"cleared": cleared})
 
 
+async def reload_config(request: web.Request) -> web.Response:
+    """Re-read the config file; a bad one gets 400 with its error and changes nothing."""
+    result = await reload(_deps(request))
+    if not result.ok:
+        return json_error(400, "config_rejected", result.error)
+    return web.json_response(
+        {"reloaded": True, "routes": result.routes, "restart_needed": result.restart_needed}
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of the app's registry."""
     output = generate_latest(_deps(request).metrics.registry)
@@ -243,5 +254,6 @@ def make_admin_app(deps: Deps) -> web.Application:
     app.router.add_get("/ttl", ttl)
     app.router.add_post("/purge", purge)
     app.router.add_post("/clear", clear)
+    app.router.add_post("/reload", reload_config)
     app.router.add_get("/metrics", metrics)
     return app

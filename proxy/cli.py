@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from proxy.admin import make_admin_app
 from proxy.config import Config, load_config
 from proxy.deps import build_deps
 from proxy.errors import ConfigError
+from proxy.reload import reload
 from proxy.server import make_proxy_app
 
 log = logging.getLogger("cacheproxy")
@@ -54,9 +56,13 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
     return runner
 
 
-async def serve(config: Config) -> None:
-    """Run the proxy and admin listeners until SIGINT or SIGTERM."""
+async def serve(config: Config, path: Path | None = None) -> None:
+    """Run the proxy and admin listeners until SIGINT or SIGTERM; SIGHUP reloads `path`."""
     deps = build_deps(config)
+    deps.config_path = path
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGHUP, lambda: deps.tasks.spawn(reload(deps), "reload-on-sighup")
+    )
     proxy_runner = await start_site(make_proxy_app(deps), config.server.host, config.server.port)
     admin_runner = await start_site(
         make_admin_app(deps), config.server.admin_host, config.server.admin_port
@@ -141,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if not args.log_level:
             logging.getLogger().setLevel(config.server.log_level.upper())
-        run(serve(config))
+        run(serve(config, Path(args.config)))
         return 0
     if args.command == "sim":
         from proxy.demo import run_sim

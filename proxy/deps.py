@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -34,6 +35,7 @@ class Deps:
     clock: Clock = system_clock
     coalescer: Coalescer = field(default_factory=Coalescer)
     backplane: Backplane | None = None
+    config_path: Path | None = None  # what /reload and SIGHUP read again
 
 
 def build_deps(

@@ -57,6 +57,10 @@ async def read_limited(resp: aiohttp.ClientResponse, limit: int) -> tuple[list[b
     return chunks, True
 
 
+def _guard_settings(u: Upstream) -> tuple[object, ...]:
+    return (u.rate_limit, u.breaker_failures, u.breaker_backoff, u.breaker_max_backoff)
+
+
 class UpstreamPool:
     """Sessions for every configured upstream, opened and closed with the app."""
 
@@ -69,17 +73,35 @@ class UpstreamPool:
     ) -> None:
         self.upstreams = dict(upstreams)
         self.metrics = metrics
-        self.guards = {
-            name: UpstreamGuard(
-                name,
-                u.rate_limit,
-                CircuitBreaker(u.breaker_failures, u.breaker_backoff, u.breaker_max_backoff, clock),
-                clock,
-            )
-            for name, u in upstreams.items()
-        }
+        self._clock = clock
+        self.guards = {name: self._guard(u) for name, u in upstreams.items()}
         self._rng = rng or random.Random()
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def _guard(self, u: Upstream) -> UpstreamGuard:
+        breaker = CircuitBreaker(
+            u.breaker_failures, u.breaker_backoff, u.breaker_max_backoff, self._clock
+        )
+        return UpstreamGuard(u.name, u.rate_limit, breaker, self._clock)
+
+    def update(self, upstreams: Mapping[str, Upstream]) -> list[aiohttp.ClientSession]:
+        """Switch to a reloaded set of upstreams. New or changed ones get new sessions; an
+        unchanged guard is kept (a 429 pause survives a reload). Returns the sessions taken
+        out of use, for the caller to close once requests still on them are done."""
+        retired: list[aiohttp.ClientSession] = []
+        for name, old in self.upstreams.items():
+            if upstreams.get(name) != old and name in self._sessions:
+                retired.append(self._sessions.pop(name))
+        for name, new in upstreams.items():
+            old_upstream = self.upstreams.get(name)
+            if name not in self._sessions:
+                self._sessions[name] = self._open(new)
+            if old_upstream is None or _guard_settings(old_upstream) != _guard_settings(new):
+                self.guards[name] = self._guard(new)
+        for name in set(self.guards) - set(upstreams):
+            del self.guards[name]
+        self.upstreams = dict(upstreams)
+        return retired
 
     async def start(self) -> None:
         """Open one session per upstream."""

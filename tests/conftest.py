@@ -60,6 +60,7 @@ class CountingUpstream:
         self.replies: dict[str, Reply] = {}
         self.gate: asyncio.Event | None = None  # when set, responses wait for it
         self.not_modified = 0  # 304s answered to conditional requests
+        self.arrived = asyncio.Event()  # set whenever a request arrives
         self.in_flight = 0
         self.max_in_flight = 0  # the most requests it was answering at once
         self.server: TestServer | None = None
@@ -76,6 +77,7 @@ class CountingUpstream:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.calls[request.path] += 1
+        self.arrived.set()
         self.seen.append(Seen(request.method, request.path_qs, dict(request.headers), body))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
