@@ -52,3 +52,44 @@ def test_summary_ratios() -> None:
     assert summary["cacheable_requests"] == 10
     assert summary["calls_saved"] == 7
     assert summary["hit_ratio"] == 0.7
+
+
+async def test_promtool_accepts_the_metrics_of_a_busy_proxy(
+    make_proxy: object, upstream: object, redis_server: object
+) -> None:
+    """`promtool check metrics` finds nothing to complain about (names, types, help, labels)."""
+    import asyncio
+    import os
+    import shutil
+
+    import pytest
+    from conftest import CountingUpstream, ProxyFactory, RedisServer, Reply, layered_cache
+
+    assert isinstance(upstream, CountingUpstream) and isinstance(redis_server, RedisServer)
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is not installed (apt-get install -y prometheus)")
+        pytest.skip("promtool is not installed (apt-get install -y prometheus)")
+    factory: ProxyFactory = make_proxy  # type: ignore[assignment]
+    proxy = await factory(cache=layered_cache(redis_server.url))
+    upstream.replies["/quote/ERR"] = Reply(status=503, body=b"down")
+    for path in ("/quote/AAPL", "/quote/AAPL", "/quote/ERR", "/nowhere", "/xhr/ncp"):
+        await proxy.client.get(path)
+    await proxy.client.post("/xhr/ncp", data=b"{}")
+    await proxy.admin.post("/purge", json={"pattern": "/quote/*"})
+    text = await (await proxy.admin.get("/metrics")).read()
+    check = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await check.communicate(text)
+    assert check.returncode == 0, output.decode()
+    assert output.decode().strip() == "", output.decode()  # not even a lint warning
+    for family in (
+        b"cacheproxy_requests_total", b"cacheproxy_request_duration_seconds_bucket",
+        b"cacheproxy_upstream_requests_total", b"cacheproxy_cache_entries",
+        b"cacheproxy_l2_breaker_state", b"cacheproxy_purges_total",
+    ):  # fmt: skip
+        assert family in text
