@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import aiohttp
 from aiohttp import web
 
+from proxy.accesslog import KEY
 from proxy.coalesce import Flight
 from proxy.deps import Deps
 from proxy.entry import CachedResponse
@@ -113,6 +114,7 @@ class CachedPath:
         content_type = request.headers.get("Content-Type", "") if body is not None else ""
         if body is not None:
             key += " body=" + body_digest(content_type, body)
+        request[KEY] = key  # for the access log (hashed there)
 
         def attempt(previous: CachedResponse | None = None, stale: bool = False) -> Attempt:
             # Only requests that go upstream (or start a refresh) pay for building this.

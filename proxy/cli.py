@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.accesslog import configure as configure_access_log
 from proxy.admin import make_admin_app
 from proxy.config import Config, load_config
 from proxy.deps import build_deps
@@ -147,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if not args.log_level:
             logging.getLogger().setLevel(config.server.log_level.upper())
+        configure_access_log()
         run(serve(config, Path(args.config)))
         return 0
     if args.command == "sim":

@@ -95,6 +95,7 @@ class ServerConfig:
     admin_token: str = ""
     log_level: str = "info"
     coalesce_timeout: float = 15.0
+    access_log: bool = False  # one JSON line per request on stdout
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,9 +309,7 @@ def _cache(node: Node) -> CacheConfig:
 
 
 def _server(node: Node) -> ServerConfig:
-    node.mapping(
-        ("host", "port", "admin_host", "admin_port", "admin_token", "log_level", "coalesce_timeout")
-    )
+    node.mapping(tuple(ServerConfig.__dataclass_fields__))
     level = node.child("log_level").text("info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise node.child("log_level").error(
@@ -324,6 +323,7 @@ def _server(node: Node) -> ServerConfig:
         admin_token=node.child("admin_token").text(""),
         log_level=level,
         coalesce_timeout=node.child("coalesce_timeout").duration(15.0),
+        access_log=node.child("access_log").flag(False),
     )
     if not server.admin_token and not _is_loopback(server.admin_host):
         raise node.child("admin_host").error(

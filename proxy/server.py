@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from proxy.accesslog import KEY, UPSTREAM_SECONDS
+from proxy.accesslog import line as access_line
+from proxy.accesslog import log as access_log
 from proxy.cached import CachedPath, Resolved
 from proxy.config import Config
 from proxy.deps import DEPS, Deps
@@ -55,11 +58,23 @@ class ProxyHandler:
         """Answer one client request and count it by route and outcome."""
         started = time.perf_counter()
         route_name, outcome = UNMATCHED, "error"
+        logging_access = self.deps.config.server.access_log
+        upstream_times: list[float] = []
+        if logging_access:
+            UPSTREAM_SECONDS.set(upstream_times)
+        status = 500
         try:
             response, route_name, outcome = await self._handle(request)
+            status = response.status
             return response
         finally:
-            self.deps.metrics.request(route_name, outcome, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.deps.metrics.request(route_name, outcome, elapsed)
+            if logging_access:
+                access_log.info(access_line(
+                    request.method, request.path, route_name, outcome, status, elapsed,
+                    upstream_times, request.get(KEY),
+                ))  # fmt: skip
 
     def _resolve(self, method: str, raw: str) -> Resolved | web.Response:
         """Route and key for a target, or the error response when there is none."""

@@ -13,6 +13,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.accesslog import record_upstream
 from proxy.breaker import CircuitBreaker
 from proxy.config import Upstream
 from proxy.errors import UpstreamError
@@ -206,7 +207,9 @@ class UpstreamPool:
                 self.metrics.upstream_error(name, "protocol")
                 guard.failed("protocol")
                 raise UpstreamError("protocol", f"upstream {name} sent a broken response") from e
-            self.metrics.upstream_call(name, response.status, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.upstream_call(name, response.status, elapsed)
+            record_upstream(elapsed)
             guard.answered(response.status, response.headers.get("Retry-After"))
             return response
         raise AssertionError("unreachable: the last attempt returns or raises")
