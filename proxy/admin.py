@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.bans import valid_tag
 from proxy.deps import DEPS, Deps
 from proxy.errors import BadRequest
 from proxy.keys import cache_key, escape_glob, key_url, parse_target
@@ -167,25 +168,79 @@ async def ttl(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
+_PURGE_KINDS = ("url", "pattern", "key", "tag", "route")
+_PURGE_HELP = (
+    'body must have exactly one of "url", "pattern", "key", "tag" or "route", e.g. '
+    '{"url": "/path?q"}, {"pattern": "/v8/*"}, {"tag": "symbol=AAPL", "soft": true}'
+)
+
+
 async def purge(request: web.Request) -> web.Response:
-    """`{"url": "/v8/finance/chart/AAPL?range=5d"}` or `{"pattern": "/v8/finance/chart/*"}`."""
+    """Purge by exact URL, cache key, glob over URLs, tag (symbol=AAPL) or route name;
+    `"soft": true` (tag and route) keeps entries for stale-if-error."""
     deps = _deps(request)
     try:
         body = await request.json()
     except ValueError:
-        return _bad('body must be JSON such as {"url": "/path?query"} or {"pattern": "/path/*"}')
-    if not isinstance(body, dict) or len(body) != 1 or not {"url", "pattern"} & body.keys():
-        return _bad('body must have exactly one of "url" or "pattern"')
-    kind, value = next(iter(body.items()))
-    if not isinstance(value, str) or not value.startswith("/"):
-        return _bad(f"{kind} must be a string starting with /")
+        return _bad(_PURGE_HELP)
+    if not isinstance(body, dict):
+        return _bad(_PURGE_HELP)
+    kinds = [k for k in _PURGE_KINDS if k in body]
+    unknown = set(body) - {*_PURGE_KINDS, "soft"}
+    if len(kinds) != 1 or unknown:
+        return _bad(_PURGE_HELP)
+    kind = kinds[0]
+    value, soft = body[kind], body.get("soft", False)
+    if not isinstance(soft, bool) or (soft and kind not in ("tag", "route")):
+        return _bad('"soft" is true or false, and only for "tag" and "route" purges')
+    if not isinstance(value, str) or not value:
+        return _bad(f"{kind} must be a non-empty string")
+    if kind in ("tag", "route"):
+        return await _purge_tag(deps, kind, value, soft)
+    if kind in ("url", "pattern") and not value.startswith("/"):
+        return _bad(f"{kind} must start with /")
     if kind == "pattern":
         counts = await deps.store.purge(_url_glob(value))
+    elif kind == "key":
+        counts = await deps.store.purge_key(value)
     else:
         try:
             counts = await _purge_url(deps, value)
         except BadRequest as e:
             return _bad(str(e))
+    return _purged(deps, kind, value, counts)
+
+
+async def delete_keys(request: web.Request) -> web.Response:
+    """DELETE /keys/{pattern}: purge the keys whose URL matches the glob."""
+    deps = _deps(request)
+    pattern = "/" + request.match_info["pattern"]
+    return _purged(deps, "pattern", pattern, await deps.store.purge(_url_glob(pattern)))
+
+
+async def _purge_tag(deps: Deps, kind: str, value: str, soft: bool) -> web.Response:
+    tag = f"route={value}" if kind == "route" else value
+    if not valid_tag(tag):
+        return _bad("tag must look like name=value, e.g. symbol=AAPL")
+    if kind == "route" and value not in {r.name for r in deps.config.routes}:
+        return _bad(f"no route named {value!r}")
+    applied, reached = await deps.store.purge_tag(tag, soft)
+    label = f"{kind}-soft" if soft else kind
+    deps.metrics.purges.labels(label).inc()
+    deps.metrics.purged_entries.labels(label).inc(applied)
+    answer: dict[str, Any] = {
+        "purged": applied, "layers": {"l1": applied}, kind: value, "soft": soft,
+        # L2 entries are purged lazily: each one is dropped (or marked) when next looked up.
+        "l2": "lazy" if reached else None,
+    }  # fmt: skip
+    if deps.store.l2 is not None and not reached:
+        answer["error"] = "l2_unavailable"
+        answer["detail"] = "Redis could not be reached: retry the purge when it is back"
+        return web.json_response(answer, status=503)
+    return web.json_response(answer)
+
+
+def _purged(deps: Deps, kind: str, value: str, counts: dict[str, int | None]) -> web.Response:
     purged = max((n for n in counts.values() if n is not None), default=0)
     deps.metrics.purges.labels(kind).inc()
     deps.metrics.purged_entries.labels(kind).inc(purged)
@@ -255,5 +310,6 @@ def make_admin_app(deps: Deps) -> web.Application:
     app.router.add_post("/purge", purge)
     app.router.add_post("/clear", clear)
     app.router.add_post("/reload", reload_config)
+    app.router.add_delete("/keys/{pattern:.*}", delete_keys)
     app.router.add_get("/metrics", metrics)
     return app

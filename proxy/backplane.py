@@ -18,8 +18,8 @@ from proxy.config import RedisConfig
 
 log = logging.getLogger(__name__)
 CHANNEL = "events"
-Op = Literal["set", "del", "match", "clear"]
-_OPS: frozenset[str] = frozenset({"set", "del", "match", "clear"})
+Op = Literal["set", "del", "match", "clear", "ban", "softban"]
+_OPS: frozenset[str] = frozenset({"set", "del", "match", "clear", "ban", "softban"})
 _PING_EVERY = 2.0  # seconds between liveness pings on the subscription
 _DEAD_AFTER = 3 * _PING_EVERY  # silence (not even a pong) after which we reconnect
 
@@ -31,7 +31,8 @@ class Event:
     op: Op
     arg: str
     origin: str  # the sending instance; an instance ignores its own events
-    stamp: float = 0.0  # for "set": the entry's stored_at, so only older copies are dropped
+    # "set": the entry's stored_at, so only older copies are dropped; "ban": when purged
+    stamp: float = 0.0
 
     def encode(self) -> bytes:
         body = {"op": self.op, "arg": self.arg, "origin": self.origin, "stamp": self.stamp}

@@ -129,6 +129,8 @@ class CachedPath:
         if found is None:
             return await self._miss(request, attempt())
         entry = found.entry
+        if found.soft_purged:  # go upstream; the old entry stands in only on failure
+            return await self._miss(request, attempt(entry, stale=True))
         now = self.deps.clock()
         cls = resolved.match.route.ttl_class
         ahead = cls.refresh_ahead if cls else 0.0

@@ -204,6 +204,7 @@ def make_proxy_app(deps: Deps) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await deps.upstreams.start()
         if deps.backplane is not None:
+            await deps.store.load_bans()
             deps.tasks.spawn(deps.backplane.run(), "backplane")
         every = deps.config.cache.redis.popularity_flush
         if deps.store.l2 is not None and every > 0:

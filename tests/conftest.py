@@ -164,6 +164,9 @@ class Proxy:
     def config(self) -> Config:
         return self.deps.config
 
+    def l1_keys(self) -> list[str]:
+        return [key for key, _ in self.l1.items()]
+
     @property
     def l1(self) -> MemoryStore:
         assert self.deps.store.l1 is not None

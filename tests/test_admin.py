@@ -236,7 +236,12 @@ async def test_purge_pattern_purges_only_matching(proxy: Proxy, upstream: Counti
         {"data": b""},
         {"json": {"url": "/quote/AAPL", "pattern": "/quote/*"}},
         {"json": {}},
-        {"json": {"key": "/quote/AAPL"}},
+        {"json": {"keys": "/quote/AAPL"}},  # unknown field
+        {"json": {"url": "/quote/AAPL", "soft": True}},  # soft is for tags and routes
+        {"json": {"tag": "AAPL"}},  # not name=value
+        {"json": {"route": "no-such-route"}},
+        {"json": {"tag": "symbol=AAPL", "soft": "yes"}},
+        {"json": {"key": ""}},
         {"json": {"url": 5}},
         {"json": {"pattern": ["/quote/*"]}},
         {"json": {"url": None}},

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from proxy.backplane import CHANNEL, Event
+from proxy.bans import Bans, entry_tags
 from proxy.breaker import CircuitBreaker
 from proxy.clock import Clock, system_clock
 from proxy.entry import CachedResponse
@@ -38,6 +39,7 @@ class Found:
 
     entry: CachedResponse
     layer: Layer
+    soft_purged: bool = False  # a soft purge since it was stored: serve only on upstream error
 
 
 class LayeredStore:
@@ -65,16 +67,25 @@ class LayeredStore:
         self._writes: dict[str, asyncio.Task[None]] = {}  # L2 writes in flight, by key
         self._popular: Counter[str] = Counter()  # requests per key since the last flush
         self._generation = 0  # bumped by every invalidation of L1
+        self.bans = Bans()  # purges by tag and route, applied at lookup
         self._last_failure = -1e9  # monotonic time of the last failed L2 read
 
     # --- reads -------------------------------------------------------------------------
 
     async def lookup(self, key: str) -> Found | None:
-        """The live entry under key and where it was found."""
+        """The live entry under key and where it was found (tag purges applied)."""
+        found: Found | None = None
         if self.l1 is not None and (entry := self.l1.peek(key)) is not None:
-            self.stats.hits += 1
-            return Found(entry, "l1")
-        found = await self._lookup_l2(key)
+            found = Found(entry, "l1")
+        else:
+            found = await self._lookup_l2(key)
+        if found is not None and (ban := self.bans.verdict(found.entry)) is not None:
+            if ban == "hard":
+                if self.l1 is not None:
+                    self.l1.drop(key)
+                found = None
+            else:
+                found = Found(found.entry, found.layer, soft_purged=True)
         if found is None:
             self.stats.misses += 1
         else:
@@ -189,6 +200,12 @@ class LayeredStore:
         """Another instance changed something: drop our L1 copies, wake anyone waiting."""
         if event.op == "set" and (watcher := self._watchers.get(event.arg)) is not None:
             watcher.set()
+        if event.op in ("ban", "softban"):  # recorded even without an L1: lookups apply it
+            soft = event.op == "softban"
+            self.bans.add(event.arg, event.stamp, soft)
+            self._generation += 1
+            self._apply_ban(event.arg, soft)
+            return
         if self.l1 is None:
             return
         if event.op == "set":
@@ -203,10 +220,46 @@ class LayeredStore:
             self.l1.drop_all()
 
     def resync(self) -> None:
-        """After a lost subscription our L1 may have missed purges: do not trust it."""
+        """After a lost subscription our L1 may have missed purges: do not trust it, and read
+        the tag purges again."""
         self._generation += 1
         if self.l1 is not None:
             self.l1.drop_all()
+        if self.l2 is not None:
+            self._tasks.spawn(self.load_bans(), "load-bans")
+
+    async def load_bans(self) -> None:
+        """Read the tag purges on record in L2 (at start, and after a resync)."""
+        with contextlib.suppress(StoreUnavailable):
+            self.bans.load(await self._l2(lambda l2: l2.load_bans()))
+
+    async def purge_tag(self, tag: str, soft: bool) -> tuple[int, bool]:
+        """Purge every entry carrying `tag` (symbol=AAPL, route=chart), in every layer and
+        instance, lazily. Returns the L1 entries it applies to here, and whether L2 (so the
+        other instances) got it. Soft: entries stay, served only on upstream error."""
+        await self.flush()
+        now = self._clock()
+        self.bans.add(tag, now, soft)
+        self._generation += 1
+        applied = self._apply_ban(tag, soft)
+        reached = True
+        try:
+            await self._l2(lambda l2: l2.save_ban(tag, self.bans.encode(tag)))
+        except StoreUnavailable:
+            reached = False
+        if self.l2 is not None:
+            await self._publish(Event("softban" if soft else "ban", tag, self.instance, now))
+        return applied, reached and self.l2 is not None
+
+    def _apply_ban(self, tag: str, soft: bool) -> int:
+        """L1 entries the tag names: dropped (hard) or left for lookup to mark (soft)."""
+        if self.l1 is None:
+            return 0
+        doomed = [k for k, e in self.l1.items() if tag in entry_tags(e)]
+        if not soft:
+            for key in doomed:
+                self.l1.drop(key)
+        return len(doomed)
 
     # --- cross-instance coalescing and popularity --------------------------------------
 

@@ -100,6 +100,10 @@ class MemoryStore:
         for key in [k for k in self._entries if regex.fullmatch(k)]:
             self._remove(key)
 
+    def items(self) -> list[tuple[str, CachedResponse]]:
+        """Every (key, entry) held, expired or not (a snapshot)."""
+        return list(self._entries.items())
+
     def drop_all(self) -> None:
         """Forget everything."""
         self._entries.clear()

@@ -76,6 +76,7 @@ class RedisStore:
         self.entries = config.key_prefix + "e:"
         self.leases = config.key_prefix + "lease:"
         self.popular = config.key_prefix + "popular"
+        self.bans = config.key_prefix + "bans"
         self._tasks = tasks
         self._clock = clock
         self._pending: dict[str, list[asyncio.Future[_Read]]] = {}
@@ -226,6 +227,14 @@ class RedisStore:
             await self._call(self.client.zrevrange(self.popular, 0, n - 1, withscores=True)),
         )
         return [(k.decode(), float(score)) for k, score in rows]
+
+    async def save_ban(self, tag: str, record: bytes) -> None:
+        """Keep a tag purge where new and reconnecting instances will find it."""
+        await self._call(self.client.hset(self.bans, tag, record))
+
+    async def load_bans(self) -> dict[bytes, bytes]:
+        """Every tag purge on record."""
+        return cast(dict[bytes, bytes], await self._call(self.client.hgetall(self.bans)))
 
     async def publish(self, channel: str, message: bytes) -> None:
         """Send one backplane message."""

@@ -1,0 +1,97 @@
+"""Purge by tag and route (lazy, by timestamp), soft purge, and DELETE /keys, across
+instances sharing a real Redis."""
+
+from __future__ import annotations
+
+from conftest import CountingUpstream, ProxyFactory, RedisServer, Reply, layered_cache
+from test_layered import connected, eventually
+
+PATHS = ("/quote/AAPL", "/v8/finance/chart/AAPL", "/quote/MSFT")
+
+
+async def test_a_tag_purge_reaches_every_instance_and_every_layer(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    cache = layered_cache(redis_server.url)
+    a, b = await make_proxy(cache=cache), await make_proxy(cache=cache)
+    await connected(a, b)
+    for path in (*PATHS, "/v8/finance/chart/AAPL?range=1y"):
+        await b.client.get(path)
+    await b.deps.store.flush()
+    a.clock.advance(1)
+    answer = await (await a.admin.post("/purge", json={"tag": "symbol=AAPL"})).json()
+    assert answer["l2"] == "lazy"
+    await eventually(lambda: set(b.l1_keys()) == {"GET api /quote/MSFT"})  # no AAPL left
+    b.clock.advance(2)  # one wall clock in production; here each instance has its own
+    for path in PATHS:
+        response = await b.client.get(path)
+        purged = "AAPL" in path
+        assert response.headers["Cache-Status"].startswith(
+            "cacheproxy; fwd=miss" if purged else "cacheproxy; hit"
+        ), path
+    await b.deps.store.flush()
+    # A new instance finds the ban in Redis: only entries stored after it are served.
+    calls = upstream.total
+    late = await make_proxy(cache=cache)
+    late.clock.advance(2)
+    fresh = await late.client.get("/v8/finance/chart/AAPL")
+    assert fresh.headers["Cache-Status"].endswith("detail=l2")  # b's refetch, after the purge
+    assert upstream.total == calls
+    banned = await late.client.get("/v8/finance/chart/AAPL?range=1y")  # in L2, from before
+    assert banned.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    assert upstream.total == calls + 1
+
+
+async def test_a_route_purge_drops_that_route_only(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    proxy = await make_proxy(cache=layered_cache(redis_server.url))
+    for path in PATHS:
+        await proxy.client.get(path)
+    proxy.clock.advance(1)
+    answer = await (await proxy.admin.post("/purge", json={"route": "quote"})).json()
+    assert answer["purged"] == 2
+    assert set(proxy.l1_keys()) == {"GET api /v8/finance/chart/AAPL"}
+    assert "fwd=miss" in (await proxy.client.get("/quote/MSFT")).headers["Cache-Status"]
+
+
+async def test_soft_purge_refetches_but_keeps_the_entry_for_an_outage(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    proxy = await make_proxy(cache=layered_cache(redis_server.url))
+    upstream.replies["/quote/AAPL"] = Reply(body=b'{"v": 1}')
+    await proxy.client.get("/quote/AAPL")
+    proxy.clock.advance(1)
+    soft = await proxy.admin.post("/purge", json={"tag": "symbol=AAPL", "soft": True})
+    assert (await soft.json())["soft"] is True
+    assert "GET api /quote/AAPL" in proxy.l1  # soft: still held
+    upstream.replies["/quote/AAPL"] = Reply(status=503, body=b"down")  # and now an outage
+    during = await proxy.client.get("/quote/AAPL")
+    assert during.status == 200
+    assert await during.read() == b'{"v": 1}'
+    assert during.headers["Cache-Status"].endswith("detail=stale-if-error")
+    upstream.replies["/quote/AAPL"] = Reply(body=b'{"v": 2}')  # healthy again: refetched
+    after = await proxy.client.get("/quote/AAPL")
+    assert after.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    assert await after.read() == b'{"v": 2}'
+
+
+async def test_tag_purge_with_the_memory_backend(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy()
+    for path in PATHS:
+        await proxy.client.get(path)
+    proxy.clock.advance(1)
+    answer = await (await proxy.admin.post("/purge", json={"tag": "symbol=AAPL"})).json()
+    assert answer["purged"] == 2 and answer["l2"] is None
+    assert set(proxy.l1_keys()) == {"GET api /quote/MSFT"}
+
+
+async def test_delete_keys_by_pattern(make_proxy: ProxyFactory, upstream: CountingUpstream) -> None:
+    proxy = await make_proxy()
+    for path in PATHS:
+        await proxy.client.get(path)
+    answer = await (await proxy.admin.delete("/keys/quote/*")).json()
+    assert answer["purged"] == 2
+    assert set(proxy.l1_keys()) == {"GET api /v8/finance/chart/AAPL"}
