@@ -94,18 +94,9 @@ class UpstreamGuard:
     def admit(self, max_wait: float) -> float:
         """Seconds to wait before calling (a token is then reserved), or UpstreamError
         ("rate-limited" or "unavailable") with a retry_after when the call must not go."""
-        now = self._clock()
-        if now < self.paused_until:
-            self.throttled += 1
-            raise UpstreamError(
-                "rate-limited", f"upstream {self.name} asked us to wait (429 Retry-After)",
-                retry_after=self.paused_until - now,
-            )  # fmt: skip
-        if not self.breaker.allow():
-            raise UpstreamError(
-                "unavailable", f"upstream {self.name} keeps failing: {self.breaker.reason}",
-                retry_after=self.breaker.retry_in(),
-            )  # fmt: skip
+        self._refuse_if_paused()
+        if not self.breaker.allow():  # takes the probe slot when one is due
+            raise self._unavailable()
         if self.bucket is None:
             return 0.0
         wait = self.bucket.reserve(max_wait)
@@ -119,17 +110,24 @@ class UpstreamGuard:
 
     def recheck(self) -> None:
         """Before sending a call that waited for its token: still not paused, breaker closed?"""
+        self._refuse_if_paused()
+        if self.breaker.is_open:  # admit() already took this call's probe slot
+            raise self._unavailable()
+
+    def _refuse_if_paused(self) -> None:
         now = self._clock()
         if now < self.paused_until:
+            self.throttled += 1
             raise UpstreamError(
                 "rate-limited", f"upstream {self.name} asked us to wait (429 Retry-After)",
                 retry_after=self.paused_until - now,
             )  # fmt: skip
-        if self.breaker.is_open:
-            raise UpstreamError(
-                "unavailable", f"upstream {self.name} keeps failing: {self.breaker.reason}",
-                retry_after=self.breaker.retry_in(),
-            )  # fmt: skip
+
+    def _unavailable(self) -> UpstreamError:
+        return UpstreamError(
+            "unavailable", f"upstream {self.name} keeps failing: {self.breaker.reason}",
+            retry_after=self.breaker.retry_in(),
+        )  # fmt: skip
 
     def answered(self, status: int, retry_after: str | None) -> None:
         """Learn from a response: a 429 with Retry-After pauses, 5xx counts against the breaker."""
