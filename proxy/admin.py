@@ -11,8 +11,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.bans import valid_tag
 from proxy.deps import DEPS, Deps
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, StoreUnavailable
 from proxy.keys import cache_key, escape_glob, key_url, parse_target
+from proxy.listing import page
 from proxy.reload import reload
 from proxy.respond import json_error
 
@@ -110,34 +111,44 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def keys(request: web.Request) -> web.Response:
-    """Cached keys matching `pattern` (a glob over the URL path, default all), up to `limit`."""
+    """Cached keys page by page: `pattern` (a glob over path?query), `route`, `limit`,
+    `cursor` (from the previous page's `next_cursor`). Secrets in keys are already hashes."""
     deps = _deps(request)
-    pattern = request.query.get("pattern", "*")
+    query = request.query
+    pattern = query.get("pattern", "*")
     if not pattern.startswith("/") and pattern != "*":
         return _bad("pattern must start with / (or be *)")
     try:
-        limit = int(request.query.get("limit", "100"))
+        limit = int(query.get("limit", "100"))
     except ValueError:
         return _bad("limit must be an integer")
     if not 1 <= limit <= _MAX_KEYS:
         return _bad(f"limit must be between 1 and {_MAX_KEYS}")
+    try:
+        listed, next_cursor = await page(
+            deps.store, _url_glob(pattern), query.get("route"), query.get("cursor"), limit
+        )
+    except ValueError as e:
+        return _bad(f"cursor: {e}")
+    except StoreUnavailable:
+        return json_error(503, "l2_unavailable", "Redis could not be reached for this page")
     now = deps.clock()
-    l1 = deps.store.l1
-    items: list[dict[str, Any]] = []
-    async for key, entry in deps.store.scan(_url_glob(pattern)):
-        items.append({
-            "key": key,
-            "url": key_url(key),
-            "route": entry.route,
-            "status": entry.status,
-            "layers": ["l1"] if l1 is not None and key in l1 else ["l2"],
-            "size": entry.size,
-            "ttl_left": round(entry.expires_at - now, 3),
-            "tags": list(entry.tags),
-        })  # fmt: skip
-        if len(items) >= limit:
-            break
-    return web.json_response({"keys": items, "count": len(items), "limit": limit})
+    items = [
+        {
+            "key": item.key,
+            "url": key_url(item.key),
+            "route": item.entry.route,
+            "status": item.entry.status,
+            "layers": list(item.layers),
+            "size": item.entry.size,
+            "ttl_left": round(item.entry.expires_at - now, 3),
+            "tags": list(item.entry.tags),
+        }
+        for item in listed
+    ]
+    return web.json_response(
+        {"keys": items, "count": len(items), "limit": limit, "next_cursor": next_cursor}
+    )
 
 
 def _url_glob(pattern: str) -> str:

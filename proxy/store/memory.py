@@ -100,6 +100,11 @@ class MemoryStore:
         for key in [k for k in self._entries if regex.fullmatch(k)]:
             self._remove(key)
 
+    def live_items(self) -> dict[str, CachedResponse]:
+        """Every key with its entry, not yet past keep_until (a snapshot)."""
+        now = self._clock()
+        return {k: e for k, e in self._entries.items() if e.keep_until > now}
+
     def items(self) -> list[tuple[str, CachedResponse]]:
         """Every (key, entry) held, expired or not (a snapshot)."""
         return list(self._entries.items())

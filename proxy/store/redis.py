@@ -184,6 +184,37 @@ class RedisStore:
                 if entry.keep_until > now:
                     yield full_key[len(self.entries) :].decode(), entry
 
+    async def scan_page(
+        self, pattern: str, cursor: int, count: int
+    ) -> tuple[int, list[tuple[str, CachedResponse]]]:
+        """One SCAN step over entries matching the glob, with their decoded values; the next
+        cursor (0 when done). Never KEYS: each step is bounded."""
+        next_cursor, keys = cast(
+            tuple[int, list[bytes]],
+            await self._call(
+                self.client.scan(
+                    cursor=cursor, match=escape_glob(self.entries) + pattern, count=count
+                )
+            ),
+        )
+        if not keys:
+            return next_cursor, []
+        values = cast(list[bytes | None], await self._call(self.client.mget(keys)))
+        now = self._clock()
+        found: list[tuple[str, CachedResponse]] = []
+        for full_key, raw in zip(keys, values, strict=True):
+            read = _decode(raw)
+            if isinstance(read, CachedResponse) and read.keep_until > now:
+                found.append((full_key[len(self.entries) :].decode(), read))
+        return next_cursor, found
+
+    async def exists_many(self, keys: list[str]) -> list[bool]:
+        """Which of these entry keys L2 holds (one pipelined round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(self.entries + key)
+        return [bool(n) for n in await self._call(pipe.execute())]
+
     async def _scan_batches(self, pattern: str) -> AsyncIterator[list[bytes]]:
         cursor = 0
         match = escape_glob(self.entries) + pattern
