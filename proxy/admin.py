@@ -14,6 +14,7 @@ from proxy.deps import DEPS, Deps
 from proxy.errors import BadRequest, StoreUnavailable
 from proxy.keys import cache_key, escape_glob, key_url, parse_target
 from proxy.listing import page
+from proxy.openapi import document
 from proxy.reload import reload
 from proxy.respond import json_error
 
@@ -310,6 +311,11 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=output, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 description of this API."""
+    return web.json_response(document())
+
+
 def make_admin_app(deps: Deps) -> web.Application:
     """The operator-facing application on its own listener."""
     app = web.Application(middlewares=[require_token])
@@ -323,4 +329,5 @@ def make_admin_app(deps: Deps) -> web.Application:
     app.router.add_post("/reload", reload_config)
     app.router.add_delete("/keys/{pattern:.*}", delete_keys)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
     return app
