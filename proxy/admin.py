@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -311,6 +312,24 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=output, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def dashboard(request: web.Request) -> web.Response:
+    """The dashboard: one self-contained page that polls this API."""
+    page = resources.files("proxy").joinpath("dashboard.html").read_bytes()
+    return web.Response(body=page, content_type="text/html", charset="utf-8")
+
+
+async def hottest(request: web.Request) -> web.Response:
+    """The most requested keys (L2's counts, or this instance's without an L2)."""
+    try:
+        limit = int(request.query.get("limit", "10"))
+    except ValueError:
+        return _bad("limit must be an integer")
+    if not 1 <= limit <= _MAX_KEYS:
+        return _bad(f"limit must be between 1 and {_MAX_KEYS}")
+    rows = await _deps(request).store.hottest(limit)
+    return web.json_response({"keys": [{"key": k, "requests": n} for k, n in rows]})
+
+
 async def openapi(request: web.Request) -> web.Response:
     """The OpenAPI 3.1 description of this API."""
     return web.json_response(document())
@@ -330,4 +349,6 @@ def make_admin_app(deps: Deps) -> web.Application:
     app.router.add_delete("/keys/{pattern:.*}", delete_keys)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/hottest", hottest)
+    app.router.add_get("/", dashboard)
     return app

@@ -121,6 +121,15 @@ _RELOADED = {
 }
 
 
+_HOTTEST = {
+    "type": "object",
+    "required": ["keys"],
+    "properties": {"keys": {"type": "array", "items": {
+        "type": "object", "required": ["key", "requests"],
+        "properties": {"key": {"type": "string"}, "requests": {"type": "number"}}}}},
+}  # fmt: skip
+
+
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -168,6 +177,14 @@ PATHS: dict[str, dict[str, Any]] = {
     "/metrics": {"get": {"summary": "Prometheus text exposition",
                          "responses": {"200": {"description": "Metrics",
                                                "content": {"text/plain": {}}}}}},
+    "/hottest": {"get": {
+        "summary": "The most requested keys",
+        "parameters": [{"name": "limit", "in": "query", "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+        "responses": {"200": _json(_HOTTEST, "Busiest first"), "400": _BAD}}},
+    "/": {"get": {"summary": "The dashboard (HTML)",
+                  "responses": {"200": {"description": "A self-contained page",
+                                        "content": {"text/html": {}}}}}},
     "/openapi.json": {"get": {"summary": "This document",
                               "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")}}},
 }  # fmt: skip

@@ -29,6 +29,7 @@ from proxy.tasks import Tasks
 T = TypeVar("T")
 Layer = Literal["l1", "l2"]
 _POPULAR_BATCH = 1000  # keys per popularity flush
+_LOCAL_POPULAR_MAX = 10_000  # keys counted in-process without an L2
 _POLL = 0.05  # fallback poll while waiting for another instance's fetch to land in L2
 _RECENT = 1.0  # seconds: after a failed L2 read, a lease is not even tried
 
@@ -325,9 +326,14 @@ class LayeredStore:
             self._watchers.pop(key, None)
 
     def count_request(self, key: str) -> None:
-        """Count a request toward key's popularity (in-process; flushed to L2 periodically).
-        Without an L2 to flush to, nothing is counted, so nothing grows."""
-        if self.l2 is not None and self.l2.config.popularity_flush > 0:
+        """Count a request toward key's popularity: in-process, flushed to L2 periodically;
+        without an L2 the counts stay here, trimmed (and halved, so they age) when large."""
+        if self.l2 is None:
+            self._popular[key] += 1
+            if len(self._popular) > _LOCAL_POPULAR_MAX:
+                top = self._popular.most_common(_LOCAL_POPULAR_MAX // 10)
+                self._popular = Counter({k: n // 2 + 1 for k, n in top})
+        elif self.l2.config.popularity_flush > 0:
             self._popular[key] += 1
 
     async def flush_popularity(self) -> None:
@@ -346,7 +352,9 @@ class LayeredStore:
             await self.flush_popularity()
 
     async def hottest(self, n: int) -> list[tuple[str, float]]:
-        """The most requested keys according to L2 (empty without L2)."""
+        """The most requested keys: L2's counts, or this instance's without an L2."""
+        if self.l2 is None:
+            return [(key, float(count)) for key, count in self._popular.most_common(n)]
         try:
             return await self._l2(lambda l2: l2.hottest(n))
         except StoreUnavailable:
