@@ -95,3 +95,30 @@ async def test_delete_keys_by_pattern(make_proxy: ProxyFactory, upstream: Counti
     answer = await (await proxy.admin.delete("/keys/quote/*")).json()
     assert answer["purged"] == 2
     assert set(proxy.l1_keys()) == {"GET api /v8/finance/chart/AAPL"}
+
+
+async def test_key_route_and_soft_purges_reach_the_other_instance(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    cache = layered_cache(redis_server.url)
+    a, b = await make_proxy(cache=cache), await make_proxy(cache=cache)
+    await connected(a, b)
+    for path in PATHS:
+        await b.client.get(path)
+    await b.deps.store.flush()
+    assert len(b.l1) == 3
+
+    await a.admin.post("/purge", json={"key": "GET api /quote/MSFT"})
+    await eventually(lambda: "GET api /quote/MSFT" not in b.l1)
+
+    a.clock.advance(1)
+    b.clock.advance(1)
+    await a.admin.post("/purge", json={"route": "chart", "soft": True})
+    await eventually(lambda: b.deps.store.bans.soft.get("route=chart", 0) > 0)
+    assert "GET api /v8/finance/chart/AAPL" in b.l1  # soft: kept ...
+    upstream.replies["/v8/finance/chart/AAPL"] = Reply(status=503, body=b"down")
+    during = await b.client.get("/v8/finance/chart/AAPL")  # ... for the outage
+    assert during.headers["Cache-Status"].endswith("detail=stale-if-error")
+
+    await a.admin.post("/purge", json={"route": "quote"})
+    await eventually(lambda: "GET api /quote/AAPL" not in b.l1)
