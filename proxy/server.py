@@ -212,6 +212,7 @@ def make_proxy_app(deps: Deps) -> web.Application:
         if deps.config.warm.urls or deps.config.warm.hottest:
             deps.tasks.spawn(handler.warm_up(), "warm-start")
         yield
+        await deps.store.flush()  # let L2 writes in flight land before tasks are cancelled
         await deps.tasks.close()
         await deps.upstreams.close()
         await deps.store.close()
