@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from contextvars import ContextVar
 
@@ -56,7 +57,7 @@ def line(
 def configure() -> None:
     """Access lines go to stdout as bare JSON, apart from the diagnostic log."""
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.propagate = False

@@ -6,9 +6,11 @@ import hmac
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from yarl import URL
 
 from proxy.bans import valid_tag
 from proxy.deps import DEPS, Deps
@@ -34,7 +36,16 @@ def _bad(detail: str) -> web.Response:
 
 @web.middleware
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Mutating calls need `Authorization: Bearer <token>` when a token is configured."""
+    """Mutating calls need `Authorization: Bearer <token>` when a token is configured, and
+    never come from another site: a web page must not purge or reload a token-less admin
+    port on loopback (a browser sends Origin with every cross-site POST)."""
+    origin = request.headers.get("Origin")
+    if (
+        request.method in _MUTATING
+        and origin is not None
+        and URL(origin).host != request.host.split(":")[0]
+    ):
+        return json_error(403, "forbidden", "admin changes are not accepted from another site")
     token = _deps(request).config.server.admin_token
     if token and request.method in _MUTATING:
         given = request.headers.get("Authorization", "")
@@ -83,6 +94,11 @@ def _backplane(deps: Deps) -> dict[str, Any]:
     return {"connected": bp.connected, "received": bp.received, "reconnects": bp.reconnects}
 
 
+def _upstream_health(deps: Deps, name: str, url: str) -> dict[str, Any]:
+    guard = deps.upstreams.guard(name)
+    return {"url": url, "breaker": guard.breaker.state, "paused_for": round(guard.paused_for(), 1)}
+
+
 def vars_of(obj: object) -> dict[str, Any]:
     """A slotted dataclass's fields as a dict."""
     return {name: getattr(obj, name) for name in getattr(obj, "__slots__", ())}
@@ -107,7 +123,9 @@ async def health(request: web.Request) -> web.Response:
             "breaker": deps.store.breaker.state,
             "backplane": _backplane(deps),
         }
-    body["upstreams"] = {name: {"url": str(u.url)} for name, u in deps.config.upstreams.items()}
+    body["upstreams"] = {
+        name: _upstream_health(deps, name, str(u.url)) for name, u in deps.config.upstreams.items()
+    }
     body["in_flight"] = len(deps.coalescer)
     return web.json_response(body)
 
@@ -194,7 +212,7 @@ async def purge(request: web.Request) -> web.Response:
     deps = _deps(request)
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return _bad(_PURGE_HELP)
     if not isinstance(body, dict):
         return _bad(_PURGE_HELP)
@@ -232,7 +250,7 @@ async def delete_keys(request: web.Request) -> web.Response:
 
 
 async def _purge_tag(deps: Deps, kind: str, value: str, soft: bool) -> web.Response:
-    tag = f"route={value}" if kind == "route" else value
+    tag = f"route={value}" if kind == "route" else unquote(value)  # tags hold decoded values
     if not valid_tag(tag):
         return _bad("tag must look like name=value, e.g. symbol=AAPL")
     if kind == "route" and value not in {r.name for r in deps.config.routes}:

@@ -64,11 +64,13 @@ class Backplane:
         instance: str,
         on_event: Callable[[Event], None],
         on_resync: Callable[[], None],
+        on_subscribed: Callable[[], object] | None = None,
     ) -> None:
         self.config = config
         self.instance = instance
         self.on_event = on_event
         self.on_resync = on_resync
+        self.on_subscribed = on_subscribed
         self.connected = False
         self.received = 0
         self.reconnects = 0
@@ -110,6 +112,8 @@ class Backplane:
         if not first:
             self.reconnects += 1
             self.on_resync()
+        elif self.on_subscribed is not None:
+            self.on_subscribed()  # e.g. read state published before we listened
         last_seen = last_ping = time.monotonic()
         while True:
             message = await pubsub.get_message(timeout=_PING_EVERY / 2)

@@ -14,7 +14,7 @@ from typing import Literal
 from proxy.entry import CachedResponse
 
 Verdict = Literal["hard", "soft"] | None
-KEEP_BANS = 7 * 86400.0  # a ban older than any entry's lifetime matches nothing: forgotten
+KEEP_BANS = 366 * 86400.0  # longer than any sensible entry lifetime; then forgotten
 
 
 def entry_tags(entry: CachedResponse) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +30,7 @@ from proxy.keys import Target, body_digest, header_suffix, upstream_target
 from proxy.origin import updated_headers
 from proxy.policy import (
     DontStore,
+    Expired,
     Fresh,
     Stale,
     Storability,
@@ -129,12 +131,13 @@ class CachedPath:
         if found is None:
             return await self._miss(request, attempt())
         entry = found.entry
-        if found.soft_purged:  # go upstream; the old entry stands in only on failure
-            return await self._miss(request, attempt(entry, stale=True))
         now = self.deps.clock()
         cls = resolved.match.route.ttl_class
         ahead = cls.refresh_ahead if cls else 0.0
         verdict = freshness(entry.stored_at, entry.ttl, entry.grace, entry.keep, ahead, now)
+        if found.soft_purged:  # go upstream; the old entry stands in on failure, in its window
+            usable = not isinstance(verdict, Expired) or verdict.usable_on_error
+            return await self._miss(request, attempt(entry, stale=usable))
         age = current_age(entry.initial_age, entry.stored_at, now)
         if isinstance(verdict, Fresh):
             if verdict.refresh:
@@ -224,7 +227,7 @@ class CachedPath:
         """GET the target from its upstream, conditionally when we hold an entry (HEAD misses
         fill the entry too). `wait` bounds the wait for a rate-limit token."""
         route = attempt.resolved.match.route
-        upstream = self.deps.config.upstreams[route.upstream]
+        upstream = self.deps.upstreams.upstream(route.upstream)
         target = upstream_target(attempt.resolved.target, upstream.query)
         pool = self.deps.upstreams
         headers = attempt.validated()
@@ -264,11 +267,12 @@ class CachedPath:
             status=status,
             headers=headers,
             body=body,
-            stored_at=now,
+            # When it was asked for: a purge after that may not be undone by a slow answer.
+            stored_at=min(now, asked_at),
             ttl=lifetime.ttl,
             initial_age=lifetime.initial_age,
             route=resolved.match.route.name,
-            tags=tuple(f"{k}={v}" for k, v in resolved.match.params.items()),
+            tags=tuple(f"{k}={unquote(v)}" for k, v in resolved.match.params.items()),
             grace=lifetime.grace,
             keep=lifetime.keep,
         )
@@ -330,7 +334,7 @@ class CachedPath:
             log.warning("upstream %s answered an API error for %s: %s", route.upstream,
                         route.name, reason)  # fmt: skip
             self.deps.metrics.upstream_error(route.upstream, "api-error", answered=True)
-            self.deps.upstreams.guards[route.upstream].failed("api-error")
+            self.deps.upstreams.guard(route.upstream).failed("api-error")
         return reason
 
     async def warm(self, resolved: Resolved) -> bool:

@@ -325,7 +325,7 @@ def _server(node: Node) -> ServerConfig:
         coalesce_timeout=node.child("coalesce_timeout").duration(15.0),
         access_log=node.child("access_log").flag(False),
     )
-    if not server.admin_token and not _is_loopback(server.admin_host):
+    if not server.admin_token and not is_loopback(server.admin_host):
         raise node.child("admin_host").error(
             f"refusing to expose the admin port on {server.admin_host!r} without admin_token"
         )
@@ -335,7 +335,8 @@ def _server(node: Node) -> ServerConfig:
     return server
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether host is a loopback address (or localhost)."""
     if host == "localhost":
         return True
     try:

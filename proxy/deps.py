@@ -66,9 +66,12 @@ def build_deps(
     store = LayeredStore(l1, l2, breaker, tasks, instance, clock)
     if l2 is not None:
         metrics.watch_breaker(breaker)
-    backplane = (
-        Backplane(cache.redis, instance, store.apply, store.resync) if l2 is not None else None
-    )
+    backplane = None
+    if l2 is not None:
+        backplane = Backplane(
+            cache.redis, instance, store.apply, store.resync,
+            on_subscribed=lambda: tasks.spawn(store.load_bans(), "load-bans"),
+        )  # fmt: skip
     return Deps(
         config=config,
         store=store,

@@ -108,6 +108,10 @@ class UpstreamGuard:
             )  # fmt: skip
         return wait
 
+    def paused_for(self) -> float:
+        """Seconds left of a 429 pause (0 when not paused)."""
+        return max(0.0, self.paused_until - self._clock())
+
     def recheck(self) -> None:
         """Before sending a call that waited for its token: still not paused, breaker closed?"""
         self._refuse_if_paused()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import aiohttp
 
-from proxy.config import Config, load_config
+from proxy.config import Config, is_loopback, load_config
 from proxy.deps import Deps
 from proxy.errors import ConfigError
 
@@ -64,19 +64,29 @@ async def reload(deps: Deps) -> Reloaded:
         log.error("reload rejected, the old config keeps serving: %s", e)
         return Reloaded(False, str(e))
     config, restart_needed = _pinned(deps.config, loaded)
+    if not config.server.admin_token and not is_loopback(config.server.admin_host):
+        # The listener stays where it is until a restart: it must keep needing a token.
+        error = (
+            f"server.admin_token: the admin port still listens on {config.server.admin_host!r}"
+            " until a restart, so it must keep a token"
+        )
+        return Reloaded(False, error)
     retired = deps.upstreams.update(config.upstreams)
+    old_level = deps.config.server.log_level
     deps.config = config  # handlers read deps.config per request: the switch is atomic
-    logging.getLogger().setLevel(config.server.log_level.upper())
+    if config.server.log_level != old_level:  # otherwise keep what --log-level set
+        logging.getLogger().setLevel(config.server.log_level.upper())
     if retired:
-        deps.tasks.spawn(_retire(retired), "retire-upstream-sessions")
+        deps.tasks.spawn(_retire(deps, retired), "retire-upstream-sessions")
     if restart_needed:
         log.warning("reloaded; these need a restart to change: %s", ", ".join(restart_needed))
     log.info("config reloaded: %d routes", len(config.routes))
     return Reloaded(True, restart_needed=restart_needed, routes=len(config.routes))
 
 
-async def _retire(sessions: list[aiohttp.ClientSession]) -> None:
+async def _retire(deps: Deps, sessions: list[aiohttp.ClientSession]) -> None:
     try:
         await asyncio.sleep(RETIRE_AFTER)
     finally:
+        deps.upstreams.forget(sessions)
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)

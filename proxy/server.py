@@ -159,7 +159,7 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         """Pass a request through uncached, streaming its body both ways."""
         route, target = resolved.match.route, resolved.target
-        upstream = self.deps.config.upstreams[route.upstream]
+        upstream = self.deps.upstreams.upstream(route.upstream)
         headers = {
             name: value
             for name, value in end_to_end(request.headers)

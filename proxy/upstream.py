@@ -78,6 +78,8 @@ class UpstreamPool:
         self.guards = {name: self._guard(u) for name, u in upstreams.items()}
         self._rng = rng or random.Random()
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        # Upstreams a reload removed, until their sessions close: in-flight work finishes.
+        self._retired: dict[str, tuple[Upstream, aiohttp.ClientSession, UpstreamGuard]] = {}
 
     def _guard(self, u: Upstream) -> UpstreamGuard:
         breaker = CircuitBreaker(
@@ -92,7 +94,10 @@ class UpstreamPool:
         retired: list[aiohttp.ClientSession] = []
         for name, old in self.upstreams.items():
             if upstreams.get(name) != old and name in self._sessions:
-                retired.append(self._sessions.pop(name))
+                session = self._sessions.pop(name)
+                retired.append(session)
+                if name not in upstreams:  # requests resolved before the reload still use it
+                    self._retired[name] = (old, session, self.guards[name])
         for name, new in upstreams.items():
             old_upstream = self.upstreams.get(name)
             if name not in self._sessions:
@@ -124,10 +129,31 @@ class UpstreamPool:
         session._retry_connection = False
         return session
 
+    def upstream(self, name: str) -> Upstream:
+        """An upstream by name, including one a reload removed moments ago."""
+        if (upstream := self.upstreams.get(name)) is not None:
+            return upstream
+        return self._retired[name][0]
+
+    def guard(self, name: str) -> UpstreamGuard:
+        """An upstream's guard, including a just-removed upstream's."""
+        if (guard := self.guards.get(name)) is not None:
+            return guard
+        return self._retired[name][2]
+
+    def forget(self, sessions: list[aiohttp.ClientSession]) -> None:
+        """Drop retired upstreams whose sessions are now closed."""
+        for name in [n for n, (_, s, _) in self._retired.items() if s in sessions]:
+            del self._retired[name]
+
     async def close(self) -> None:
         """Close every session."""
         sessions, self._sessions = self._sessions, {}
-        await asyncio.gather(*(s.close() for s in sessions.values()))
+        retired, self._retired = self._retired, {}
+        await asyncio.gather(
+            *(s.close() for s in sessions.values()),
+            *(session.close() for _, session, _ in retired.values()),
+        )
 
     @asynccontextmanager
     async def request(
@@ -146,8 +172,8 @@ class UpstreamPool:
         Timeouts become UpstreamError("timeout"), refused connections "connect", broken
         responses "protocol"; the guard's refusals "rate-limited" or "unavailable".
         """
-        upstream = self.upstreams[upstream_name]
-        guard = self.guards[upstream_name]
+        upstream = self.upstream(upstream_name)
+        guard = self.guard(upstream_name)
         delay = guard.admit(upstream.rate_limit_wait if wait is None else wait)
         if delay > 0:
             await asyncio.sleep(delay)
@@ -187,7 +213,8 @@ class UpstreamPool:
         for attempt in range(attempts):
             started = time.perf_counter()
             try:
-                response = await self._sessions[name].request(
+                session = self._sessions.get(name) or self._retired[name][1]
+                response = await session.request(
                     method, url, headers=sent, data=data, allow_redirects=False
                 )
             except TimeoutError as e:  # not retried: the upstream may be doing the work

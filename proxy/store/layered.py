@@ -306,6 +306,7 @@ class LayeredStore:
                     found is not None
                     and found.entry.stored_at > newer_than
                     and found.entry.expires_at > self._clock()
+                    and self.bans.verdict(found.entry) is None  # not what a purge removed
                 ):
                     return found
                 if self.breaker.is_open:
