@@ -22,22 +22,33 @@ class Listed:
     layers: tuple[str, ...]
 
 
-def encode_cursor(phase: str, position: str | int) -> str:
+def encode_cursor(phase: str, position: str | list[int]) -> str:
     """An opaque cursor (clients pass it back as is)."""
     raw = json.dumps([phase, position]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[str, str | int]:
+def decode_cursor(cursor: str) -> tuple[str, str | list[int]]:
     """The phase and position a cursor holds; ValueError for anything else."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         phase, position = json.loads(base64.urlsafe_b64decode(padded))
     except (ValueError, TypeError) as e:
         raise ValueError("not a cursor this server gave out") from e
-    if (phase, type(position)) not in (("l1", str), ("l2", int)):
-        raise ValueError("not a cursor this server gave out")
-    return phase, position
+    if phase == "l1" and isinstance(position, str):
+        return phase, position
+    if (
+        phase == "l2"
+        and isinstance(position, list)
+        and len(position) == 2
+        and all(type(n) is int and 0 <= n < 2**64 for n in position)
+    ):
+        return phase, position
+    raise ValueError("not a cursor this server gave out")
+
+
+def _wanted(store: LayeredStore, entry: CachedResponse, route: str | None) -> bool:
+    return (route is None or entry.route == route) and store.bans.verdict(entry) != "hard"
 
 
 async def page(
@@ -45,38 +56,54 @@ async def page(
 ) -> tuple[list[Listed], str | None]:
     """Up to `limit` live keys matching the glob (and route), and the next page's cursor.
 
-    L1 pages walk its keys in order (the cursor is the last key listed); then L2 pages walk
-    a SCAN, skipping keys L1 holds (they were listed already). A SCAN may return fewer keys
-    than asked; only a null cursor means the end.
+    First the keys only L1 holds, in key order (the cursor is the last key looked at);
+    then every key L2 holds, by SCAN (the cursor is a SCAN cursor and an offset into its
+    batch). A key is in exactly one of the two walks, whichever layer it moves to between
+    pages. A page may hold fewer keys than asked; only a null cursor means the end.
+    Entries a purge removed are left out.
     """
     phase, position = decode_cursor(cursor) if cursor else ("l1", "")
-    listed: list[Listed] = []
     if phase == "l1" and store.l1 is not None:
-        regex = glob_to_regex(glob)
-        after = str(position)
-        live = store.l1.live_items()
-        keys = sorted(k for k, e in live.items() if k > after and regex.fullmatch(k)
-                      and (route is None or e.route == route))  # fmt: skip
-        chosen = keys[:limit]
-        in_l2 = [False] * len(chosen)
-        if store.l2 is not None and chosen:
-            with contextlib.suppress(StoreUnavailable):  # then listed as L1 only
-                in_l2 = await store.l2.exists_many(chosen)
-        listed = [
-            Listed(k, live[k], ("l1", "l2") if both else ("l1",))
-            for k, both in zip(chosen, in_l2, strict=True)
-        ]
-        if len(keys) > limit:
-            return listed, encode_cursor("l1", chosen[-1])
-        if store.l2 is None:
-            return listed, None
-        return listed, encode_cursor("l2", 0)
+        listed, last = await _l1_page(store, glob, route, str(position), limit)
+        if last is not None:
+            return listed, encode_cursor("l1", last)
+        return listed, (encode_cursor("l2", [0, 0]) if store.l2 is not None else None)
     if store.l2 is None:
         return [], None
-    scan_cursor = int(position) if phase == "l2" else 0
+    scan_cursor, offset = position if isinstance(position, list) else [0, 0]
     next_cursor, found = await store.l2.scan_page(glob, scan_cursor, max(limit, 10))
     held = store.l1
-    for key, entry in found:
-        if (route is None or entry.route == route) and (held is None or key not in held):
-            listed.append(Listed(key, entry, ("l2",)))
-    return listed, (encode_cursor("l2", next_cursor) if next_cursor else None)
+    batch = [
+        Listed(k, e, ("l1", "l2") if held is not None and k in held else ("l2",))
+        for k, e in found
+        if _wanted(store, e, route)
+    ]
+    rest = batch[offset:]
+    if len(rest) > limit:  # the same SCAN step again next time, further in
+        return rest[:limit], encode_cursor("l2", [scan_cursor, offset + limit])
+    return rest, (encode_cursor("l2", [next_cursor, 0]) if next_cursor else None)
+
+
+async def _l1_page(
+    store: LayeredStore, glob: str, route: str | None, after: str, limit: int
+) -> tuple[list[Listed], str | None]:
+    """Keys only L1 holds, after `after`; the last key looked at when the page filled up."""
+    assert store.l1 is not None
+    regex = glob_to_regex(glob)
+    live = store.l1.live_items()
+    keys = sorted(
+        k for k, e in live.items() if k > after and regex.fullmatch(k) and _wanted(store, e, route)
+    )
+    listed: list[Listed] = []
+    for start in range(0, len(keys), limit):
+        chunk = keys[start : start + limit]
+        in_l2 = [False] * len(chunk)
+        if store.l2 is not None:
+            with contextlib.suppress(StoreUnavailable):  # then listed here, as L1 only
+                in_l2 = await store.l2.exists_many(chunk)
+        for key, both in zip(chunk, in_l2, strict=True):
+            if not both:  # keys L2 holds are listed in the L2 walk
+                listed.append(Listed(key, live[key], ("l1",)))
+                if len(listed) == limit:
+                    return listed, key
+    return listed, None

@@ -44,3 +44,21 @@ async def test_access_log_is_off_by_default(
     caplog.set_level("INFO", logger="cacheproxy.access")
     await proxy.client.get("/quote/AAPL")
     assert not [r for r in caplog.records if r.name == "cacheproxy.access"]
+
+
+async def test_access_lines_go_to_stdout(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy import accesslog
+
+    saved = list(accesslog.log.handlers), accesslog.log.propagate
+    accesslog.log.handlers.clear()
+    try:
+        accesslog.configure()
+        proxy = await make_proxy(server={"access_log": True})
+        await proxy.client.get("/quote/AAPL")
+        out = capsys.readouterr().out
+        assert json.loads(out.strip().splitlines()[-1])["route"] == "quote"
+    finally:
+        accesslog.log.handlers[:] = saved[0]
+        accesslog.log.propagate = saved[1]

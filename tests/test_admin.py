@@ -336,3 +336,24 @@ async def test_without_a_token_mutating_calls_are_open(proxy: Proxy) -> None:
     await get(proxy, "/quote/AAPL")
     response = await proxy.admin.post("/purge", json={"url": "/quote/AAPL"})
     assert response.status == 200
+
+
+async def test_cross_site_changes_are_refused(proxy: Proxy, upstream: CountingUpstream) -> None:
+    await proxy.client.get("/quote/AAPL")
+    evil = await proxy.admin.post(
+        "/purge", json={"url": "/quote/AAPL"}, headers={"Origin": "http://evil.example"}
+    )
+    assert evil.status == 403
+    assert len(proxy.l1) == 1
+    same = await proxy.admin.post(
+        "/purge", json={"url": "/quote/AAPL"}, headers={"Origin": "http://127.0.0.1"}
+    )
+    assert same.status == 200
+    assert len(proxy.l1) == 0
+
+
+async def test_a_deeply_nested_purge_body_is_400(proxy: Proxy) -> None:
+    response = await proxy.admin.post(
+        "/purge", data=b"[" * 100_000, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400

@@ -74,3 +74,30 @@ async def test_a_bad_cursor_is_400(proxy: Proxy, cursor: str) -> None:
     response = await proxy.admin.get("/keys", params={"cursor": cursor})
     assert response.status == 400
     assert (await response.json())["error"] == "bad_request"
+
+
+async def test_l2_pages_respect_the_limit_and_keys_moving_between_layers_still_list_once(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    cache = layered_cache(redis_server.url)
+    writer, reader = await make_proxy(cache=cache), await make_proxy(cache=cache)
+    urls = [f"/quote/K{i:03d}" for i in range(230)]
+    for url in urls:
+        await writer.client.get(url)
+    await writer.deps.store.flush()
+    seen: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        query = {"limit": "25", **({"cursor": cursor} if cursor else {})}
+        body = await (await reader.admin.get("/keys", params=query)).json()
+        assert len(body["keys"]) <= 25
+        seen.extend(item["url"] for item in body["keys"])
+        await reader.client.get(urls[pages])  # traffic: an L2 hit copies a key into L1
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+        assert pages < 100
+    assert sorted(seen) == sorted(urls)
+    assert pages >= 10

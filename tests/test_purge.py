@@ -122,3 +122,31 @@ async def test_key_route_and_soft_purges_reach_the_other_instance(
 
     await a.admin.post("/purge", json={"route": "quote"})
     await eventually(lambda: "GET api /quote/AAPL" not in b.l1)
+
+
+async def test_tags_hold_decoded_values(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy()
+    await proxy.client.get("/quote/%5EGSPC")
+    proxy.clock.advance(1)
+    answer = await (await proxy.admin.post("/purge", json={"tag": "symbol=^GSPC"})).json()
+    assert answer["purged"] == 1
+    assert len(proxy.l1) == 0
+
+
+async def test_purged_entries_are_not_listed_and_not_handed_to_waiters(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    cache = layered_cache(redis_server.url)
+    proxy = await make_proxy(cache=cache)
+    await proxy.client.get("/quote/AAPL")
+    await proxy.deps.store.flush()
+    proxy.clock.advance(1)
+    await proxy.admin.post("/purge", json={"tag": "symbol=AAPL"})
+    listing = await (await proxy.admin.get("/keys")).json()
+    assert listing["keys"] == []
+    store = proxy.deps.store
+    assert store.l2 is not None
+    assert await store.l2.acquire_lease("GET api /quote/AAPL", "other", 10)
+    assert await store.wait_for_l2("GET api /quote/AAPL", 0.2, float("-inf")) is None

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import yaml
-from conftest import CountingUpstream, Proxy, ProxyFactory, base_config
+from conftest import CountingUpstream, Proxy, ProxyFactory, Reply, base_config
 from test_demo import serving
 
 
@@ -121,3 +121,41 @@ async def test_sighup_reloads_a_running_server(upstream: CountingUpstream, tmp_p
                 raise AssertionError("SIGHUP did not reload")
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+async def test_a_reload_cannot_drop_the_token_of_a_public_admin_port(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    data = base_config(upstream.url, server={"admin_host": "0.0.0.0", "admin_token": "t"})
+    proxy = await with_file(make_proxy, data, path)
+    data["server"] = {"admin_host": "127.0.0.1"}  # ready for a restart, but not restarted
+    write(path, data)
+    answer = await proxy.admin.post("/reload", headers={"Authorization": "Bearer t"})
+    assert answer.status == 400
+    assert "admin_token" in (await answer.json())["detail"]
+    assert (await proxy.admin.post("/clear")).status == 401  # still guarded
+
+
+async def test_requests_resolved_before_a_reload_finish_on_a_removed_upstream(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    data = base_config(upstream.url)
+    proxy = await with_file(make_proxy, data, path)
+    upstream.replies["/quote/C"] = Reply(headers={"Set-Cookie": "s=1"})  # waiters refetch
+    upstream.gate = asyncio.Event()
+    upstream.arrived.clear()
+    leader = asyncio.ensure_future(proxy.client.get("/quote/C"))
+    await asyncio.wait_for(upstream.arrived.wait(), 5)
+    waiter = asyncio.ensure_future(proxy.client.get("/quote/C"))
+    await asyncio.sleep(0.05)  # let the waiter join the leader's fetch
+    renamed = base_config(upstream.url)
+    renamed["upstreams"] = {"api2": renamed["upstreams"]["api"]}
+    for route in renamed["routes"]:
+        route["upstream"] = "api2"
+    write(path, renamed)
+    assert (await proxy.admin.post("/reload")).status == 200
+    upstream.gate.set()
+    assert (await leader).status == 200
+    assert (await waiter).status == 200  # fetched itself on the removed upstream's session
