@@ -116,7 +116,8 @@ class CachedPath:
         content_type = request.headers.get("Content-Type", "") if body is not None else ""
         if body is not None:
             key += " body=" + body_digest(content_type, body)
-        request[KEY] = key  # for the access log (hashed there)
+        if self.deps.config.server.access_log:
+            request[KEY] = key  # for the access log (hashed there)
 
         def attempt(previous: CachedResponse | None = None, stale: bool = False) -> Attempt:
             # Only requests that go upstream (or start a refresh) pay for building this.
