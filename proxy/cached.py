@@ -362,8 +362,9 @@ class CachedPath:
 
     async def _refresh(self, attempt: Attempt, wait: float | None = 0.0) -> None:
         """Fetch (conditionally) and store a new copy. A failed refresh never replaces the
-        entry we have, tells requests waiting on it that it failed (so stale-if-error applies
-        to them at once), and by default never waits for a rate-limit token."""
+        entry we have. Requests waiting on it learn of an upstream failure (so stale-if-error
+        applies to them at once); for anything else it could not store, they fetch for
+        themselves. By default it never waits for a rate-limit token."""
         store, key = self.deps.store, attempt.key
         leased = False
         try:
@@ -372,20 +373,19 @@ class CachedPath:
                 if not leased:
                     return  # another instance refreshes it; its write reaches us by backplane
             with self.deps.coalescer.lead(key) as flight:
-                failed = UpstreamError("status", "the refresh got nothing storable")
-                flight.result = failed  # until it succeeds
                 asked_at = self.deps.clock()
                 try:
                     async with self._upstream(attempt, wait) as resp:
                         limit = self.deps.config.cache.max_object_size
                         chunks, complete = await read_limited(resp, limit)
                         body = b"".join(chunks)
-                        if not complete or is_upstream_failure(resp.status):
+                        if not complete:
+                            return  # too large to keep: waiters fetch (and stream) themselves
+                        failed = is_upstream_failure(resp.status)
+                        if failed or self._api_error(resp, body, attempt.resolved):
                             flight.result = UpstreamError(
                                 "status", f"upstream answered {resp.status}", resp.status
                             )
-                            return
-                        if self._api_error(resp, body, attempt.resolved):
                             return
                         entry, verdict = self._entry(resp, body, attempt, asked_at)
                         if isinstance(verdict, DontStore):

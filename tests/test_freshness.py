@@ -215,3 +215,24 @@ async def test_a_request_waiting_on_a_failed_refresh_still_gets_stale_if_error(
     upstream.gate.set()
     await proxy.deps.tasks.wait()
     assert upstream.calls[path] == 2  # the first fetch and the one refresh: no third call
+
+
+async def test_a_refresh_that_gets_something_unstorable_lets_its_waiters_fetch(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(**_classes(stale_while_revalidate=30))
+    path = "/v8/finance/chart/PRIV"
+    await proxy.client.get(path)
+    proxy.clock.advance(61)
+    upstream.replies[path] = Reply(headers={"Set-Cookie": "s=1"})  # the refresh's answer
+    upstream.gate = asyncio.Event()
+    upstream.arrived.clear()
+    assert "stale-while-revalidate" in (await proxy.client.get(path)).headers["Cache-Status"]
+    await asyncio.wait_for(upstream.arrived.wait(), 5)  # the refresh is at the upstream
+    proxy.clock.advance(40)  # past grace: the next request waits on the refresh
+    waiter = asyncio.ensure_future(proxy.client.get(path))
+    await asyncio.sleep(0.05)  # let it join the refresh's flight
+    upstream.gate.set()
+    response = await waiter
+    assert response.status == 200  # fetched for itself, not a 502
+    assert response.headers["Cache-Status"] == "cacheproxy; fwd=miss; detail=set-cookie"
