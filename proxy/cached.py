@@ -21,6 +21,7 @@ from proxy.errors import UpstreamError
 from proxy.headers import (
     NOT_STORED,
     fold,
+    forwarded_for,
     has_validators,
     joined,
     keep_gzip_vary,
@@ -159,8 +160,7 @@ class CachedPath:
         headers = dict(key_headers)
         headers["Accept-Encoding"] = "gzip"
         prior = request.headers.get("X-Forwarded-For")
-        remote = request.remote or "unknown"
-        headers["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
+        headers["X-Forwarded-For"] = forwarded_for(prior, request.remote)
         if resolved.match.route.shared:
             for name in ("Authorization", "Cookie"):
                 if name in request.headers:

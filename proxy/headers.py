@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from multidict import CIMultiDictProxy
 
 from proxy.upstream import end_to_end
@@ -16,7 +18,7 @@ def joined(headers: CIMultiDictProxy[str], names: tuple[str, ...]) -> dict[str, 
     return {n: ", ".join(headers.getall(n)) for n in names if n in headers}
 
 
-def fold(pairs: Pairs, names: tuple[str, ...]) -> dict[str, str]:
+def fold(pairs: Iterable[tuple[str, str]], names: tuple[str, ...]) -> dict[str, str]:
     """Like joined(), for stored header pairs."""
     wanted = {n.lower(): n for n in names}
     folded: dict[str, list[str]] = {}
@@ -29,11 +31,22 @@ def fold(pairs: Pairs, names: tuple[str, ...]) -> dict[str, str]:
 def keep_gzip_vary(headers: Pairs) -> Pairs:
     """A gzip entry says it varies on Accept-Encoding (we serve it inflated to some clients),
     whatever the upstream's Vary or a later 304's replacement of it said."""
-    fields = fold(headers, ("Content-Encoding", "Vary"))
-    gzipped = fields.get("Content-Encoding", "").strip().lower() == "gzip"
-    if gzipped and "accept-encoding" not in fields.get("Vary", "").lower():
+    vary = fold(headers, ("Vary",)).get("Vary", "").lower()
+    if is_gzip(headers) and "accept-encoding" not in vary:
         return (*headers, ("Vary", "Accept-Encoding"))
     return headers
+
+
+def forwarded_for(prior: str | None, remote: str | None) -> str:
+    """X-Forwarded-For for the upstream: the client's chain plus the client's address."""
+    remote = remote or "unknown"
+    return f"{prior}, {remote}" if prior else remote
+
+
+def is_gzip(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether header pairs say the body is gzip-encoded."""
+    encoding = fold(headers, ("Content-Encoding",)).get("Content-Encoding", "")
+    return encoding.strip().lower() == "gzip"
 
 
 def has_validators(headers: Pairs) -> bool:

@@ -46,6 +46,11 @@ def delta_seconds(value: str | None) -> float | None:
     return float(MAX_DELTA if len(value) > 10 else min(int(value), MAX_DELTA))
 
 
+def parse_age(value: str | None) -> float:
+    """An Age header as seconds; absent or invalid counts as 0 (RFC 9111 5.1)."""
+    return delta_seconds(value.strip() if value else None) or 0.0
+
+
 def http_date(value: str | None) -> float | None:
     """An HTTP-date (RFC 9110 5.6.7) as epoch seconds; None if absent or invalid."""
     if not value:
@@ -83,7 +88,7 @@ def corrected_initial_age(
     """RFC 9111 4.2.3: how old the response already was when we received it."""
     date = http_date(headers.get("Date"))
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
-    age_value = delta_seconds((headers.get("Age") or "").strip()) or 0.0
+    age_value = parse_age(headers.get("Age"))
     corrected_age_value = age_value + max(0.0, response_time - request_time)
     return max(apparent_age, corrected_age_value)
 

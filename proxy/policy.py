@@ -11,8 +11,8 @@ from typing import Final
 from proxy.market import Market
 from proxy.origin import (
     corrected_initial_age,
-    delta_seconds,
     freshness_lifetime,
+    parse_age,
     parse_cache_control,
     stale_windows,
 )
@@ -196,7 +196,7 @@ def storability(
     ttl = cls.negative_ttl if status in _NEGATIVE_STATUS else cls.lifetime(now)
     if ttl <= 0:
         return DontStore("ttl-zero")
-    age_value = delta_seconds((headers.get("Age") or "").strip()) or 0.0
+    age_value = parse_age(headers.get("Age"))
     return Store(ttl, cls.stale_while_revalidate, cls.stale_if_error, age_value)
 
 
@@ -240,8 +240,3 @@ def is_upstream_failure(status: int) -> bool:
 def current_age(initial_age: float, stored_at: float, now: float) -> int:
     """RFC 9111 4.2.3: the age the upstream reported plus our residence time, in seconds."""
     return int(max(0.0, initial_age) + max(0.0, now - stored_at))
-
-
-def parse_age(value: str | None) -> float:
-    """The upstream's Age header as seconds; absent or invalid counts as 0 (RFC 9111 5.1)."""
-    return delta_seconds(value.strip() if value else None) or 0.0

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from proxy.entry import CachedResponse
 from proxy.errors import UpstreamError
+from proxy.headers import is_gzip
 from proxy.origin import NOT_MODIFIED_FIELDS, precondition
 from proxy.upstream import CHUNK, end_to_end
 
@@ -68,10 +69,6 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return bool(star)
 
 
-def _is_gzip(headers: Iterable[tuple[str, str]]) -> bool:
-    return any(n.lower() == "content-encoding" and v.strip().lower() == "gzip" for n, v in headers)
-
-
 def _without(headers: Iterable[tuple[str, str]], *names: str) -> Headers:
     drop = {n.lower() for n in names}
     return [(n, v) for n, v in headers if n.lower() not in drop]
@@ -79,7 +76,7 @@ def _without(headers: Iterable[tuple[str, str]], *names: str) -> Headers:
 
 def decode_for(request: web.Request, headers: Headers, body: bytes) -> tuple[Headers, bytes]:
     """The body as this client can take it: gzip is inflated for clients that refuse it."""
-    if not _is_gzip(headers) or accepts_gzip(request.headers.get("Accept-Encoding", "")):
+    if not is_gzip(headers) or accepts_gzip(request.headers.get("Accept-Encoding", "")):
         return headers, body
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
@@ -161,7 +158,7 @@ async def relay(
     inflater = None
     if (
         inflate
-        and _is_gzip(headers)
+        and is_gzip(headers)
         and not accepts_gzip(request.headers.get("Accept-Encoding", ""))
     ):
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)

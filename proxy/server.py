@@ -16,6 +16,7 @@ from proxy.cached import CachedPath, Resolved
 from proxy.config import Config
 from proxy.deps import DEPS, Deps
 from proxy.errors import BadRequest, UpstreamError
+from proxy.headers import forwarded_for
 from proxy.keys import cache_key, escape_glob, parse_target, upstream_target
 from proxy.metrics import UNMATCHED
 from proxy.policy import (
@@ -31,12 +32,6 @@ log = logging.getLogger(__name__)
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # RFC 9110 9.2.1
 # Request headers that would let a client steer what the upstream serves everyone.
 _NEVER_FORWARDED = frozenset({"host", "x-forwarded-host", "x-original-url", "x-rewrite-url"})
-
-
-def _forwarded_for(request: web.Request) -> str:
-    prior = request.headers.get("X-Forwarded-For")
-    remote = request.remote or "unknown"
-    return f"{prior}, {remote}" if prior else remote
 
 
 _MEMO_SIZE = 16384
@@ -165,7 +160,9 @@ class ProxyHandler:
             for name, value in end_to_end(request.headers)
             if name.lower() not in _NEVER_FORWARDED
         }
-        headers["X-Forwarded-For"] = _forwarded_for(request)
+        headers["X-Forwarded-For"] = forwarded_for(
+            request.headers.get("X-Forwarded-For"), request.remote
+        )
         data: AsyncIterator[bytes] | None = None
         if request.body_exists:
             if request.content_length is not None:

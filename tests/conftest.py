@@ -293,3 +293,12 @@ def layered_cache(url: str, prefix: str | None = None, **redis: Any) -> dict[str
                      "command_timeout": "500ms", "breaker_backoff": "50ms",
                      "breaker_max_backoff": "200ms", **redis}  # fmt: skip
     return {"backend": "layered", "redis": redis_section}
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait (bounded) for something another task or process must do."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import uuid4
 
 import pytest
+from conftest import eventually
 
 from proxy.backplane import CHANNEL, Backplane, Event
 from proxy.clock import ManualClock
@@ -74,14 +73,6 @@ def test_malformed_payload_decodes_to_none(data: bytes) -> None:
 # --- over a real Redis --------------------------------------------------------------------
 
 
-async def wait_until(condition: Callable[[], bool], seconds: float = 2.0) -> None:
-    """Wait for something another task or process brings about, with a bounded deadline."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
 @dataclass
 class Instance:
     """One backplane and what it was told."""
@@ -134,14 +125,14 @@ async def test_an_event_reaches_the_other_instance_and_not_its_sender(
 ) -> None:
     a = await start(tasks, redis_server.url, prefix, "a")
     b = await start(tasks, redis_server.url, prefix, "b")
-    await wait_until(lambda: a.backplane.connected and b.backplane.connected)
+    await eventually(lambda: a.backplane.connected and b.backplane.connected)
     assert a.backplane.channel == b.backplane.channel == prefix + CHANNEL
 
     from_a = Event("del", "k1", "a")
     from_b = Event("match", "chart:*", "b")
     await publisher.publish(CHANNEL, from_a.encode())
     await publisher.publish(CHANNEL, from_b.encode())
-    await wait_until(lambda: bool(a.events) and bool(b.events))
+    await eventually(lambda: bool(a.events) and bool(b.events))
 
     # Messages arrive in order, so by the time a saw b's event it had already seen its own.
     assert a.events == [from_b]
@@ -156,11 +147,11 @@ async def test_other_prefixes_are_not_heard(
     a = await start(tasks, redis_server.url, prefix, "a")
     elsewhere = RedisStore(config(redis_server.url, prefix + "x:"), tasks, ManualClock())
     try:
-        await wait_until(lambda: a.backplane.connected)
+        await eventually(lambda: a.backplane.connected)
         await elsewhere.publish(CHANNEL, Event("clear", "*", "z").encode())
         marker = Event("del", "marker", "z")
         await publisher.publish(CHANNEL, marker.encode())
-        await wait_until(lambda: bool(a.events))
+        await eventually(lambda: bool(a.events))
         assert a.events == [marker]
     finally:
         await elsewhere.close()
@@ -178,11 +169,11 @@ async def test_malformed_message_is_skipped_and_the_subscription_lives_on(
     redis_server: Any, prefix: str, publisher: RedisStore, tasks: Tasks, junk: bytes
 ) -> None:
     a = await start(tasks, redis_server.url, prefix, "a")
-    await wait_until(lambda: a.backplane.connected)
+    await eventually(lambda: a.backplane.connected)
     await publisher.publish(CHANNEL, junk)
     after = Event("del", "after", "z")
     await publisher.publish(CHANNEL, after.encode())
-    await wait_until(lambda: bool(a.events), seconds=1.0)
+    await eventually(lambda: bool(a.events), seconds=1.0)
     assert a.events == [after]
     assert a.backplane.received == 1
 
@@ -190,18 +181,18 @@ async def test_malformed_message_is_skipped_and_the_subscription_lives_on(
 async def test_reconnect_after_a_restart_resyncs(redis_proc: Any, tasks: Tasks) -> None:
     prefix = f"t{uuid4().hex[:8]}:"
     a = await start(tasks, redis_proc.url, prefix, "a")
-    await wait_until(lambda: a.backplane.connected)
+    await eventually(lambda: a.backplane.connected)
     assert a.resyncs == 0
 
     redis_proc.restart()
-    await wait_until(lambda: a.backplane.reconnects == 1 and a.backplane.connected)
+    await eventually(lambda: a.backplane.reconnects == 1 and a.backplane.connected)
     assert a.resyncs == 1  # messages sent while it was away are lost: L1 is not trusted
 
     store = RedisStore(config(redis_proc.url, prefix), tasks, ManualClock())
     try:
         event = Event("set", "k", "b")
         await store.publish(CHANNEL, event.encode())
-        await wait_until(lambda: bool(a.events))
+        await eventually(lambda: bool(a.events))
         assert a.events == [event]
     finally:
         await store.close()

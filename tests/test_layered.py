@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
-from conftest import CountingUpstream, Proxy, ProxyFactory, RedisServer, Reply, layered_cache
+from conftest import (
+    CountingUpstream,
+    Proxy,
+    ProxyFactory,
+    RedisServer,
+    Reply,
+    eventually,
+    layered_cache,
+)
 from redis.asyncio import Redis
 
 from proxy.entry import decode
-
-
-async def eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    """Wait (bounded) for something another task or process must do."""
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 async def connected(*proxies: Proxy) -> None:

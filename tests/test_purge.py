@@ -3,8 +3,8 @@ instances sharing a real Redis."""
 
 from __future__ import annotations
 
-from conftest import CountingUpstream, ProxyFactory, RedisServer, Reply, layered_cache
-from test_layered import connected, eventually
+from conftest import CountingUpstream, ProxyFactory, RedisServer, Reply, eventually, layered_cache
+from test_layered import connected
 
 PATHS = ("/quote/AAPL", "/v8/finance/chart/AAPL", "/quote/MSFT")
 

@@ -77,7 +77,6 @@ async def test_upstream_changes_switch_sessions_and_pinned_fields_need_a_restart
     path = tmp_path / "proxy.yaml"
     data = base_config("http://127.0.0.1:9")  # nothing listens there
     proxy = await with_file(make_proxy, data, path)
-    proxy.deps.upstreams.update(proxy.config.upstreams)
     data["upstreams"]["api"]["url"] = upstream.url
     data["cache"] = {"backend": "layered", "l1": {"max_entries": 5}}
     write(path, data)

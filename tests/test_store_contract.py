@@ -12,6 +12,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+from conftest import eventually
 
 from proxy.backplane import Event
 from proxy.breaker import CircuitBreaker
@@ -440,14 +441,6 @@ async def test_resync_empties_l1(clock: ManualClock, tasks: Tasks) -> None:
 # --- cross-instance waiting ---------------------------------------------------------------
 
 
-async def wait_until(condition: Callable[[], bool], seconds: float = 2.0) -> None:
-    """Wait for a condition another task brings about, with a bounded deadline."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.001)
-
-
 async def test_wait_for_l2_returns_the_entry_once_another_store_writes_it(
     redis_server: Any, l2: RedisStore, clock: ManualClock, tasks: Tasks
 ) -> None:
@@ -459,7 +452,7 @@ async def test_wait_for_l2_returns_the_entry_once_another_store_writes_it(
         assert await other.acquire_lease("k", "other", 10)  # another instance is fetching k
         started = time.monotonic()
         waiting = asyncio.ensure_future(waiter.wait_for_l2("k", 5.0, float("-inf")))
-        await wait_until(lambda: l2.stats.misses >= 1)  # it has looked once and found nothing
+        await eventually(lambda: l2.stats.misses >= 1)  # it has looked once and found nothing
         assert not waiting.done()
         await other.set("k", entry(clock))
         assert await waiting == Found(entry(clock), "l2")
@@ -486,7 +479,7 @@ async def test_wait_for_l2_stops_when_the_lease_is_freed_without_a_value(
     store = layered(l2, tasks, clock)
     assert await l2.acquire_lease("k", "other", 10)
     waiting = asyncio.ensure_future(store.wait_for_l2("k", 5.0, float("-inf")))
-    await wait_until(lambda: l2.stats.misses >= 1)
+    await eventually(lambda: l2.stats.misses >= 1)
     started = time.monotonic()
     await l2.release_lease("k", "other")  # the fetch failed: nothing will be written
     assert await waiting is None

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CountingUpstream, ProxyFactory, RedisServer, layered_cache
-from test_layered import eventually
+from conftest import CountingUpstream, ProxyFactory, RedisServer, eventually, layered_cache
 
 from proxy.config import parse_config
 from proxy.errors import ConfigError
