@@ -1,0 +1,159 @@
+"""Pieces every benchmark shares: free ports, pinned processes, wrk output, result files.
+
+These machines are shared and noisy, so every benchmark runs its targets side by side in the
+same run, interleaves repetitions, and reports medians and ratios computed within one
+repetition, never a lone absolute number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, seconds: float = 15) -> None:
+    """Block until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def pinned(core: int | None, argv: list[str]) -> list[str]:
+    """argv run on one core when taskset exists (it does not everywhere)."""
+    if core is None or not shutil.which("taskset"):
+        return argv
+    return ["taskset", "-c", str(core), *argv]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def need(*tools: str) -> None:
+    """Exit with a clear message when a tool the benchmark runs is missing."""
+    for tool in tools:
+        if not shutil.which(tool):
+            package = {"redis-server": "redis-server"}.get(tool, tool)
+            raise SystemExit(f"bench needs {tool} (apt-get install -y {package})")
+
+
+class Procs:
+    """Child processes started for one benchmark; all stopped together."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, argv: list[str], core: int | None = None, **kw: Any) -> subprocess.Popen[bytes]:
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        proc = subprocess.Popen(pinned(core, argv), cwd=ROOT, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def redis(self, port: int, core: int | None = None) -> subprocess.Popen[bytes]:
+        argv = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+        return self.spawn(argv, core)
+
+    def proxy(self, config: Path, core: int | None = None) -> subprocess.Popen[bytes]:
+        argv = [PYTHON, "-m", "proxy", "serve", "-c", str(config), "--log-level", "warning"]
+        return self.spawn(argv, core)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def processes() -> Iterator[Procs]:
+    """A Procs whose children are stopped however the block ends."""
+    procs = Procs()
+    try:
+        yield procs
+    finally:
+        procs.stop()
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    """req/s, request count, p50/p99 in ms and non-2xx count from `wrk --latency` output."""
+
+    def latency(label: str) -> float:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+        if not m:
+            return float("nan")
+        scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+        return float(m.group(1)) * scale
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    requests = re.search(r"(\d+) requests in", output)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "requests": float(requests.group(1)) if requests else 0.0,
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "non_2xx": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank; nan for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered)) - 1))
+    return ordered[rank]
+
+
+def stamp() -> str:
+    """The run's date, for result headers."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def write_results(name: str, data: dict[str, Any], markdown: str) -> None:
+    """bench/results/<name>.json and <name>.md, and the markdown on stdout."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    print(markdown)
