@@ -105,6 +105,63 @@ class Procs:
                 proc.wait()
 
 
+NGINX_CONF = """
+{user}
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    proxy_cache_path {dir}/cache levels=1:2 keys_zone=api:64m max_size=2g inactive=1d
+                     use_temp_path=off;
+    upstream api {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://api;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache api;
+            proxy_cache_valid 200 {ttl}s;
+            proxy_cache_lock on;
+            add_header X-Cache $upstream_cache_status;
+            {extra}
+        }}
+    }}
+}}
+"""
+
+
+def nginx(
+    procs: Procs,
+    directory: Path,
+    port: int,
+    upstream: int,
+    ttl: int = 3600,
+    core: int | None = None,
+    extra: str = "",
+) -> subprocess.Popen[bytes]:
+    """nginx with proxy_cache (1 worker, its default key) in front of 127.0.0.1:upstream.
+
+    `ttl` is `proxy_cache_valid 200`; the upstream's own Cache-Control still wins when it sends
+    one, as nginx does by default. `extra` adds directives to the location.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    conf = directory / "nginx.conf"
+    # As root, nginx drops its worker to nobody, which could not write the cache directory.
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf.write_text(NGINX_CONF.format(user=user, dir=directory, port=port, upstream=upstream, ttl=ttl,
+                                      extra=extra))  # fmt: skip
+    return procs.spawn(["nginx", "-c", str(conf), "-g", "daemon off;"], core,
+                       stderr=subprocess.DEVNULL)  # fmt: skip
+
+
 @contextmanager
 def processes() -> Iterator[Procs]:
     """A Procs whose children are stopped however the block ends."""
