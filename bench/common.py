@@ -156,8 +156,10 @@ def nginx(
     conf = directory / "nginx.conf"
     # As root, nginx drops its worker to nobody, which could not write the cache directory.
     user = "user root;" if os.geteuid() == 0 else ""
-    conf.write_text(NGINX_CONF.format(user=user, dir=directory, port=port, upstream=upstream, ttl=ttl,
-                                      extra=extra))  # fmt: skip
+    text = NGINX_CONF.format(
+        user=user, dir=directory, port=port, upstream=upstream, ttl=ttl, extra=extra
+    )
+    conf.write_text(text)
     return procs.spawn(["nginx", "-c", str(conf), "-g", "daemon off;"], core,
                        stderr=subprocess.DEVNULL)  # fmt: skip
 
