@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -216,3 +217,86 @@ def write_results(name: str, data: dict[str, Any], markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
     print(markdown)
+
+
+FIXED_CONF = """
+{user}
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 100000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            default_type application/json;
+            rewrite "(\\d)$" /body$1 break;
+            rewrite ^ /body0 break;
+            root {dir}/bodies;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_fixed(
+    procs: Procs, directory: Path, port: int, bodies: list[bytes], core: int | None = None
+) -> subprocess.Popen[bytes]:
+    """nginx (1 worker) answering every GET path with a fixed body: a fast upstream.
+
+    A path ending in digit d gets bodies[d % len(bodies)], so numbered paths cycle through
+    the sizes given; any other path gets bodies[0]. Static files, so nginx adds its usual
+    headers (Server, Date, Content-Type, Content-Length, Last-Modified, ETag, Accept-Ranges).
+    """
+    (directory / "bodies").mkdir(parents=True, exist_ok=True)
+    for digit in range(10):
+        (directory / "bodies" / f"body{digit}").write_bytes(bodies[digit % len(bodies)])
+    conf = directory / "nginx.conf"
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf.write_text(FIXED_CONF.format(user=user, dir=directory, port=port))
+    return procs.spawn(["nginx", "-c", str(conf), "-g", "daemon off;"], core,
+                       stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+UNIQUE_LUA = """
+-- Every request a new path: <base><prefix><n>, n = 1, 2, ...; stops after `limit` responses
+-- when a limit is given.  wrk ... -s unique.lua URL -- <base> <prefix> [limit]
+-- One Lua state per wrk thread, so run it with -t1 to keep paths distinct.
+local base, prefix, limit = "/", "", -1
+local sent, received = 0, 0
+function init(args)
+   base = args[1] or base
+   prefix = args[2] or prefix
+   limit = tonumber(args[3] or "-1")
+end
+function request()
+   sent = sent + 1
+   return wrk.format("GET", base .. prefix .. sent)
+end
+function response(status, headers, body)
+   received = received + 1
+   if limit > 0 and received >= limit then
+      wrk.thread:stop()
+   end
+end
+"""
+
+
+def unique_paths_lua(directory: Path) -> Path:
+    """A wrk script making every request's path distinct (see UNIQUE_LUA for its arguments)."""
+    path = directory / "unique.lua"
+    path.write_text(UNIQUE_LUA)
+    return path
+
+
+def admin_json(port: int, path: str = "/stats") -> Any:
+    """GET a proxy admin endpoint on 127.0.0.1 and decode its JSON."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+        return json.loads(resp.read())
