@@ -104,7 +104,7 @@ class CachedPath:
         self._refreshing: set[str] = set()  # keys with a background refresh running
 
     async def serve(
-        self, request: web.Request, resolved: Resolved, body: bytes | None = None
+        self, request: web.BaseRequest, resolved: Resolved, body: bytes | None = None
     ) -> Served:
         """Answer from the cache when the entry allows it, else fetch (once per key).
         `body`: a cached POST's body, which becomes part of the key."""
@@ -153,7 +153,7 @@ class CachedPath:
         return await self._miss(request, attempt(entry, stale=verdict.usable_on_error))
 
     def _upstream_headers(
-        self, request: web.Request, resolved: Resolved, key_headers: list[tuple[str, str]]
+        self, request: web.BaseRequest, resolved: Resolved, key_headers: list[tuple[str, str]]
     ) -> dict[str, str]:
         """Only what is in the key (and credentials on shared routes) travels upstream, so no
         other header can change what is stored for everyone."""
@@ -169,7 +169,7 @@ class CachedPath:
 
     # --- misses ------------------------------------------------------------------------
 
-    async def _miss(self, request: web.Request, attempt: Attempt) -> Served:
+    async def _miss(self, request: web.BaseRequest, attempt: Attempt) -> Served:
         coalescer = self.deps.coalescer
         if (future := coalescer.in_flight(attempt.key)) is not None:
             shared = await coalescer.wait(future, self.deps.config.server.coalesce_timeout)
@@ -189,7 +189,7 @@ class CachedPath:
                 flight.result = e
                 return self._failed(request, e, attempt.stale)
 
-    async def _lead(self, request: web.Request, attempt: Attempt, flight: Flight) -> Served:
+    async def _lead(self, request: web.BaseRequest, attempt: Attempt, flight: Flight) -> Served:
         """This instance's one fetch of key, first asking other instances (a Redis lease)."""
         store, key = self.deps.store, attempt.key
         if store.l2 is None:
@@ -211,7 +211,7 @@ class CachedPath:
             store.release_lease(key)
 
     def _failed(
-        self, request: web.Request, error: UpstreamError, stale: CachedResponse | None
+        self, request: web.BaseRequest, error: UpstreamError, stale: CachedResponse | None
     ) -> Served:
         """The upstream failed: the stale entry if it may stand in, else the error."""
         if stale is None:
@@ -281,7 +281,9 @@ class CachedPath:
             entry = replace(entry, revalidate=max(entry.ttl, 60.0))
         return entry, verdict
 
-    async def _fetch(self, request: web.Request, attempt: Attempt, flight: Flight | None) -> Served:
+    async def _fetch(
+        self, request: web.BaseRequest, attempt: Attempt, flight: Flight | None
+    ) -> Served:
         """Fetch for a waiting client: store what may be stored, answer, share with waiters.
         With a stale entry in hand, never wait for a rate-limit token: serve that instead."""
         asked_at = self.deps.clock()

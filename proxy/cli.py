@@ -19,7 +19,7 @@ from proxy.config import Config, load_config
 from proxy.deps import build_deps
 from proxy.errors import ConfigError
 from proxy.reload import reload
-from proxy.server import make_proxy_app
+from proxy.server import ProxyApp
 
 log = logging.getLogger("cacheproxy")
 EXIT_CONFIG = 2
@@ -49,9 +49,25 @@ def _seconds(value: float) -> str:
     return f"{value:g}s"
 
 
-async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Set up a runner for app and listen on host:port."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+# Once the grace period is over: how long aiohttp waits for the handlers it then cancels.
+_CUT_TIMEOUT = 0.5
+_DRAIN_POLL = 0.05  # seconds between looks at the connections still open
+
+
+async def start_site(
+    app: web.Application | web.Server, host: str, port: int, shutdown_timeout: float = 60.0
+) -> web.BaseRunner:
+    """Set up a runner for an application (admin) or a low-level server (the proxy) and
+    listen on host:port."""
+    runner: web.BaseRunner
+    if isinstance(app, web.Application):
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
+        )
+    else:
+        runner = web.ServerRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
+        )
     await runner.setup()
     await web.TCPSite(runner, host, port, backlog=1024).start()
     return runner
@@ -64,19 +80,69 @@ async def serve(config: Config, path: Path | None = None) -> None:
     asyncio.get_running_loop().add_signal_handler(
         signal.SIGHUP, lambda: deps.tasks.spawn(reload(deps), "reload-on-sighup")
     )
-    proxy_runner = await start_site(make_proxy_app(deps), config.server.host, config.server.port)
+    stop = StopSignals()
+    proxy = ProxyApp(deps)
+    await proxy.start()
+    proxy_runner = await start_site(
+        proxy.server(), config.server.host, config.server.port, _CUT_TIMEOUT
+    )
     admin_runner = await start_site(
-        make_admin_app(deps), config.server.admin_host, config.server.admin_port
+        make_admin_app(deps), config.server.admin_host, config.server.admin_port, _CUT_TIMEOUT
     )
     log.info(
         "cacheproxy serving on %s:%d, admin on %s:%d, %d routes, backend %s",
         config.server.host, config.server.port, config.server.admin_host,
         config.server.admin_port, len(config.routes), config.cache.backend,
     )  # fmt: skip
-    await wait_for_signal()
-    log.info("shutting down")
-    await admin_runner.cleanup()
-    await proxy_runner.cleanup()
+    await stop.first.wait()
+    # Read now, not at start: a reload may have changed it.
+    await drain([proxy_runner, admin_runner], deps.config.server.shutdown_grace, stop.second)
+    await proxy.close()  # lets L2 writes in flight land, then closes sessions and stores
+
+
+class StopSignals:
+    """SIGINT or SIGTERM: the first asks for a graceful shutdown, a second cuts it short."""
+
+    def __init__(self) -> None:
+        self.first = asyncio.Event()
+        self.second = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._received, sig)
+
+    def _received(self, sig: signal.Signals) -> None:
+        if self.first.is_set():
+            log.warning("%s again: cutting the requests still in flight", sig.name)
+            self.second.set()
+        else:
+            self.first.set()
+
+
+async def drain(runners: Sequence[web.BaseRunner], grace: float, cut: asyncio.Event) -> None:
+    """Graceful shutdown: stop listening at once, give requests in flight up to `grace`
+    seconds (or until `cut` is set) to finish, cancel what remains, then run the apps'
+    cleanup (which lets L2 writes in flight land)."""
+    for runner in runners:
+        for site in list(runner.sites):
+            await site.stop()  # new connections are refused from here on
+    await asyncio.sleep(0)  # let connections accepted just now start reading their request
+    servers = [runner.server for runner in runners if runner.server is not None]
+    for server in servers:
+        for connection in server.connections:
+            connection.close()  # idle keep-alive connections close now, busy ones when done
+    busy = sum(len(server.connections) for server in servers)
+    log.info("shutting down: listeners closed; %d connections open, grace %gs", busy, grace)
+    try:
+        async with asyncio.timeout(grace):
+            # aiohttp has no event for a connection's end, so look every _DRAIN_POLL.
+            while any(server.connections for server in servers) and not cut.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(_DRAIN_POLL)
+    except TimeoutError:
+        pass
+    if busy := sum(len(server.connections) for server in servers):
+        log.warning("shutting down: cutting %d connections still in flight", busy)
+    await asyncio.gather(*(runner.cleanup() for runner in runners))
+    log.info("shut down")
 
 
 async def wait_for_signal() -> None:

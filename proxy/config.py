@@ -96,6 +96,7 @@ class ServerConfig:
     log_level: str = "info"
     coalesce_timeout: float = 15.0
     access_log: bool = False  # one JSON line per request on stdout
+    shutdown_grace: float = 10.0  # after SIGTERM, how long requests in flight may finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +325,7 @@ def _server(node: Node) -> ServerConfig:
         log_level=level,
         coalesce_timeout=node.child("coalesce_timeout").duration(15.0),
         access_log=node.child("access_log").flag(False),
+        shutdown_grace=node.child("shutdown_grace").duration(10.0),
     )
     if not server.admin_token and not is_loopback(server.admin_host):
         raise node.child("admin_host").error(

@@ -16,9 +16,10 @@ import aiohttp
 from aiohttp import web
 
 from proxy.admin import make_admin_app
+from proxy.cli import start_site, wait_for_signal
 from proxy.config import load_config
 from proxy.deps import build_deps
-from proxy.server import make_proxy_app
+from proxy.server import ProxyApp
 from proxy.sim import SimConfig, make_sim_app
 from proxy.sim.app import SIM_STATS
 from proxy.tasks import Tasks
@@ -98,21 +99,13 @@ class Workload:
         return path + "?" + "&".join(f"{k}={v}" for k, v in params)
 
 
-async def _start(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner
-
-
 async def run_sim(args: argparse.Namespace) -> None:
     """Serve the simulated market-data API until interrupted."""
-    from proxy.cli import wait_for_signal
 
     sim = SimConfig(
         latency_scale=args.latency_scale, error_rate=args.error_rate, rate_429=args.rate_429
     )
-    runner = await _start(make_sim_app(sim), args.host, args.port)
+    runner = await start_site(make_sim_app(sim), args.host, args.port)
     print(f"simulated market-data API on http://{args.host}:{args.port} (stats at /__stats)")
     await wait_for_signal()
     await runner.cleanup()
@@ -156,10 +149,12 @@ async def demo(
     sim = SimConfig(latency_scale=latency_scale, rtt_ms=30.0)  # an API a continent away
     sim_app = make_sim_app(sim, random.Random(seed))
     deps = build_deps(config)
+    proxy = ProxyApp(deps)
+    await proxy.start()
     runners = [
-        await _start(sim_app, "127.0.0.1", sim_port),
-        await _start(make_proxy_app(deps), "127.0.0.1", port),
-        await _start(make_admin_app(deps), "127.0.0.1", admin_port),
+        await start_site(sim_app, "127.0.0.1", sim_port),
+        await start_site(proxy.server(), "127.0.0.1", port),
+        await start_site(make_admin_app(deps), "127.0.0.1", admin_port),
     ]
     say = (lambda _: None) if quiet else print
     say(f"demo: simulator :{sim_port}, proxy :{port}, admin :{admin_port}; "
@@ -206,6 +201,7 @@ async def demo(
         await tasks.close()
         for runner in reversed(runners):
             await runner.cleanup()
+        await proxy.close()
     return result
 
 

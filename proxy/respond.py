@@ -74,7 +74,7 @@ def _without(headers: Iterable[tuple[str, str]], *names: str) -> Headers:
     return [(n, v) for n, v in headers if n.lower() not in drop]
 
 
-def decode_for(request: web.Request, headers: Headers, body: bytes) -> tuple[Headers, bytes]:
+def decode_for(request: web.BaseRequest, headers: Headers, body: bytes) -> tuple[Headers, bytes]:
     """The body as this client can take it: gzip is inflated for clients that refuse it."""
     if not is_gzip(headers) or accepts_gzip(request.headers.get("Accept-Encoding", "")):
         return headers, body
@@ -99,7 +99,7 @@ def _weak_etags(headers: Headers) -> Headers:
 
 
 def serve_entry(
-    request: web.Request, entry: CachedResponse, cache_status: str, age: int | None
+    request: web.BaseRequest, entry: CachedResponse, cache_status: str, age: int | None
 ) -> web.Response:
     """The client response for an entry, with Cache-Status and (on hits) Age; a 304 when the
     client's If-None-Match / If-Modified-Since say it has this one already."""
@@ -122,7 +122,7 @@ _NOT_MODIFIED_KEEP = NOT_MODIFIED_FIELDS | {"age", "cache-status"}
 _PRECONDITIONS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since")
 
 
-def _conditional(request: web.Request, entry: CachedResponse) -> int:
+def _conditional(request: web.BaseRequest, entry: CachedResponse) -> int:
     """200, 304 or 412 for this request's preconditions against the entry."""
     headers = request.headers
     if not any(name in headers for name in _PRECONDITIONS):  # the common case: no work
@@ -134,7 +134,7 @@ def _conditional(request: web.Request, entry: CachedResponse) -> int:
 
 
 def private_response(
-    request: web.Request, resp: aiohttp.ClientResponse, body: bytes, detail: str
+    request: web.BaseRequest, resp: aiohttp.ClientResponse, body: bytes, detail: str
 ) -> web.Response:
     """This client's own response, relayed as received (Set-Cookie included)."""
     headers = [*end_to_end(resp.headers), ("Cache-Status", f"{NAME}; {detail}")]
@@ -143,7 +143,7 @@ def private_response(
 
 
 async def relay(
-    request: web.Request,
+    request: web.BaseRequest,
     resp: aiohttp.ClientResponse,
     prefix: list[bytes],
     detail: str,

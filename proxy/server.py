@@ -1,11 +1,12 @@
-"""make_proxy_app(deps): the request pipeline's front: route, then the cached path
-(cached.py) or a pass-through that streams both ways."""
+"""ProxyApp(deps): the request pipeline's front: route, then the cached path (cached.py) or a
+pass-through that streams both ways."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Final
 
 from aiohttp import web
 
@@ -14,7 +15,7 @@ from proxy.accesslog import line as access_line
 from proxy.accesslog import log as access_log
 from proxy.cached import CachedPath, Resolved
 from proxy.config import Config
-from proxy.deps import DEPS, Deps
+from proxy.deps import Deps
 from proxy.errors import BadRequest, UpstreamError
 from proxy.headers import forwarded_for
 from proxy.keys import cache_key, escape_glob, parse_target, upstream_target
@@ -49,7 +50,7 @@ class ProxyHandler:
         self._memo: dict[tuple[str, str], Resolved] = {}
         self._memo_config: Config = deps.config
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Answer one client request and count it by route and outcome."""
         started = time.perf_counter()
         route_name, outcome = UNMATCHED, "error"
@@ -101,7 +102,7 @@ class ProxyHandler:
             self._memo[(method, raw)] = resolved
         return resolved
 
-    async def _handle(self, request: web.Request) -> tuple[web.StreamResponse, str, str]:
+    async def _handle(self, request: web.BaseRequest) -> tuple[web.StreamResponse, str, str]:
         if request.method == "CONNECT":
             error = json_error(405, "method_not_allowed", "cacheproxy is not a forward proxy")
             return error, UNMATCHED, "error"
@@ -109,6 +110,9 @@ class ProxyHandler:
         if isinstance(resolved, web.Response):
             return resolved, UNMATCHED, "error"
         route = resolved.match.route
+        expects = request.method not in ("GET", "HEAD") and "Expect" in request.headers
+        if expects and (refused := await _expect(request)) is not None:
+            return refused, route.name, "error"
         has_credentials = "Authorization" in request.headers or "Cookie" in request.headers
         verdict = classify_request(
             request.method, route.ttl_class, has_credentials, route.shared,
@@ -150,7 +154,7 @@ class ProxyHandler:
                      time.perf_counter() - started)  # fmt: skip
 
     async def _forward(
-        self, request: web.Request, resolved: Resolved, reason: str
+        self, request: web.BaseRequest, resolved: Resolved, reason: str
     ) -> web.StreamResponse:
         """Pass a request through uncached, streaming its body both ways."""
         route, target = resolved.match.route, resolved.target
@@ -191,14 +195,42 @@ class ProxyHandler:
             await store.purge(escape_glob(f"POST {rest}") + " *")
 
 
-def make_proxy_app(deps: Deps) -> web.Application:
-    """The client-facing application: every path goes through ProxyHandler."""
-    app = web.Application(handler_args={"max_line_size": 8190, "max_field_size": 8190})
-    app[DEPS] = deps
-    handler = ProxyHandler(deps)
-    app.router.add_route("*", "/{tail:.*}", handler.handle)
+async def _expect(request: web.BaseRequest) -> web.Response | None:
+    """RFC 9110 10.1.1: say 100 Continue before reading a body the client holds back, as
+    aiohttp's router would have; refuse expectations we do not know (417)."""
+    if request.headers["Expect"].lower() != "100-continue":
+        return json_error(417, "expectation_failed", "only 100-continue is supported")
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    return None
 
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+
+# Request-line and header-field limits (bytes) for the client-facing listener.
+MAX_LINE: Final = 8190
+SERVER_ARGS: Final = {"max_line_size": MAX_LINE, "max_field_size": MAX_LINE}
+
+
+class ProxyApp:
+    """The client-facing side: ProxyHandler behind aiohttp's low-level server, and the
+    start and stop of what it needs (upstream sessions, backplane, background tasks).
+
+    Every request takes the same path, so there is no router and no web.Application: the
+    route table is ours (routes.py), and aiohttp's URL dispatch would only add a URL parse
+    and a regex match to every hit.
+    """
+
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+        self.handler = ProxyHandler(deps)
+
+    def server(self) -> web.Server:
+        """A low-level aiohttp server for a runner (web.ServerRunner) to listen with."""
+        return web.Server(self.handler.handle, max_line_size=MAX_LINE, max_field_size=MAX_LINE)
+
+    async def start(self) -> None:
+        """Open upstream sessions and start the background tasks; before listening."""
+        deps = self.deps
         await deps.upstreams.start()
         if deps.backplane is not None:
             await deps.store.load_bans()
@@ -207,12 +239,12 @@ def make_proxy_app(deps: Deps) -> web.Application:
         if deps.store.l2 is not None and every > 0:
             deps.tasks.spawn(deps.store.run_popularity(every), "popularity")
         if deps.config.warm.urls or deps.config.warm.hottest:
-            deps.tasks.spawn(handler.warm_up(), "warm-start")
-        yield
-        await deps.store.flush()  # let L2 writes in flight land before tasks are cancelled
+            deps.tasks.spawn(self.handler.warm_up(), "warm-start")
+
+    async def close(self) -> None:
+        """After the listener has stopped: land L2 writes in flight, then stop the rest."""
+        deps = self.deps
+        await deps.store.flush()  # before tasks are cancelled, so no write is cut short
         await deps.tasks.close()
         await deps.upstreams.close()
         await deps.store.close()
-
-    app.cleanup_ctx.append(lifecycle)
-    return app

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 from aiohttp import DummyCookieJar, web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 
 from proxy.admin import make_admin_app
 from proxy.clock import ManualClock
 from proxy.config import Config, parse_config
 from proxy.deps import Deps, build_deps
-from proxy.server import make_proxy_app
+from proxy.server import SERVER_ARGS, ProxyApp
 from proxy.store.memory import MemoryStore
 from proxy.tasks import Tasks
 
@@ -179,13 +179,18 @@ ProxyFactory = Callable[..., Awaitable[Proxy]]
 @pytest.fixture
 async def make_proxy(upstream: CountingUpstream) -> Any:
     clients: list[TestClient] = []
+    apps: list[ProxyApp] = []
 
     async def factory(**overrides: Any) -> Proxy:
         config = parse_config(base_config(upstream.url, **overrides), env={})
         clock = ManualClock()
         deps = build_deps(config, clock=clock, guard_clock=clock)
+        app = ProxyApp(deps)
+        await app.start()
+        apps.append(app)
         # No cookie jar: a client that replays Set-Cookie would (rightly) bypass the cache.
-        client = TestClient(TestServer(make_proxy_app(deps)), cookie_jar=DummyCookieJar())
+        server = RawTestServer(app.handler.handle, **SERVER_ARGS)
+        client = TestClient(server, cookie_jar=DummyCookieJar())
         admin = TestClient(TestServer(make_admin_app(deps)))
         for c in (client, admin):
             await c.start_server()
@@ -195,6 +200,8 @@ async def make_proxy(upstream: CountingUpstream) -> Any:
     yield factory
     for c in reversed(clients):
         await c.close()
+    for app in reversed(apps):
+        await app.close()
 
 
 @pytest.fixture
