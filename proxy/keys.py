@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
@@ -38,19 +39,27 @@ def parse_target(raw: str) -> Target:
     """Validate an origin-form request target and normalise its percent-encoding.
 
     Refuses absolute-form and authority-form targets (the proxy is never an open proxy),
-    dot segments in any encoding, backslashes and control characters.
+    dot segments in any encoding (also with a `;` path parameter), backslashes and control
+    characters.
     """
     if not raw.startswith("/") or raw.startswith("//"):
         raise BadRequest(
             "request target must be an origin-form path such as /v8/finance/chart/AAPL"
         )
+    if not raw.isascii():
+        try:  # bytes that are not UTF-8 arrive as lone surrogates (surrogateescape)
+            raw.encode()
+        except UnicodeEncodeError:
+            raise BadRequest("request target is not valid UTF-8") from None
     raw, _, _fragment = raw.partition("#")  # never part of a request; dropped, not keyed
     path, _, query = raw.partition("?")
     segments: list[str] = []
     for segment in path.split("/")[1:]:
         encoded, data = _normalise_component(segment, _PATH_SAFE, plus_is_space=False)
-        # An encoded slash must not smuggle a dot segment to an upstream that decodes it.
-        if _FORBIDDEN_BYTES.search(data) or {b".", b".."} & set(data.split(b"/")):
+        # An encoded slash must not smuggle a dot segment to an upstream that decodes it, nor
+        # a path parameter (`..;x`), which Tomcat and Spring strip before resolving dots.
+        parts = {part.partition(b";")[0] for part in data.split(b"/")}
+        if _FORBIDDEN_BYTES.search(data) or {b".", b".."} & parts:
             raise BadRequest("path contains a dot segment, a backslash or a control character")
         segments.append(encoded)
     pairs: list[tuple[str, str]] = []
@@ -66,12 +75,25 @@ def parse_target(raw: str) -> Target:
     return Target("/" + "/".join(segments), tuple(pairs), params)
 
 
+def _utf8(text: str) -> bytes:
+    # aiohttp hands over header bytes that are not UTF-8 as lone surrogates (surrogateescape);
+    # surrogatepass encodes every str, and distinct strs to distinct bytes.
+    return text.encode("utf-8", "surrogatepass")
+
+
 def _redact(value: str) -> str:
-    return "#" + hashlib.sha256(value.encode()).hexdigest()[:16]
+    return "#" + hashlib.sha256(_utf8(value)).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=32)
+def _encoded_names(names: frozenset[str]) -> frozenset[str]:
+    """Configured parameter names as a normalised query spells them (`a[b]` -> `a%5Bb%5D`)."""
+    return frozenset(quote(name, safe=_QUERY_SAFE, errors="surrogatepass") for name in names)
 
 
 def key_query(target: Target, ignore: frozenset[str], secret: frozenset[str]) -> str:
     """Sorted query for the key: ignored names dropped, repeats kept in order, secrets hashed."""
+    ignore, secret = _encoded_names(ignore), _encoded_names(secret)
     kept = [
         (name, "=" + _redact(value[1:]) if value and name in secret else value)
         for name, value in target.query
@@ -106,7 +128,7 @@ def header_suffix(headers: Iterable[tuple[str, str]]) -> str:
     for credential-like headers (Authorization, Cookie, X-Api-Key, ...): keys are shown by
     the admin API and must never carry a secret."""
     return "".join(
-        f" {name}={_redact(value) if _SENSITIVE_HEADER.search(name) else quote(value, safe='')}"
+        f" {name}={_redact(value) if _SENSITIVE_HEADER.search(name) else quote(_utf8(value), '')}"
         for name, value in headers
     )
 
