@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import tracemalloc
+
 import pytest
+from conftest import CountingUpstream, ProxyFactory, Reply
 
 from proxy.clock import ManualClock
 from proxy.entry import ENTRY_OVERHEAD, CachedResponse
 from proxy.store.base import StoreStats
-from proxy.store.memory import MemoryStore
+from proxy.store.memory import MemoryStore, cost
 
 BIG = 10**9
 
@@ -42,7 +47,7 @@ async def test_lru_by_entry_count(clock: ManualClock) -> None:
     assert await keys_of(store) == ["b", "c"]
     assert len(store) == 2
     assert store.stats.evictions == 1
-    assert store.bytes == 2 * entry(clock).size
+    assert store.bytes == cost("b", entry(clock)) + cost("c", entry(clock))
 
 
 async def test_get_refreshes_recency(clock: ManualClock) -> None:
@@ -56,9 +61,12 @@ async def test_get_refreshes_recency(clock: ManualClock) -> None:
 
 
 async def test_lru_by_bytes_counts_body_and_headers(clock: ManualClock) -> None:
-    small = entry(clock, body=b"x" * 100)  # 300 bytes with overhead
+    def c(e: CachedResponse) -> int:
+        return cost("k", e)  # every key here is one character: the same cost
+
+    small = entry(clock, body=b"x" * 100)
     heavy = entry(clock, body=b"x" * 100, headers=(("X-Pad", "p" * 50),))  # same body
-    limit = 4 * small.size + 10
+    limit = 4 * c(small) + 10
 
     plain = MemoryStore(max_entries=1000, max_bytes=limit, clock=clock)
     for k in ("a", "b", "c", "d"):
@@ -72,14 +80,15 @@ async def test_lru_by_bytes_counts_body_and_headers(clock: ManualClock) -> None:
         await store.set(k, small)
     await store.set("d", heavy)
     assert await keys_of(store) == ["b", "c", "d"]
-    assert store.bytes == 2 * small.size + heavy.size
+    assert store.bytes == 2 * c(small) + c(heavy)
     assert store.stats.evictions == 1
 
     # A bigger entry evicts as many as it takes, oldest first.
-    big = entry(clock, body=b"x" * (2 * small.size))  # 800 bytes
+    big = entry(clock, body=b"x" * (c(small) + 100))  # costs 2 * c(small)
+    assert c(big) == 2 * c(small)
     await store.set("e", big)
     assert await keys_of(store) == ["d", "e"]
-    assert store.bytes == heavy.size + big.size <= store.max_bytes
+    assert store.bytes == c(heavy) + c(big) <= store.max_bytes
     assert store.stats.evictions == 3
 
 
@@ -90,12 +99,12 @@ async def test_replacing_a_key_keeps_byte_accounting_exact(clock: ManualClock) -
     await store.set("k", first)
     await store.set("k", second)
     assert len(store) == 1
-    assert store.bytes == second.size
+    assert store.bytes == cost("k", second)
     got = await store.get("k")
     assert got is not None
     assert got.body == b"y" * 500
     await store.set("k", first)
-    assert store.bytes == first.size
+    assert store.bytes == cost("k", first)
     assert store.stats.sets == 3
     assert store.stats.evictions == 0
     assert await store.delete("k")
@@ -115,18 +124,18 @@ async def test_entry_bigger_than_max_bytes_is_not_stored(clock: ManualClock) -> 
     store = MemoryStore(max_entries=10, max_bytes=1000, clock=clock)
     await store.set("small", entry(clock))
     huge = entry(clock, body=b"x" * 1000)
-    assert huge.size > store.max_bytes
+    assert cost("huge", huge) > store.max_bytes
     await store.set("huge", huge)
     assert await store.get("huge") is None
     assert await keys_of(store) == ["small"]  # and nothing was evicted to make room
-    assert store.bytes == entry(clock).size
+    assert store.bytes == cost("small", entry(clock))
     assert store.stats.sets == 1
     assert store.stats.evictions == 0
 
 
 async def test_entry_exactly_max_bytes_is_stored(clock: ManualClock) -> None:
     exact = entry(clock, body=b"x" * 800)
-    store = MemoryStore(max_entries=10, max_bytes=exact.size, clock=clock)
+    store = MemoryStore(max_entries=10, max_bytes=cost("k", exact), clock=clock)
     await store.set("k", exact)
     assert await store.get("k") == exact
     assert store.bytes == store.max_bytes
@@ -196,7 +205,7 @@ async def test_delete_matching_with_glob(clock: ManualClock) -> None:
         await store.set(k, entry(clock))
     assert await store.delete_matching("* * /v8/finance/chart/*") == 3
     assert await keys_of(store) == ["GET api /quote/AAPL"]
-    assert store.bytes == entry(clock).size
+    assert store.bytes == cost("GET api /quote/AAPL", entry(clock))
     assert store.stats.deletes == 3
     assert await store.delete_matching("nothing*") == 0
     assert store.stats.deletes == 3
@@ -238,3 +247,52 @@ async def test_scan_tolerates_changes_while_iterating(clock: ManualClock) -> Non
         await store.delete(k)
     assert seen == ["a", "b", "c"]
     assert len(store) == 0
+
+
+async def test_byte_limit_bounds_the_memory_entries_really_hold(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    # Quote-sized entries made by the real pipeline from real aiohttp responses, far more
+    # than fit. Counting only body and header text (plus a flat 200 B), L1 held ~3x its
+    # limit in Python objects; the limit must bound what the entries really hold.
+    limit = 500_000
+    proxy = await make_proxy(
+        cache={"backend": "memory", "l1": {"max_entries": 100_000, "max_memory": limit}}
+    )
+    paths = [f"/quote/S{i:05d}" for i in range(1500)]
+    for i, path in enumerate(paths):
+        body = b'{"symbol": "S%05d", "price": 189.25, "pad": "%s"}' % (i, b"x" * 150)
+        upstream.replies[path] = Reply(body=body, headers={
+            "Content-Type": "application/json", "Cache-Control": "max-age=60",
+            "ETag": f'"{i:08x}"', "Last-Modified": "Tue, 24 Nov 2026 06:41:00 GMT",
+        })  # fmt: skip
+    tracemalloc.start()
+    try:
+        for start in range(0, len(paths), 50):
+            batch = paths[start : start + 50]
+            replies = await asyncio.gather(*(proxy.client.get(p) for p in batch))
+            for reply in replies:
+                assert reply.status == 200
+                await reply.read()
+                reply.release()
+            del replies
+        assert proxy.l1.stats.evictions > 0  # the limit was reached
+        gc.collect()
+        with_entries = tracemalloc.get_traced_memory()[0]
+        proxy.l1.drop_all()
+        gc.collect()
+        held = with_entries - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held <= limit
+    assert held >= 0.75 * limit  # an honest estimate, not a needlessly small cache
+
+
+def test_cost_counts_each_header_tag_and_key_character(clock: ManualClock) -> None:
+    plain = entry(clock, body=b"x" * 100)
+    base = cost("k", plain) - plain.size
+    two_headers = entry(clock, body=b"x" * 100, headers=(("A", "1"), ("B", "2")))
+    assert cost("k", two_headers) - two_headers.size > base  # each header is an object too
+    tagged = CachedResponse(200, (), b"x" * 100, clock(), 60.0, tags=("symbol=AAPL",))
+    assert cost("k", tagged) > cost("k", plain) + len("symbol=AAPL")
+    assert cost("k" * 11, plain) == cost("k", plain) + 10

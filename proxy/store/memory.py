@@ -3,13 +3,58 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from typing import Final
 
 from proxy.clock import Clock, system_clock
-from proxy.entry import CachedResponse
+from proxy.entry import ENTRY_OVERHEAD, CachedResponse
 from proxy.keys import glob_to_regex
 from proxy.store.base import StoreStats
+
+
+def _block(size: int) -> int:
+    """What CPython's small-object allocator takes for `size` bytes: whole 16-byte blocks."""
+    return -(-size // 16) * 16
+
+
+# What an entry costs beyond its body and header text: the Python objects holding them.
+# For a quote-sized entry (200 B body, 7 headers) they come to ~1.5 KB, where entry.size's flat
+# ENTRY_OVERHEAD allows 200 B, so 1M small entries under a 200 MB limit grew the resident set
+# by ~3x the limit (bench/memory.py). The sizes are sys.getsizeof of the real object kinds,
+# rounded to allocator blocks; tests/test_store_memory.py checks the sum against tracemalloc
+# for entries made from real aiohttp responses.
+_STR: Final = sys.getsizeof("")  # a str's header (49 B on CPython 3.11); its text is extra
+_ROUND: Final = 8  # a variable-sized object wastes half a 16-byte block on average
+_SLOT: Final = 80  # OrderedDict slot: table entry, index, linked-list node (66-91 B measured)
+_FIXED: Final = (
+    _block(sys.getsizeof(CachedResponse(0, (), b"", 0.0, 0.0)))
+    + 2 * (sys.getsizeof(()) + _ROUND)  # the headers and tags tuples
+    + sys.getsizeof(b"") + _ROUND  # the body's bytes object
+    + _STR + _ROUND  # the key
+    + 3 * _block(sys.getsizeof(0.0))  # stored_at, ttl, initial_age: computed per response
+    + _SLOT
+)  # fmt: skip
+# A header: its (name, value) tuple, its pointer in the headers tuple and the value's str
+# header. Not the name: aiohttp's parser hands out one shared object per header name.
+_PER_HEADER: Final = _block(sys.getsizeof(("", ""))) + 8 + _STR + _ROUND
+_PER_TAG: Final = 8 + _STR + _ROUND  # pointer and str header; the text is added per tag
+
+
+def cost(key: str, entry: CachedResponse) -> int:
+    """Bytes an entry under key holds in this process: entry.size (body and header text),
+    with its flat allowance replaced by the objects around them. The L1 byte limit bounds
+    this, so that it bounds resident memory, not just payload."""
+    return (
+        entry.size
+        - ENTRY_OVERHEAD
+        + _FIXED
+        + _PER_HEADER * len(entry.headers)
+        + _PER_TAG * len(entry.tags)
+        + sum(map(len, entry.tags))
+        + len(key)
+    )
 
 
 class MemoryStore:
@@ -50,7 +95,7 @@ class MemoryStore:
 
     async def set(self, key: str, entry: CachedResponse) -> None:
         """Insert or replace, then evict least-recently-used entries until within bounds."""
-        size = entry.size
+        size = cost(key, entry)
         if key in self._entries:
             self._remove(key)  # the older response must not outlive a newer one
         if size > self.max_bytes:
@@ -59,8 +104,8 @@ class MemoryStore:
         self.bytes += size
         self.stats.sets += 1
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.bytes -= evicted.size
+            old, evicted = self._entries.popitem(last=False)
+            self.bytes -= cost(old, evicted)
             self.stats.evictions += 1
 
     async def delete(self, key: str) -> bool:
@@ -126,4 +171,4 @@ class MemoryStore:
         """Nothing to release."""
 
     def _remove(self, key: str) -> None:
-        self.bytes -= self._entries.pop(key).size
+        self.bytes -= cost(key, self._entries.pop(key))
