@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from proxy.accesslog import configure as configure_access_log
 from proxy.admin import make_admin_app
@@ -98,6 +99,7 @@ async def serve(config: Config, path: Path | None = None) -> None:
     # Read now, not at start: a reload may have changed it.
     await drain([proxy_runner, admin_runner], deps.config.server.shutdown_grace, stop.second)
     await proxy.close()  # lets L2 writes in flight land, then closes sessions and stores
+    log.info("shut down")
 
 
 class StopSignals:
@@ -120,8 +122,8 @@ class StopSignals:
 
 async def drain(runners: Sequence[web.BaseRunner], grace: float, cut: asyncio.Event) -> None:
     """Graceful shutdown: stop listening at once, give requests in flight up to `grace`
-    seconds (or until `cut` is set) to finish, cancel what remains, then run the apps'
-    cleanup (which lets L2 writes in flight land)."""
+    seconds (or until `cut` is set) to finish, then cancel what remains. The caller then
+    closes the proxy (which lets L2 writes in flight land)."""
     for runner in runners:
         for site in list(runner.sites):
             await site.stop()  # new connections are refused from here on
@@ -129,20 +131,37 @@ async def drain(runners: Sequence[web.BaseRunner], grace: float, cut: asyncio.Ev
     servers = [runner.server for runner in runners if runner.server is not None]
     for server in servers:
         for connection in server.connections:
-            connection.close()  # idle keep-alive connections close now, busy ones when done
-    busy = sum(len(server.connections) for server in servers)
-    log.info("shutting down: listeners closed; %d connections open, grace %gs", busy, grace)
+            connection.close()  # no further request on it: it closes after its response
+    await asyncio.sleep(0)  # requests already read start; idle connections stop waiting
+    for server in servers:
+        for connection in server.connections:
+            if not _busy(connection):
+                connection.force_close()  # idle keep-alive: close now, the client reconnects
+    log.info("shutting down: listeners closed; %d requests in flight, grace %gs",
+             _in_flight(servers), grace)  # fmt: skip
     try:
         async with asyncio.timeout(grace):
-            # aiohttp has no event for a connection's end, so look every _DRAIN_POLL.
-            while any(server.connections for server in servers) and not cut.is_set():  # noqa: ASYNC110
+            # aiohttp has no event for a request's end, so look every _DRAIN_POLL.
+            while _in_flight(servers) and not cut.is_set():  # noqa: ASYNC110
                 await asyncio.sleep(_DRAIN_POLL)
     except TimeoutError:
         pass
-    if busy := sum(len(server.connections) for server in servers):
-        log.warning("shutting down: cutting %d connections still in flight", busy)
+    if left := _in_flight(servers):
+        log.warning("shutting down: cutting %d requests still in flight", left)
+    # Each runner's cleanup cancels what is left (within _CUT_TIMEOUT) and closes the rest.
     await asyncio.gather(*(runner.cleanup() for runner in runners))
-    log.info("shut down")
+    log.info("listeners shut down")
+
+
+def _busy(connection: RequestHandler) -> bool:
+    # The flag aiohttp's own shutdown reads; there is no public one. If it were renamed, every
+    # connection would count as busy and the drain would wait out the grace period (a test
+    # with an idle keep-alive connection catches that).
+    return bool(getattr(connection, "_request_in_progress", True))
+
+
+def _in_flight(servers: Sequence[web.Server]) -> int:
+    return sum(_busy(c) for server in servers for c in server.connections)
 
 
 async def wait_for_signal() -> None:
