@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
 
 from proxy.errors import CorruptEntry
+
+if TYPE_CHECKING:
+    from proxy.respond import Wire
 
 MAGIC: Final = b"CP"
 VERSION: Final = 3  # 2: grace and keep windows; 3: revalidate window
 # magic, version, status, stored_at, ttl, grace, keep, revalidate, initial_age, metadata
 # length, body length
 _HEAD: Final = struct.Struct(">2sBHddddddII")
+_LINE_BREAK: Final = re.compile(r"[\r\n\x00]")
 # Per-entry bookkeeping that is neither body nor header text (object headers, dict slot).
 ENTRY_OVERHEAD: Final = 200
 
@@ -33,6 +38,9 @@ class CachedResponse:
     grace: float = 0.0  # after ttl: served stale while one background refresh runs
     keep: float = 0.0  # after ttl: served stale only when the upstream fails
     revalidate: float = 0.0  # after ttl: never served, kept for its validators (ETag, ...)
+    # respond.py's serialized status line and headers, made on the entry's first hit and
+    # reused by every later one; not part of the value (not compared, not encoded).
+    wire: Wire | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def expires_at(self) -> float:
@@ -93,6 +101,10 @@ def decode(data: bytes) -> CachedResponse:
         tags = tuple(str(t) for t in meta["t"])
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise CorruptEntry(f"bad metadata: {e}") from e
+    if any(_LINE_BREAK.search(name) or _LINE_BREAK.search(value) for name, value in headers):
+        # The upstream's parser never lets one through: this came from somewhere else, and
+        # served, it would split the response.
+        raise CorruptEntry("a header with a line break")
     return CachedResponse(
         status=status,
         headers=headers,

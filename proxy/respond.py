@@ -3,19 +3,25 @@ errors become HTTP). Each says what happened in Cache-Status (RFC 9211)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import re
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.abc import AbstractStreamWriter
 
 from proxy.entry import CachedResponse
 from proxy.errors import UpstreamError
 from proxy.headers import is_gzip
 from proxy.origin import NOT_MODIFIED_FIELDS, precondition
-from proxy.upstream import CHUNK, end_to_end
+from proxy.upstream import CHUNK, HOP_BY_HOP, end_to_end
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +106,114 @@ def _weak_etags(headers: Headers) -> Headers:
 
 def serve_entry(
     request: web.BaseRequest, entry: CachedResponse, cache_status: str, age: int | None
-) -> web.Response:
+) -> web.StreamResponse:
     """The client response for an entry, with Cache-Status and (on hits) Age; a 304 when the
     client's If-None-Match / If-Modified-Since say it has this one already."""
-    # A plain list: aiohttp copies headers into its own CIMultiDict once anyway.
-    headers = [*entry.headers, ("Cache-Status", cache_status)]
-    if age is not None:
-        headers.append(("Age", str(age)))
     if entry.status == 200 and (outcome := _conditional(request, entry)) != 200:
         if outcome == 412:
             return json_error(412, "precondition_failed", "If-Match / If-Unmodified-Since")
-        kept = [(n, v) for n, v in headers if n.lower() in _NOT_MODIFIED_KEEP]
+        kept = [(n, v) for n, v in _with_status(entry, cache_status, age)
+                if n.lower() in _NOT_MODIFIED_KEEP]  # fmt: skip
         return web.Response(status=304, headers=kept)
-    headers, body = decode_for(request, headers, entry.body)
+    wire = entry.wire or _make_wire(entry)
+    if (
+        wire.head is not None
+        and request.version == HttpVersion11
+        and not (wire.gzip and not accepts_gzip(request.headers.get("Accept-Encoding", "")))
+    ):
+        return WireResponse(request, entry, wire.head, cache_status, age)
+    headers, body = decode_for(request, _with_status(entry, cache_status, age), entry.body)
     return web.Response(status=entry.status, headers=headers, body=body)
+
+
+def _with_status(entry: CachedResponse, cache_status: str, age: int | None) -> Headers:
+    headers = [*entry.headers, ("Cache-Status", cache_status)]
+    if age is not None:
+        headers.append(("Age", str(age)))
+    return headers
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """An entry's status line and headers as bytes, made once and reused by every hit."""
+
+    head: bytes | None  # up to and including Content-Length; None: serve through aiohttp
+    gzip: bool  # the body is gzip, so clients that refuse gzip go through decode_for
+
+
+# RFC 9110 6.4.1 and 8.6: these never carry content, so no Content-Length either.
+_NO_CONTENT = frozenset({204, 304})
+_UNSAFE = re.compile(r"[\r\n\x00]")
+
+
+def _make_wire(entry: CachedResponse) -> Wire:
+    """Serialize an entry's head once (what aiohttp would write for it on every hit)."""
+    head = None
+    names = {name.lower() for name, _ in entry.headers}
+    lines = [f"{n}: {v}\r\n" for n, v in entry.headers]
+    if (
+        entry.status >= 200
+        and entry.status not in _NO_CONTENT
+        and not names & HOP_BY_HOP  # framing is ours to write, never a stored field's
+        and not any(_UNSAFE.search(line, 0, len(line) - 2) for line in lines)
+    ):  # a header that could split the response stays with aiohttp, which refuses it
+        try:
+            reason = HTTPStatus(entry.status).phrase
+        except ValueError:
+            reason = ""
+        if "content-type" not in names and entry.body:  # as aiohttp adds (RFC 9110 8.3)
+            lines.append("Content-Type: application/octet-stream\r\n")
+        if "date" not in names:  # RFC 9110 6.6.1: the time the response was received
+            lines.append(f"Date: {formatdate(entry.stored_at, usegmt=True)}\r\n")
+        lines.append(f"Content-Length: {len(entry.body)}\r\n")
+        text = f"HTTP/1.1 {entry.status} {reason}\r\n" + "".join(lines)
+        with contextlib.suppress(UnicodeEncodeError):
+            head = text.encode("utf-8", "surrogateescape")
+    wire = Wire(head, is_gzip(entry.headers))
+    object.__setattr__(entry, "wire", wire)  # a cache on the frozen entry, see entry.py
+    return wire
+
+
+class WireResponse(web.StreamResponse):
+    """A hit written as prebuilt bytes in one write: the entry's serialized head, then
+    Cache-Status and Age, then the body. What aiohttp's Response would send, without
+    building and serializing a header multidict for each request."""
+
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        entry: CachedResponse,
+        head: bytes,
+        cache_status: str,
+        age: int | None,
+    ) -> None:
+        super().__init__(status=entry.status)
+        self._keep = request.keep_alive
+        tail = f"Cache-Status: {cache_status}\r\n"
+        if age is not None:
+            tail += f"Age: {age}\r\n"
+        if not self._keep:
+            tail += "Connection: close\r\n"
+        body = b"" if request.method == "HEAD" else entry.body
+        self._data = b"".join((head, tail.encode(), b"\r\n", body))
+        self._sent = False
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._keep
+
+    @property
+    def prepared(self) -> bool:
+        return self._sent
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if not self._sent:
+            self._sent = True
+            await request.writer.write_eof(self._data)
+        return request.writer
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
 
 
 _NOT_MODIFIED_KEEP = NOT_MODIFIED_FIELDS | {"age", "cache-status"}

@@ -111,6 +111,8 @@ CORRUPT = {
     "meta-tags-null": _with_meta(b'{"h":[],"r":"","t":null}'),
     "meta-deeply-nested": _with_meta(b"[" * 100_000 + b"]" * 100_000),
     "json-of-whole-entry": json.dumps({"status": 200}).encode(),
+    "header-with-crlf": _with_meta(b'{"h":[["X","a\\r\\nSet-Cookie: x=1"]],"r":"","t":[]}'),
+    "header-name-with-lf": _with_meta(b'{"h":[["X\\nY","a"]],"r":"","t":[]}'),
 }
 
 
