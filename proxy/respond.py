@@ -169,7 +169,7 @@ def _make_wire(entry: CachedResponse) -> Wire:
         text = f"HTTP/1.1 {entry.status} {reason}\r\n" + "".join(lines)
         with contextlib.suppress(UnicodeEncodeError):
             head = text.encode("utf-8", "surrogateescape")
-    wire = Wire(head, is_gzip(entry.headers))
+    wire = Wire(head, "content-encoding" in names and is_gzip(entry.headers))
     object.__setattr__(entry, "wire", wire)  # a cache on the frozen entry, see entry.py
     return wire
 
