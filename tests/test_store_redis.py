@@ -19,7 +19,7 @@ from proxy.config import RedisConfig
 from proxy.entry import MAGIC, VERSION, CachedResponse, encode
 from proxy.errors import StoreUnavailable
 from proxy.keys import escape_glob
-from proxy.store.redis import RedisStore
+from proxy.store.redis import POOL_SIZE, RedisStore
 from proxy.tasks import Tasks
 
 HEAD = struct.Struct(">2sBHdddII")
@@ -486,3 +486,23 @@ async def test_large_batches_are_split(
     calls = count_calls(monkeypatch, fake, "mget")
     await asyncio.gather(*(fake.get(f"k{i}") for i in range(250)))
     assert sorted(len(call[0]) for call in calls) == [50, 100, 100]
+
+
+async def test_a_burst_of_commands_opens_a_bounded_number_of_connections(
+    redis_proc: Any, clock: ManualClock, tasks: Tasks
+) -> None:
+    """Chaos under load found the pool growing to one connection per concurrent command (94
+    after a slow-upstream burst of lease calls) and never shrinking."""
+    config = RedisConfig(url=redis_proc.url, command_timeout=2.0, connect_timeout=2.0)
+    store = RedisStore(config, tasks, clock)
+    probe = RedisStore(config, tasks, clock)  # counts clients from Redis's side
+    try:
+        await asyncio.gather(*(store.acquire_lease(f"k{i}", "me", 10) for i in range(100)))
+        await asyncio.gather(*(store.set(f"k{i}", entry(clock)) for i in range(100)))
+        clients = await probe.client.client_list()
+        assert len(clients) <= POOL_SIZE + 1  # the probe's own
+        assert await store.lease_held("k99")
+        assert await store.get("k99") == entry(clock)
+    finally:
+        await store.close()
+        await probe.close()

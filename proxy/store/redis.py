@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _SCAN_BATCH = 500
 _MGET_BATCH = 100  # keys per batched read
+POOL_SIZE = 8  # connections to Redis at most (the backplane has one more of its own)
 _POPULAR_KEEP = 10_000  # the popularity set keeps this many keys
 # Compare-and-delete: remove a key only if it still holds the given value (a lease we
 # own, a corrupt value we read).
@@ -66,12 +67,19 @@ class RedisStore:
     ) -> None:
         self.config = config
         self.stats = StoreStats()
-        self.client: Redis = client or Redis.from_url(
-            config.url,
-            socket_timeout=config.command_timeout,
-            socket_connect_timeout=config.connect_timeout,
-            retry=Retry(NoBackoff(), 0),  # the breaker decides when to try again, not redis-py
-            decode_responses=False,
+        self.client: Redis = client or Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                config.url,
+                # A burst of misses (each takes a lease, each write is a SET) would otherwise
+                # open one connection per concurrent command and keep them all for good.
+                # Commands beyond this wait for a connection, within _call's deadline.
+                max_connections=POOL_SIZE,
+                timeout=None,
+                socket_timeout=config.command_timeout,
+                socket_connect_timeout=config.connect_timeout,
+                retry=Retry(NoBackoff(), 0),  # the breaker decides when to try again
+                decode_responses=False,
+            )
         )
         self.entries = config.key_prefix + "e:"
         self.leases = config.key_prefix + "lease:"
