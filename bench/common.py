@@ -11,12 +11,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -300,3 +301,19 @@ def admin_json(port: int, path: str = "/stats") -> Any:
     """GET a proxy admin endpoint on 127.0.0.1 and decode its JSON."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
         return json.loads(resp.read())
+
+
+def wrk_until(argv: list[str], done: Callable[[], bool], timeout: float = 600) -> str:
+    """Run wrk (argv, already pinned) until done() says so, then stop it with SIGINT and
+    return its report. For scripts that stop their own requests (UNIQUE_LUA's limit): wrk
+    itself would idle until its -d duration ends."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and not done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    return out
