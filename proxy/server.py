@@ -226,7 +226,12 @@ class ProxyApp:
 
     def server(self) -> web.Server:
         """A low-level aiohttp server for a runner (web.ServerRunner) to listen with."""
-        return web.Server(self.handler.handle, max_line_size=MAX_LINE, max_field_size=MAX_LINE)
+        # access_log=None: the runner's own setting does not reach a server it is handed, and
+        # aiohttp's access log would otherwise write a line per request (server.access_log
+        # is ours, and off by default).
+        return web.Server(
+            self.handler.handle, max_line_size=MAX_LINE, max_field_size=MAX_LINE, access_log=None
+        )
 
     async def start(self) -> None:
         """Open upstream sessions and start the background tasks; before listening."""
