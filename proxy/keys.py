@@ -175,16 +175,33 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
         elif c == "?":
             out.append(".")
         elif c == "[" and (end := pattern.find("]", i + 2)) != -1:
-            body = pattern[i + 1 : end]
-            negate = body.startswith("^") or body.startswith("!")
-            body = re.escape(body[1:] if negate else body).replace("\\-", "-")
-            out.append(f"[{'^' if negate else ''}{body}]")
+            out.append(_glob_class(pattern[i + 1 : end]))
             i = end + 1
             continue
         else:
             out.append(re.escape(c))
         i += 1
     return re.compile("".join(out), re.DOTALL)
+
+
+def _glob_class(body: str) -> str:
+    """A `[...]` body as a regex: a leading `^` or `!` negates, `a-z` is a range (reversed
+    ends swapped, as Redis does), anything else is literal. Never an invalid regex."""
+    negate = body[:1] in ("^", "!")
+    body = body[1:] if negate else body
+    items: list[str] = []
+    j = 0
+    while j < len(body):
+        if j + 2 < len(body) and body[j + 1] == "-":
+            low, high = sorted((body[j], body[j + 2]))
+            items.append(f"{re.escape(low)}-{re.escape(high)}")
+            j += 3
+        else:
+            items.append(re.escape(body[j]))
+            j += 1
+    if not items:  # `[^]`: any one character
+        return "."
+    return f"[{'^' if negate else ''}{''.join(items)}]"
 
 
 def escape_glob(text: str) -> str:

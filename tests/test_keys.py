@@ -334,3 +334,47 @@ def test_escaped_key_plus_wildcard_matches_its_header_variants_only() -> None:
     assert regex.fullmatch(key("/x?a=1", headers=(("accept-language", "en"),)))
     assert not regex.fullmatch(exact)
     assert not regex.fullmatch(key("/x?a=12", headers=(("accept-language", "en"),)))
+
+
+# --- found by tests/test_fuzz.py ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", ["/\udcff", "/a?b=\udcff", "/\ud800"])
+def test_a_target_that_is_not_utf8_is_a_bad_request(raw: str) -> None:
+    # aiohttp decodes the request line with surrogateescape: a raw 0xFF byte is "\udcff".
+    # This raised UnicodeEncodeError (a 500) before.
+    with pytest.raises(BadRequest):
+        parse_target(raw)
+
+
+def test_a_key_header_that_is_not_utf8_still_makes_a_key() -> None:
+    # A raw 0xFF byte in Accept-Language (a key header) reached header_suffix as "\udcff"
+    # and raised UnicodeEncodeError: the proxy answered 500.
+    raw = key("/x", headers=(("accept-language", "\udcff"),))
+    assert raw == "GET api /x accept-language=%ED%B3%BF"
+    assert raw != key("/x", headers=(("accept-language", "\udcfe"),))
+    secret = key("/x", headers=(("authorization", "\udcff"),))
+    assert secret.startswith("GET api /x authorization=#")
+
+
+def test_configured_names_match_whatever_percent_encoding_does_to_them() -> None:
+    # Names were compared in their encoded form: `secret_params: ["auth[token]"]` never
+    # matched `auth%5Btoken%5D`, so the credential went into the key in clear.
+    target = parse_target("/q?auth%5Btoken%5D=s3cr3tvalue&a+b=1&range=5d")
+    query = key_query(target, frozenset({"a b"}), frozenset({"auth[token]"}))
+    assert "s3cr3tvalue" not in query
+    assert query.startswith("auth%5Btoken%5D=#") and query.endswith("&range=5d")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text", "matches"),
+    [
+        ("[z-a]", "b", True),  # Redis swaps a reversed range's ends; this was re.error
+        ("[z-a]", "-", False),
+        ("[^]", "x", True),  # an empty negated class: re.error before
+        ("[!]", "x", True),
+        ("[a--]", "-", True),
+    ],
+)
+def test_glob_to_regex_never_makes_an_invalid_regex(pattern: str, text: str, matches: bool) -> None:
+    assert bool(glob_to_regex(pattern).fullmatch(text)) is matches
