@@ -57,7 +57,7 @@ def http_date(value: str | None) -> float | None:
         return None
     try:
         when = parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # e.g. year 99999999999999999999
         return None
     if when.tzinfo is None:
         return None

@@ -10,6 +10,7 @@ from conftest import CountingUpstream, ProxyFactory, Reply
 from proxy.origin import (
     corrected_initial_age,
     freshness_lifetime,
+    http_date,
     not_modified,
     precondition,
     stale_windows,
@@ -318,3 +319,11 @@ async def test_unsafe_methods_invalidate_the_url(
     upstream.replies["/quote/AAPL"] = Reply(status=status, body=b"done")
     await proxy.client.post("/quote/AAPL", data=b"update", allow_redirects=False)
     assert ("GET api /quote/AAPL" not in proxy.l1) is invalidates
+
+
+def test_a_date_with_an_enormous_year_is_invalid_not_an_error() -> None:
+    # Found by tests/test_fuzz.py: parsedate_to_datetime raised OverflowError.
+    date = "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"
+    assert http_date(date) is None
+    headers = {"Date": date, "Last-Modified": date, "Expires": date}
+    assert freshness_lifetime(200, headers, 1_700_000_000.0) == 0.0
