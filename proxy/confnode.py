@@ -25,6 +25,8 @@ class Node:
 
     def child(self, key: str | int) -> Node:
         if isinstance(key, int):
+            if not isinstance(self.value, list):  # strings() reads a scalar as a 1-item list
+                return self
             return Node(cast(list[object], self.value)[key], f"{self.path}[{key}]")
         value = self.value.get(key) if isinstance(self.value, dict) else None
         return Node(value, f"{self.path}.{key}" if self.path else key)
@@ -116,17 +118,25 @@ def parse_int(value: object) -> int:
     raise ValueError(f"expected an integer, got {value!r}")
 
 
-def expand_tree(value: object, path: str, env: Mapping[str, str]) -> object:
+def expand_tree(
+    value: object, path: str, env: Mapping[str, str], _inside: frozenset[int] = frozenset()
+) -> object:
     """Expand ${VAR} inside every string scalar (after parsing, so values cannot break YAML)."""
     if isinstance(value, str):
         try:
             return expand_env(value, env)
         except KeyError as e:
             raise ConfigError(path, f"environment variable {e.args[0]} is not set") from e
-    if isinstance(value, list):
-        return [expand_tree(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        return {k: expand_tree(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list | dict):
+        if id(value) in _inside:  # YAML's `&a [*a]` is a list that contains itself
+            raise ConfigError(path, "contains itself (a recursive YAML alias)")
+        inside = _inside | {id(value)}
+        if isinstance(value, list):
+            return [expand_tree(v, f"{path}[{i}]", env, inside) for i, v in enumerate(value)]
+        return {
+            k: expand_tree(v, f"{path}.{k}" if path else str(k), env, inside)
+            for k, v in value.items()
+        }
     return value
 
 

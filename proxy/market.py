@@ -51,7 +51,7 @@ class Market:
         zone_node = node.child("timezone")
         try:
             zone = ZoneInfo(zone_node.text())
-        except (ZoneInfoNotFoundError, ValueError) as e:
+        except (ZoneInfoNotFoundError, ValueError, OSError) as e:  # OSError: a name too long
             raise zone_node.error(f"unknown time zone {zone_node.value!r}") from e
         opens, closes = (_clock_time(node.child(f)) for f in ("open", "close"))
         if opens >= closes:

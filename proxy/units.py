@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -24,10 +25,21 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError(f"must not be negative: {value!r}")
-        return float(value)
+        try:
+            return _finite(float(value), value)
+        except OverflowError:  # an int beyond any float
+            raise ValueError(f"too large: {value!r}") from None
     if isinstance(value, str) and (m := _DURATION.match(value)):
-        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        return _finite(float(m.group(1)) * _DURATION_UNITS[m.group(2)], value)
     raise ValueError(f"not a duration (try 300, 300s, 5m, 1h): {value!r}")
+
+
+def _finite(number: float, value: object) -> float:
+    # NaN, infinity and overflowing numbers (`.inf`, 400 digits) would break every
+    # comparison and expiry computed from them.
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r}")
+    return number
 
 
 def parse_size(value: object) -> int:
@@ -40,7 +52,7 @@ def parse_size(value: object) -> int:
         return value
     if isinstance(value, str) and (m := _SIZE.match(value)):
         unit = (m.group(2) or "b").lower()
-        return int(float(m.group(1)) * _SIZE_UNITS[unit])
+        return int(_finite(float(m.group(1)) * _SIZE_UNITS[unit], value))
     raise ValueError(f"not a size (try 1048576, 512KB, 100MB): {value!r}")
 
 

@@ -462,3 +462,68 @@ def test_upstream_url_with_credentials_is_refused() -> None:
         parse_config(data, env={})
     assert e.value.path == "upstreams.api.url"
     assert "hunter2" not in str(e.value)
+
+
+# --- found by tests/test_fuzz.py ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", [float("inf"), float("nan"), 10**400, "9" * 400, "9" * 400 + "s", "1e999"]
+)
+def test_parse_duration_rejects_what_is_not_a_finite_number(value: object) -> None:
+    # inf and nan were accepted (`ttl: .inf` loaded); 10**400 raised OverflowError.
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("value", ["9" * 400, "9" * 400 + "GB"])
+def test_parse_size_rejects_what_overflows(value: str) -> None:
+    with pytest.raises(ValueError):  # int(float("inf")) raised OverflowError
+        parse_size(value)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 10**400])
+def test_non_finite_durations_name_the_field(value: object) -> None:
+    data = with_change(("ttl_classes", "news", "ttl"), value)
+    with pytest.raises(ConfigError, match=r"^ttl_classes\.news\.ttl: "):
+        parse_config(data, env={})
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "where"),
+    [
+        (("routes", 0, "methods"), 5, "routes[0].methods: unsupported method '5'"),
+        (("routes", 0, "methods"), "", "routes[0].methods: unsupported method ''"),
+        (("warm", "urls"), 5, "warm.urls: expected a path"),
+    ],
+)
+def test_a_scalar_where_a_list_may_be_names_the_field(
+    path: tuple[Any, ...], value: object, where: str
+) -> None:
+    # A scalar is read as a one-item list; its error looked up item [0] of the scalar and
+    # raised TypeError or IndexError.
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_change(path, value), env={})
+    assert str(caught.value).startswith(where)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"\xff\xfe not utf-8", "not UTF-8 text"),
+        (b"holidays: [2026-13-45]", "not valid YAML: month must be in 1..12"),
+        (b"port: " + b"9" * 5000, "not valid YAML: Exceeds the limit"),
+        (b"[" * 2000 + b"]" * 2000, "not valid YAML: maximum recursion depth"),
+        (b"upstreams: &u [*u]", "upstreams[0]: contains itself (a recursive YAML alias)"),
+        (b"a: &x {b: *x}", "a.b: contains itself"),
+    ],
+)
+def test_load_config_turns_every_bad_file_into_a_config_error(
+    tmp_path: Path, content: bytes, fragment: str
+) -> None:
+    # Each of these escaped as UnicodeDecodeError, ValueError or RecursionError.
+    path = tmp_path / "proxy.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert fragment in str(caught.value)

@@ -135,3 +135,15 @@ async def test_entries_fetched_while_closed_live_until_the_open(
     proxy.clock.now = at("2026-11-25 09:31:32")  # open: the usual 60 s ttl applies
     assert "fwd=miss" in (await proxy.client.get("/v8/finance/chart/AAPL")).headers["Cache-Status"]
     assert upstream.total == 3
+
+
+def test_a_time_zone_name_too_long_for_a_file_name_is_a_config_error() -> None:
+    # Found by tests/test_fuzz.py: ZoneInfo raised OSError (ENAMETOOLONG), a traceback.
+    data = {
+        "upstreams": {"api": {"url": "http://127.0.0.1:9"}},
+        "markets": {"us": {**MARKETS["us"], "timezone": "9" * 400}},
+        "ttl_classes": {"quote": 300},
+        "routes": [{"path": "/q", "upstream": "api", "ttl_class": "quote"}],
+    }
+    with pytest.raises(ConfigError, match=r"^markets\.us\.timezone: unknown time zone"):
+        parse_config(data, env={})
