@@ -125,6 +125,8 @@ class CachedPath:
             headers = self._upstream_headers(request, resolved, key_headers)
             if content_type:
                 headers["Content-Type"] = content_type
+            if body is not None and (coding := request.headers.get("Content-Encoding")):
+                headers["Content-Encoding"] = coding  # the body goes as sent, never inflated
             return Attempt(resolved, key, headers, previous, previous if stale else None, body)
 
         store = self.deps.store

@@ -97,6 +97,10 @@ class ServerConfig:
     coalesce_timeout: float = 15.0
     access_log: bool = False  # one JSON line per request on stdout
     shutdown_grace: float = 10.0  # after SIGTERM, how long requests in flight may finish
+    # A client connection must send each request's head within this long of connecting or of
+    # its previous response (else it is closed: idle keep-alive, slowloris), and a body the
+    # proxy reads within this long of its head (else 408).
+    client_timeout: float = 75.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +330,10 @@ def _server(node: Node) -> ServerConfig:
         coalesce_timeout=node.child("coalesce_timeout").duration(15.0),
         access_log=node.child("access_log").flag(False),
         shutdown_grace=node.child("shutdown_grace").duration(10.0),
+        client_timeout=node.child("client_timeout").duration(75.0),
     )
+    if server.client_timeout <= 0:
+        raise node.child("client_timeout").error("must be more than 0")
     if not server.admin_token and not is_loopback(server.admin_host):
         raise node.child("admin_host").error(
             f"refusing to expose the admin port on {server.admin_host!r} without admin_token"

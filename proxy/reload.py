@@ -45,12 +45,13 @@ def _pinned(running: Config, loaded: Config) -> tuple[Config, list[str]]:
         "server.port": (rs.port, ls.port),
         "server.admin_host": (rs.admin_host, ls.admin_host),
         "server.admin_port": (rs.admin_port, ls.admin_port),
+        "server.client_timeout": (rs.client_timeout, ls.client_timeout),
     }
     changed = [name for name, (old, new) in pinned.items() if old != new]
     cache = replace(lc, backend=rc.backend, l1_max_entries=rc.l1_max_entries,
                     l1_max_bytes=rc.l1_max_bytes, redis=rc.redis)  # fmt: skip
     server = replace(ls, host=rs.host, port=rs.port, admin_host=rs.admin_host,
-                     admin_port=rs.admin_port)  # fmt: skip
+                     admin_port=rs.admin_port, client_timeout=rs.client_timeout)  # fmt: skip
     return replace(loaded, cache=cache, server=server), changed
 
 

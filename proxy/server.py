@@ -1,14 +1,15 @@
 """ProxyApp(deps): the request pipeline's front: route, then the cached path (cached.py) or a
-pass-through that streams both ways."""
+pass-through that streams the response back."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.accesslog import KEY, UPSTREAM_SECONDS
 from proxy.accesslog import line as access_line
@@ -25,14 +26,20 @@ from proxy.policy import (
     classify_request,
 )
 from proxy.respond import json_error, relay, upstream_error
-from proxy.upstream import CHUNK, end_to_end
+from proxy.upstream import end_to_end
 from proxy.warm import bounded
 
 log = logging.getLogger(__name__)
 
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # RFC 9110 9.2.1
-# Request headers that would let a client steer what the upstream serves everyone.
-_NEVER_FORWARDED = frozenset({"host", "x-forwarded-host", "x-original-url", "x-rewrite-url"})
+# Request headers that would let a client steer which host, URL or method the upstream
+# serves (what it, or a cache in front of it, may then serve everyone).
+_NEVER_FORWARDED = frozenset({
+    "host", "forwarded", "x-forwarded-host", "x-forwarded-server", "x-forwarded-proto",
+    "x-forwarded-scheme", "x-forwarded-port", "x-forwarded-prefix", "x-host", "x-original-host",
+    "x-original-url", "x-rewrite-url", "x-http-method-override", "x-http-method",
+    "x-method-override",
+})  # fmt: skip
 
 
 _MEMO_SIZE = 16384
@@ -118,11 +125,16 @@ class ProxyHandler:
             request.method, route.ttl_class, has_credentials, route.shared,
             route.cache_post, request.content_length,
         )  # fmt: skip
+        body: bytes | None = None
+        if request.method == "POST" or (isinstance(verdict, Bypass) and request.body_exists):
+            read = await read_body(request, self.deps.config.server.client_timeout)
+            if isinstance(read, web.Response):
+                return read, route.name, "error"
+            body = read
         try:
             if isinstance(verdict, Bypass):
-                forwarded = await self._forward(request, resolved, verdict.reason)
+                forwarded = await self._forward(request, resolved, verdict.reason, body)
                 return forwarded, route.name, "bypass"
-            body = await request.read() if request.method == "POST" else None
             served, outcome = await self.cached.serve(request, resolved, body)
             return served, route.name, outcome
         except UpstreamError as e:
@@ -154,9 +166,10 @@ class ProxyHandler:
                      time.perf_counter() - started)  # fmt: skip
 
     async def _forward(
-        self, request: web.BaseRequest, resolved: Resolved, reason: str
+        self, request: web.BaseRequest, resolved: Resolved, reason: str, body: bytes | None
     ) -> web.StreamResponse:
-        """Pass a request through uncached, streaming its body both ways."""
+        """Pass a request through uncached: its body as read_body() read it, the response
+        streamed."""
         route, target = resolved.match.route, resolved.target
         upstream = self.deps.upstreams.upstream(route.upstream)
         headers = {
@@ -167,14 +180,9 @@ class ProxyHandler:
         headers["X-Forwarded-For"] = forwarded_for(
             request.headers.get("X-Forwarded-For"), request.remote
         )
-        data: AsyncIterator[bytes] | None = None
-        if request.body_exists:
-            if request.content_length is not None:
-                headers["Content-Length"] = str(request.content_length)
-            data = request.content.iter_chunked(CHUNK)
         fwd = "method" if reason == "method" else "bypass"
         async with self.deps.upstreams.request(
-            route.upstream, request.method, upstream_target(target, upstream.query), headers, data
+            route.upstream, request.method, upstream_target(target, upstream.query), headers, body
         ) as resp:
             if request.method not in _SAFE and resp.status < 400:
                 await self._invalidate(resolved)
@@ -200,15 +208,47 @@ async def _expect(request: web.BaseRequest) -> web.Response | None:
     aiohttp's router would have; refuse expectations we do not know (417)."""
     if request.headers["Expect"].lower() != "100-continue":
         return json_error(417, "expectation_failed", "only 100-continue is supported")
+    if (size := request.content_length) is not None and size > request.client_max_size:
+        return _too_large(request)  # RFC 9110 10.1.1: a final status instead of 100
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
     return None
 
 
-# Request-line and header-field limits (bytes) for the client-facing listener.
+async def read_body(request: web.BaseRequest, seconds: float) -> bytes | web.Response:
+    """The whole request body, or the answer to give instead: 413 past client_max_size
+    (aiohttp's 1 MiB, as nginx's client_max_body_size), before reading any of it when
+    Content-Length says so; 408 when it takes longer than `seconds`; 400 when it breaks off
+    or its chunked framing is broken. Read whole before anything goes upstream, so a slow,
+    vanishing or oversized upload never holds an upstream connection nor counts against the
+    upstream's breaker."""
+    if (size := request.content_length) is not None and size > request.client_max_size:
+        return _too_large(request)
+    try:
+        async with asyncio.timeout(seconds):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _too_large(request)
+    except TimeoutError:
+        response = json_error(408, "request_timeout", f"the body took over {seconds:g}s")
+    except (ConnectionError, HttpProcessingError):  # the client hung up, or broke the framing
+        response = json_error(400, "bad_request", "the request body did not arrive whole")
+    response.force_close()  # the rest of the body may still come: never parse it
+    return response
+
+
+def _too_large(request: web.BaseRequest) -> web.Response:
+    limit = request.client_max_size
+    return json_error(413, "payload_too_large", f"request bodies are limited to {limit} bytes")
+
+
+# Request-line and header-field limits (bytes) for the client-facing listener. Request bodies
+# are never inflated: they go upstream as the client sent them (and a gzip bomb stays small).
 MAX_LINE: Final = 8190
-SERVER_ARGS: Final = {"max_line_size": MAX_LINE, "max_field_size": MAX_LINE}
+SERVER_ARGS: Final[dict[str, Any]] = {
+    "max_line_size": MAX_LINE, "max_field_size": MAX_LINE, "auto_decompress": False,
+}  # fmt: skip
 
 
 class ProxyApp:
@@ -229,9 +269,13 @@ class ProxyApp:
         # access_log=None: the runner's own setting does not reach a server it is handed, and
         # aiohttp's access log would otherwise write a line per request (server.access_log
         # is ours, and off by default).
+        # keepalive_timeout: aiohttp arms it when a connection opens and after each response,
+        # and closes a connection still without a complete request head when it fires (idle
+        # keep-alive, or a slowloris trickling its head: bytes arriving do not extend it).
         return web.Server(
-            self.handler.handle, max_line_size=MAX_LINE, max_field_size=MAX_LINE, access_log=None
-        )
+            self.handler.handle, **SERVER_ARGS, access_log=None,
+            keepalive_timeout=self.deps.config.server.client_timeout,
+        )  # fmt: skip
 
     async def start(self) -> None:
         """Open upstream sessions and start the background tasks; before listening."""

@@ -7,11 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import gzip
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
-from conftest import CountingUpstream, Proxy, ProxyFactory, Reply
+import yaml
+from aiohttp import web
+from conftest import CountingUpstream, Proxy, ProxyFactory, Reply, base_config, eventually
+
+from proxy.config import parse_config
+from proxy.errors import ConfigError
+from proxy.server import ProxyApp
 
 BOUND = 10.0  # seconds any single network step may take before the test fails
 SMUGGLED = b"GET /quote/SMUGGLED HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -63,12 +74,48 @@ async def closed(reader: asyncio.StreamReader) -> bool:
     return True
 
 
+@dataclass
+class Listening:
+    """A proxy behind its real listener (ProxyApp.server(), as cli.py builds it)."""
+
+    proxy: Proxy
+    port: int
+    session: aiohttp.ClientSession
+    server: web.Server
+
+    async def get(self, path: str, **kwargs: Any) -> tuple[int, bytes]:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        async with self.session.get(url, **kwargs) as response:
+            return response.status, await response.read()
+
+
+@pytest.fixture
+async def listen(make_proxy: ProxyFactory) -> AsyncIterator[Callable[..., Awaitable[Listening]]]:
+    runners: list[web.BaseRunner] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def factory(**overrides: Any) -> Listening:
+        proxy = await make_proxy(**overrides)
+        server = ProxyApp(proxy.deps).server()
+        runner = web.ServerRunner(server)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        sessions.append(aiohttp.ClientSession())
+        return Listening(proxy, port, sessions[-1], server)
+
+    yield factory
+    for session in sessions:
+        await session.close()
+    for runner in runners:
+        await runner.cleanup()
+
+
 @contextlib.asynccontextmanager
 async def connection(
-    proxy: Proxy,
+    port: int,
 ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    port = proxy.client.port
-    assert port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         yield reader, writer
@@ -78,11 +125,9 @@ async def connection(
             await writer.wait_closed()
 
 
-async def assert_served(proxy: Proxy) -> None:
+async def assert_served(proxy: Listening) -> None:
     """A well-behaved client on a connection of its own gets its answer."""
-    response = await asyncio.wait_for(proxy.client.get(GOOD), BOUND)
-    assert response.status == 200
-    assert await response.read() == b"good"
+    assert await asyncio.wait_for(proxy.get(GOOD), BOUND) == (200, b"good")
 
 
 def hostile_calls(upstream: CountingUpstream) -> list[str]:
@@ -90,9 +135,11 @@ def hostile_calls(upstream: CountingUpstream) -> list[str]:
 
 
 @pytest.fixture
-async def armed(make_proxy: ProxyFactory, upstream: CountingUpstream) -> Proxy:
-    """A proxy with a short client_timeout, and an upstream whose answers say which path
-    they answer, so a response can never pass for another."""
+async def armed(
+    listen: Callable[..., Awaitable[Listening]], upstream: CountingUpstream
+) -> Listening:
+    """A listening proxy, and an upstream whose answers say which path they answer, so a
+    response can never pass for another."""
     upstream.replies.update(
         {
             GOOD: Reply(body=b"good"),
@@ -101,17 +148,15 @@ async def armed(make_proxy: ProxyFactory, upstream: CountingUpstream) -> Proxy:
             "/xhr/ncp": Reply(body=b"<echo>"),
         }
     )
-    return await make_proxy()
+    return await listen()
 
 
 @dataclass(frozen=True)
 class Shape:
     """A hostile request and what must come of it.
 
-    `after`: "closed" (the server closes the connection), "open" (a request that follows on
-    the same connection is answered, and answered as itself), or "ignored" (the parser has
-    left HTTP on this connection: nothing that follows is answered or forwarded, and the
-    client_timeout closes it).
+    `after`: "closed" (the server closes the connection) or "open" (a request that follows on
+    the same connection is answered, and answered as itself).
     """
 
     id: str
@@ -312,8 +357,8 @@ SHAPES = MALFORMED + SMUGGLING + ACCESS + TOLERATED
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[s.id for s in SHAPES])
-async def test_hostile_request(armed: Proxy, upstream: CountingUpstream, shape: Shape) -> None:
-    async with connection(armed) as (reader, writer):
+async def test_hostile_request(armed: Listening, upstream: CountingUpstream, shape: Shape) -> None:
+    async with connection(armed.port) as (reader, writer):
         writer.write(shape.raw)
         await writer.drain()
         await assert_served(armed)  # while the hostile connection is open
@@ -329,20 +374,257 @@ async def test_hostile_request(armed: Proxy, upstream: CountingUpstream, shape: 
         if shape.after == "closed":
             assert await closed(reader)
         else:
-            with contextlib.suppress(ConnectionError):
-                writer.write(FOLLOW)
-                await writer.drain()
-            if shape.after == "open":
-                follow = await read_answer(reader)
-                assert follow is not None and (follow.status, follow.body) == (200, b"follow")
-            else:
-                assert shape.after == "ignored"
-                assert await read_answer(reader) is None  # closed by client_timeout
-                assert upstream.calls["/quote/FOLLOW"] == 0
+            assert shape.after == "open"
+            writer.write(FOLLOW)
+            follow = await read_answer(reader)
+            assert follow is not None and (follow.status, follow.body) == (200, b"follow")
     assert hostile_calls(upstream) == list(shape.upstream)
     if shape.upstream_bodies:
-        assert [s.body for s in upstream.seen if s.path_qs == "/xhr/ncp"] == list(
-            shape.upstream_bodies
-        )
+        bodies = [s.body for s in upstream.seen if s.path_qs == "/xhr/ncp"]
+        assert bodies == list(shape.upstream_bodies)
     assert upstream.calls["/quote/SMUGGLED"] == 0
     await assert_served(armed)  # and after
+
+
+# --- request bodies ----------------------------------------------------------------------
+
+MiB = 1024 * 1024
+CACHE_POST_ROUTES = [
+    {"name": "search", "path": "/search", "methods": ["POST"], "upstream": "api",
+     "ttl_class": "short", "cache_post": True},
+    {"name": "news", "path": "/xhr/ncp", "methods": ["POST"], "upstream": "api", "pass": True},
+    {"name": "quote", "path": "/quote/{symbol}", "upstream": "api", "ttl_class": "long",
+     "methods": ["GET", "HEAD", "POST"]},
+]  # fmt: skip
+
+
+def head(target: bytes, *headers: bytes) -> bytes:
+    return b"\r\n".join([b"POST " + target + b" HTTP/1.1", b"Host: x", *headers, b"", b""])
+
+
+@pytest.mark.parametrize("target", [b"/xhr/ncp", b"/quote/AAPL", b"/search"])
+@pytest.mark.parametrize("expect", [False, True], ids=["plain", "expect-100"])
+async def test_a_huge_declared_body_is_413_before_any_of_it_is_read(
+    listen: Callable[..., Awaitable[Listening]],
+    upstream: CountingUpstream,
+    target: bytes,
+    expect: bool,
+) -> None:
+    """Pass-through (route pass), forwarded method (POST on a cached route) and a cached
+    POST's body too large to key: 413 at once, nothing upstream, no 100 Continue first."""
+    proxy = await listen(routes=CACHE_POST_ROUTES)
+    upstream.replies[GOOD] = Reply(body=b"good")
+    extra = [b"Expect: 100-continue"] if expect else []
+    async with connection(proxy.port) as (reader, writer):
+        writer.write(head(target, b"Content-Length: %d" % (10 * 1024 * MiB), *extra))
+        answer = await read_answer(reader)
+        assert answer is not None and answer.status == 413, answer
+        assert b'"error": "payload_too_large"' in answer.body
+        await assert_served(proxy)
+    assert hostile_calls(upstream) == []
+
+
+async def test_a_huge_chunked_body_is_413_and_one_at_the_limit_goes_through(
+    listen: Callable[..., Awaitable[Listening]], upstream: CountingUpstream
+) -> None:
+    proxy = await listen()
+    upstream.replies.update({GOOD: Reply(body=b"good"), "/xhr/ncp": Reply(body=b"<echo>")})
+    chunk = b"x" * (64 * 1024)
+
+    async def send(size: int) -> Answer | None:
+        async with connection(proxy.port) as (reader, writer):
+            writer.write(head(b"/xhr/ncp", b"Transfer-Encoding: chunked"))
+            for _ in range(size // len(chunk)):
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await asyncio.wait_for(writer.drain(), BOUND)
+            writer.write(b"0\r\n\r\n")
+            return await read_answer(reader)
+
+    over = await send(4 * MiB)
+    assert over is not None and over.status == 413, over
+    assert proxy.proxy.deps.metrics.upstream_calls["api"] == 0  # not a byte went upstream
+    at_limit = await send(MiB)
+    assert at_limit is not None and at_limit.status == 200
+    assert at_limit.body == b"x" * MiB
+    assert [len(s.body) for s in upstream.seen if s.path_qs == "/xhr/ncp"] == [MiB]
+    await assert_served(proxy)
+
+
+def handled(proxy: Listening, route: str) -> int:
+    return sum(n for (name, _), n in proxy.proxy.deps.metrics.by_route.items() if name == route)
+
+
+async def test_aborted_uploads_never_count_against_the_upstream(
+    listen: Callable[..., Awaitable[Listening]],
+    upstream: CountingUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that hangs up mid-body is the client's failure: it must not open the
+    upstream's breaker (2 failures here) for everyone else."""
+    proxy = await listen(
+        upstreams={"api": {"url": upstream.url, "breaker_failures": 2, "breaker_backoff": "1h"}}
+    )
+    upstream.replies[GOOD] = Reply(body=b"good")
+    for i in range(1, 5):
+        async with connection(proxy.port) as (_reader, writer):
+            writer.write(head(b"/xhr/ncp", b"Content-Length: 1000") + b"only ten b")
+            await writer.drain()
+            await eventually(lambda i=i: proxy.server.requests_count == i)  # type: ignore[misc]
+        await eventually(lambda i=i: handled(proxy, "news") == i)  # type: ignore[misc]
+    await assert_served(proxy)
+    assert upstream.calls["/xhr/ncp"] == 0
+    assert proxy.proxy.deps.metrics.by_route[("news", "error")] == 4
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # a client's doing
+
+
+async def test_chunked_framing_broken_mid_body_ends_in_408(
+    listen: Callable[..., Awaitable[Listening]], upstream: CountingUpstream
+) -> None:
+    """A bad chunk after the head was handed over: aiohttp's parser stops feeding the body,
+    so it never completes; client_timeout ends it, and nothing went upstream."""
+    proxy = await listen(server={"client_timeout": "1s"})
+    async with connection(proxy.port) as (reader, writer):
+        writer.write(head(b"/xhr/ncp", b"Transfer-Encoding: chunked") + b"5\r\nhello\r\n")
+        await eventually(lambda: proxy.server.requests_count == 1)
+        writer.write(b"zz\r\nworld\r\n0\r\n\r\n" + FOLLOW)
+        answer = await read_answer(reader)
+        assert answer is not None and answer.status == 408, answer
+        assert answer.headers["connection"] == "close"
+    assert upstream.total == 0
+
+
+@pytest.mark.parametrize("route", ["/xhr/ncp", "/search"])
+async def test_gzip_request_bodies_go_upstream_as_sent_and_are_never_inflated(
+    listen: Callable[..., Awaitable[Listening]], upstream: CountingUpstream, route: str
+) -> None:
+    """A gzip body is forwarded as the bytes the client sent, labelled as it labelled them;
+    the proxy never inflates it, so a bomb (10 MB of zeros in ~10 KB) costs it ~10 KB."""
+    proxy = await listen(routes=CACHE_POST_ROUTES)
+    upstream.replies[route] = Reply(body=b"<echo>")
+    url = f"http://127.0.0.1:{proxy.port}{route}"
+    for plain in (b"hello", bytes(10 * MiB)):
+        sent = gzip.compress(plain)
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        async with proxy.session.post(url, data=sent, headers=headers) as response:
+            # the upstream (an aiohttp server, 1 MiB limit) inflates what it gets
+            expected = 200 if len(plain) < MiB else 413
+            assert response.status == expected, await response.text()
+            if expected == 200:
+                assert await response.read() == plain
+    assert upstream.seen[0].headers["Content-Encoding"] == "gzip"
+
+
+async def test_a_slow_body_holds_no_upstream_connection_and_gets_408(
+    listen: Callable[..., Awaitable[Listening]], upstream: CountingUpstream
+) -> None:
+    """The upstream allows one connection. A client trickling a body must not hold it while
+    other clients' misses wait; after client_timeout it gets 408 and the upstream nothing."""
+    proxy = await listen(
+        upstreams={"api": {"url": upstream.url, "max_connections": 1, "timeout": "60s"}},
+        server={"client_timeout": "1s"},
+    )
+    upstream.replies[GOOD] = Reply(body=b"good")
+    async with connection(proxy.port) as (reader, writer):
+        writer.write(head(b"/xhr/ncp", b"Content-Length: 100") + b"ten bytes.")
+        await writer.drain()
+        await assert_served(proxy)
+        answer = await read_answer(reader)
+        assert answer is not None and answer.status == 408, answer
+        assert b'"error": "request_timeout"' in answer.body
+        assert answer.headers["connection"] == "close"  # the rest is never read as a request
+    assert upstream.calls["/xhr/ncp"] == 0
+
+
+async def test_a_slow_cached_post_body_gets_408(
+    listen: Callable[..., Awaitable[Listening]], upstream: CountingUpstream
+) -> None:
+    proxy = await listen(routes=CACHE_POST_ROUTES, server={"client_timeout": "1s"})
+    async with connection(proxy.port) as (reader, writer):
+        writer.write(head(b"/search", b"Content-Length: 100") + b"ten bytes.")
+        answer = await read_answer(reader)
+        assert answer is not None and answer.status == 408, answer
+        assert answer.headers["connection"] == "close"
+    assert upstream.total == 0
+
+
+# --- slow clients (slowloris) ------------------------------------------------------------
+
+
+async def test_trickling_heads_do_not_stop_other_clients(
+    armed: Listening, upstream: CountingUpstream
+) -> None:
+    """200 connections each trickle a request head a byte per round; between rounds a
+    well-behaved client is served every time."""
+    slow_head = b"GET /quote/SLOW HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 64
+    async with contextlib.AsyncExitStack() as stack:
+        writers = [(await stack.enter_async_context(connection(armed.port)))[1] for _ in range(200)]
+        for byte in range(len(slow_head)):
+            for writer in writers:
+                writer.write(slow_head[byte : byte + 1])
+            if byte % 10 == 0:
+                await assert_served(armed)
+        await assert_served(armed)
+    assert upstream.calls["/quote/SLOW"] == 0
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"GET /quote/AAPL HTTP/1.1\r\nHo", FOLLOW + b"GET /quote/AAPL HTTP/1.1\r\n"],
+    ids=["silent", "partial-head", "idle-after-a-response"],
+)
+async def test_a_head_not_complete_within_client_timeout_is_closed(
+    listen: Callable[..., Awaitable[Listening]], upstream: CountingUpstream, sent: bytes
+) -> None:
+    proxy = await listen(server={"client_timeout": "500ms"})
+    upstream.replies["/quote/FOLLOW"] = Reply(body=b"follow")
+    async with connection(proxy.port) as (reader, writer):
+        writer.write(sent)
+        if sent.startswith(FOLLOW):
+            answer = await read_answer(reader)
+            assert answer is not None and answer.body == b"follow"
+        assert await read_answer(reader) is None
+    assert hostile_calls(upstream) == []
+
+
+async def test_a_trickled_head_is_closed_although_bytes_keep_coming(
+    listen: Callable[..., Awaitable[Listening]], upstream: CountingUpstream
+) -> None:
+    """Bytes arriving do not extend the deadline: the head as a whole must arrive in time."""
+    proxy = await listen(server={"client_timeout": "500ms"})
+    slow_head = b"GET /quote/SLOW HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 4000 + b"\r\n\r\n"
+    async with connection(proxy.port) as (reader, writer):
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while not reader.at_eof() and sent < len(slow_head):
+                writer.write(slow_head[sent : sent + 1])
+                await writer.drain()
+                sent += 1
+                # trickling is what this client does; the server's clock is not ours to drive
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader.read(1), 0.02)
+        assert sent < len(slow_head), "the whole trickled head was accepted"
+    assert upstream.calls["/quote/SLOW"] == 0
+
+
+def test_client_timeout_config() -> None:
+    data = base_config("http://127.0.0.1:9")
+    assert parse_config(data, env={}).server.client_timeout == 75.0
+    data["server"] = {"client_timeout": "5s"}
+    assert parse_config(data, env={}).server.client_timeout == 5.0
+    for bad in (0, "0s", -1, "soon"):
+        data["server"] = {"client_timeout": bad}
+        with pytest.raises(ConfigError, match=r"server\.client_timeout"):
+            parse_config(data, env={})
+
+
+async def test_client_timeout_needs_a_restart_to_change(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, tmp_path: Path
+) -> None:
+    """The listener was built with it; a reload says so instead of pretending."""
+    proxy = await make_proxy(server={"client_timeout": "5s"})
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(base_config(upstream.url, server={"client_timeout": "9s"})))
+    proxy.deps.config_path = path
+    answer = await (await proxy.admin.post("/reload")).json()
+    assert "server.client_timeout" in answer["restart_needed"]
+    assert proxy.deps.config.server.client_timeout == 5.0
