@@ -267,6 +267,20 @@ async def test_stats_count_by_route_and_key_and_reset(make_client: MakeClient) -
     assert await get_json(client, "/__stats") == {"total": 0, "by_route": {}, "by_key": {}}
 
 
+async def test_stats_count_requests_per_clock_second(make_client: MakeClient) -> None:
+    now = [NOW + 0.25]
+    client = await make_client(clock=lambda: now[0])
+    for at in (0.25, 0.5, 0.99, 1.0, 3.7):
+        now[0] = NOW + at
+        await get_plain(client, f"{CHART}/AAPL?range=5d")
+    stats = await get_json(client, "/__stats?seconds=1")
+    second = int(NOW)
+    assert stats["by_second"] == {str(second): 3, str(second + 1): 1, str(second + 3): 1}
+    assert "by_second" not in await get_json(client, "/__stats")  # only when asked for
+    await client.post("/__reset")
+    assert (await get_json(client, "/__stats?seconds=1"))["by_second"] == {}
+
+
 def test_stats_snapshot_keeps_the_busiest_1000_keys() -> None:
     stats = SimStats()
     for i in range(1005):

@@ -31,6 +31,7 @@ _OTHER_SERVER_MS = 20.0
 _HEAVY_CHART_MS = 80.0
 _LINK_BITS_PER_MS = 50e6 / 1000
 _STATS_KEYS = 1000
+_STATS_SECONDS = 3600
 _MAX_COUNT = 100
 _DEFAULT_MODULES = ("price", "summaryDetail")
 _CACHE_BYTES = 64 * 1024 * 1024
@@ -57,34 +58,43 @@ class SimConfig:
 
 
 class SimStats:
-    """Request counters per route name and per path+query."""
+    """Request counters per route name, per path+query and per clock second."""
 
-    __slots__ = ("by_key", "by_route", "total")
+    __slots__ = ("by_key", "by_route", "by_second", "total")
 
     def __init__(self) -> None:
         self.total = 0
         self.by_route: dict[str, int] = {}
         self.by_key: Counter[str] = Counter()
+        self.by_second: Counter[int] = Counter()  # int(clock()) -> requests that arrived then
 
-    def record(self, route: str, key: str) -> None:
-        """Count one request."""
+    def record(self, route: str, key: str, now: float | None = None) -> None:
+        """Count one request (in its second too when `now` is given)."""
         self.total += 1
         self.by_route[route] = self.by_route.get(route, 0) + 1
         self.by_key[key] += 1
+        if now is not None:
+            self.by_second[int(now)] += 1
 
     def reset(self) -> None:
         """Zero every counter."""
         self.total = 0
         self.by_route.clear()
         self.by_key.clear()
+        self.by_second.clear()
 
-    def snapshot(self, keys: int = _STATS_KEYS) -> dict[str, Any]:
-        """JSON-ready counters, keeping only the most-called keys, busiest first."""
-        return {
+    def snapshot(self, keys: int = _STATS_KEYS, seconds: bool = False) -> dict[str, Any]:
+        """JSON-ready counters, keeping only the most-called keys, busiest first; with
+        `seconds`, also requests per clock second (the last _STATS_SECONDS seconds seen)."""
+        out: dict[str, Any] = {
             "total": self.total,
             "by_route": dict(self.by_route),
             "by_key": dict(self.by_key.most_common(keys)),
         }
+        if seconds:
+            recent = sorted(self.by_second)[-_STATS_SECONDS:]
+            out["by_second"] = {str(s): self.by_second[s] for s in recent}
+        return out
 
 
 SIM_STATS = web.AppKey("sim_stats", SimStats)
@@ -267,8 +277,9 @@ class _Sim:
         )
 
     async def get_stats(self, request: web.Request) -> web.Response:
-        """GET /__stats: the counters as JSON."""
-        return web.json_response(self.stats.snapshot())
+        """GET /__stats: the counters as JSON (?seconds=1: also requests per clock second)."""
+        seconds = request.query.get("seconds", "") not in ("", "0")
+        return web.json_response(self.stats.snapshot(seconds=seconds))
 
     async def post_reset(self, request: web.Request) -> web.Response:
         """POST /__reset: zero the counters."""
@@ -304,7 +315,7 @@ async def _simulate(request: web.Request, handler: Handler) -> web.StreamRespons
     if route in _UNCOUNTED:
         return await handler(request)
     sim = request.app[_SIM]
-    sim.stats.record(route or "unmatched", request.path_qs)
+    sim.stats.record(route or "unmatched", request.path_qs, sim.clock())
     if route is None:
         return await handler(request)
     cfg = sim.config
