@@ -78,6 +78,7 @@ class UpstreamPool:
         self.guards = {name: self._guard(u) for name, u in upstreams.items()}
         self._rng = rng or random.Random()
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._judged: set[int] = set()  # id() of calls a caller judged failures (API errors)
         # Upstreams a reload removed, until their sessions close: in-flight work finishes.
         self._retired: dict[str, tuple[Upstream, aiohttp.ClientSession, UpstreamGuard]] = {}
 
@@ -191,8 +192,20 @@ class UpstreamPool:
             raise UpstreamError(
                 "protocol", f"upstream {upstream_name} sent a broken response"
             ) from e
+        else:
+            # Only now, body and all: a 200 whose body then broke must not count as a success,
+            # or an upstream that always breaks mid-body never opens its breaker.
+            if id(response) not in self._judged:
+                guard.answered(response.status, response.headers.get("Retry-After"))
         finally:
+            self._judged.discard(id(response))
             response.release()
+
+    def failed(self, upstream_name: str, response: aiohttp.ClientResponse, kind: str) -> None:
+        """A caller judged this answer a failure (an API error body): counted against the
+        upstream's breaker, and not as a success when its request() block ends."""
+        self._judged.add(id(response))
+        self.guard(upstream_name).failed(kind)
 
     async def _send(
         self,
@@ -237,6 +250,5 @@ class UpstreamPool:
             elapsed = time.perf_counter() - started
             self.metrics.upstream_call(name, response.status, elapsed)
             record_upstream(elapsed)
-            guard.answered(response.status, response.headers.get("Retry-After"))
-            return response
+            return response  # request() tells the guard once the body is in
         raise AssertionError("unreachable: the last attempt returns or raises")
