@@ -339,7 +339,7 @@ class CachedPath:
             log.warning("upstream %s answered an API error for %s: %s", route.upstream,
                         route.name, reason)  # fmt: skip
             self.deps.metrics.upstream_error(route.upstream, "api-error", answered=True)
-            self.deps.upstreams.guard(route.upstream).failed("api-error")
+            self.deps.upstreams.failed(route.upstream, resp, "api-error")
         return reason
 
     async def warm(self, resolved: Resolved) -> bool:

@@ -164,6 +164,24 @@ async def test_api_error_bodies_are_never_stored(
     assert 'cacheproxy_upstream_errors_total{kind="api-error",upstream="api"} 2.0' in metrics
 
 
+async def test_api_error_bodies_open_the_upstream_breaker(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    # Each call used to count a success at its 200 headers before its body was judged an
+    # API error, so the breaker never saw consecutive failures (see test_chaos.py).
+    api = {"url": upstream.url, "breaker_failures": 3, "breaker_backoff": "10s"}
+    proxy = await make_proxy(**_av_route(upstreams={"api": api}))
+    upstream.replies["/query"] = Reply(body=b'{"Note": "5 calls per minute"}')
+    statuses = [(await proxy.client.get(f"/query?symbol=S{i}")).status for i in range(10)]
+    assert statuses == [200] * 3 + [503] * 7  # the API's own words, then the breaker
+    assert upstream.calls["/query"] == 3
+    proxy.clock.advance(10)
+    upstream.replies["/query"] = Reply()
+    assert (await proxy.client.get("/query?symbol=P")).status == 200  # the probe closes it
+    assert (await proxy.client.get("/query?symbol=Q")).status == 200
+    assert upstream.calls["/query"] == 5
+
+
 async def test_an_api_error_body_lets_stale_if_error_serve_the_good_entry(
     make_proxy: ProxyFactory, upstream: CountingUpstream
 ) -> None:
