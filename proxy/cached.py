@@ -197,20 +197,23 @@ class CachedPath:
         if store.l2 is None:
             return await self._fetch(request, attempt, flight)
         redis = self.deps.config.cache.redis
+        seen = attempt.previous.stored_at if attempt.previous else float("-inf")
         if not await store.acquire_lease(key, redis.lease_ttl):
             # Another instance is fetching it: wait (bounded) for its answer to reach L2.
-            seen = attempt.previous.stored_at if attempt.previous else float("-inf")
             found = await store.wait_for_l2(key, redis.lease_wait, newer_than=seen)
-            if found is not None:
-                flight.result = found.entry
-                status = f"{NAME}; fwd=miss; collapsed; detail=l2"
-                response = serve_entry(request, found.entry, status, _miss_age(found.entry))
-                return response, "coalesced"
-            return await self._fetch(request, attempt, flight)
-        try:
-            return await self._fetch(request, attempt, flight)
-        finally:
-            store.release_lease(key)
+            if found is None:
+                return await self._fetch(request, attempt, flight)
+        else:
+            try:
+                # Another instance may have fetched, stored and let go of the lease between
+                # our L2 read and our taking it: look again before fetching a second time.
+                if (found := await store.fetched_since(key, seen)) is None:
+                    return await self._fetch(request, attempt, flight)
+            finally:
+                store.release_lease(key)
+        flight.result = found.entry
+        status = f"{NAME}; fwd=miss; collapsed; detail=l2"
+        return serve_entry(request, found.entry, status, _miss_age(found.entry)), "coalesced"
 
     def _failed(
         self, request: web.BaseRequest, error: UpstreamError, stale: CachedResponse | None

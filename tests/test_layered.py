@@ -108,6 +108,34 @@ async def test_three_instances_fifty_requests_each_one_upstream_call(
     assert statuses.count("cacheproxy; fwd=miss; collapsed") == 147
 
 
+async def test_a_fetch_that_lands_between_our_l2_read_and_our_lease_is_not_repeated(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    # b reads L2 and misses; a then fetches, stores and lets the lease go; b takes the lease.
+    # b must look at L2 again rather than fetch a second time (seen in bench/coalesce.py).
+    cache = layered_cache(redis_server.url)
+    a, b = await make_proxy(cache=cache), await make_proxy(cache=cache)
+    assert (await a.client.get("/quote/RACE")).status == 200
+    await a.deps.store.flush()
+    l2 = a.deps.store.l2
+    assert l2 is not None
+    for _ in range(500):  # a gives the lease back in the background once its write landed
+        if not await l2.lease_held("GET api /quote/RACE"):
+            break
+        await asyncio.sleep(0.01)
+    missed = b.deps.store.lookup
+
+    async def stale_read(key: str) -> None:  # b's read, made before a's write landed
+        b.deps.store.lookup = missed  # type: ignore[method-assign]
+        return None
+
+    b.deps.store.lookup = stale_read  # type: ignore[method-assign]
+    response = await b.client.get("/quote/RACE")
+    assert response.status == 200
+    assert response.headers["Cache-Status"] == "cacheproxy; fwd=miss; collapsed; detail=l2"
+    assert upstream.total == 1
+
+
 async def test_a_corrupt_value_in_redis_is_a_miss_and_is_rewritten(
     make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
 ) -> None:

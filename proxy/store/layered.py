@@ -301,13 +301,7 @@ class LayeredStore:
         deadline = asyncio.get_running_loop().time() + seconds
         try:
             while (left := deadline - asyncio.get_running_loop().time()) > 0:
-                found = await self._lookup_l2(key)
-                if (
-                    found is not None
-                    and found.entry.stored_at > newer_than
-                    and found.entry.expires_at > self._clock()
-                    and self.bans.verdict(found.entry) is None  # not what a purge removed
-                ):
+                if (found := await self.fetched_since(key, newer_than)) is not None:
                     return found
                 if self.breaker.is_open:
                     return None
@@ -325,6 +319,19 @@ class LayeredStore:
             return None
         finally:
             self._watchers.pop(key, None)
+
+    async def fetched_since(self, key: str, newer_than: float) -> Found | None:
+        """Key's L2 entry if it was stored after `newer_than` and is still fresh: what another
+        instance fetched (not the stale copy we already have, nor what a purge removed)."""
+        found = await self._lookup_l2(key)
+        if (
+            found is not None
+            and found.entry.stored_at > newer_than
+            and found.entry.expires_at > self._clock()
+            and self.bans.verdict(found.entry) is None
+        ):
+            return found
+        return None
 
     def count_request(self, key: str) -> None:
         """Count a request toward key's popularity: in-process, flushed to L2 periodically;
