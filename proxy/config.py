@@ -421,10 +421,14 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(str(path), f"cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), f"not UTF-8 text: {e}") from e
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise ConfigError(where, f"not valid YAML: {getattr(e, 'problem', None) or e}") from e
+    except (ValueError, RecursionError) as e:  # a date like 2026-13-45; nesting too deep
+        raise ConfigError(str(path), f"not valid YAML: {e}") from e
     return parse_config(data, env)
