@@ -20,7 +20,7 @@ from proxy.config import Config, load_config
 from proxy.deps import build_deps
 from proxy.errors import ConfigError
 from proxy.reload import reload
-from proxy.server import ProxyApp
+from proxy.server import ProxyApp, quiet_malformed
 
 log = logging.getLogger("cacheproxy")
 EXIT_CONFIG = 2
@@ -218,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=(args.log_level or "info").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("aiohttp.server").addFilter(quiet_malformed)
     if args.command in ("serve", "check-config"):
         try:
             config = load_config(args.config)

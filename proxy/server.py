@@ -10,6 +10,7 @@ from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.accesslog import KEY, UPSTREAM_SECONDS
 from proxy.accesslog import line as access_line
@@ -241,6 +242,17 @@ async def read_body(request: web.BaseRequest, seconds: float) -> bytes | web.Res
 def _too_large(request: web.BaseRequest) -> web.Response:
     limit = request.client_max_size
     return json_error(413, "payload_too_large", f"request bodies are limited to {limit} bytes")
+
+
+def quiet_malformed(record: logging.LogRecord) -> bool:
+    """A logging filter for aiohttp.server: a request aiohttp could not parse already got
+    its 400, so it is logged here at debug level, not at error with a traceback (anyone can
+    send them, as fast as they like, and would fill the log)."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        log.debug("refused a malformed request: %s", error)
+        return False
+    return True
 
 
 # Request-line and header-field limits (bytes) for the client-facing listener. Request bodies

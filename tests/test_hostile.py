@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import gzip
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from conftest import CountingUpstream, Proxy, ProxyFactory, Reply, base_config, 
 
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-from proxy.server import ProxyApp
+from proxy.server import ProxyApp, quiet_malformed
 
 BOUND = 10.0  # seconds any single network step may take before the test fails
 SMUGGLED = b"GET /quote/SMUGGLED HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -628,3 +629,39 @@ async def test_client_timeout_needs_a_restart_to_change(
     answer = await (await proxy.admin.post("/reload")).json()
     assert "server.client_timeout" in answer["restart_needed"]
     assert proxy.deps.config.server.client_timeout == 5.0
+
+
+# --- logging -----------------------------------------------------------------------------
+
+
+async def test_malformed_requests_do_not_fill_the_log_with_tracebacks(
+    armed: Listening, caplog: pytest.LogCaptureFixture
+) -> None:
+    # cli.main installs the filter; anyone may send these, as fast as they like.
+    server_log = logging.getLogger("aiohttp.server")
+    server_log.addFilter(quiet_malformed)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for raw in (b"GET / HTTP/1.1\r\nHost: x\r\nBad\x00Header: 1\r\n\r\n", b"\x16\x03\x01"):
+                async with connection(armed.port) as (reader, writer):
+                    writer.write(raw)
+                    await writer.drain()
+                    answer = await read_answer(reader)
+                    assert answer is not None and answer.status == 400
+    finally:
+        server_log.removeFilter(quiet_malformed)
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert errors == []
+    refused = [r for r in caplog.records if r.getMessage().startswith("refused a malformed")]
+    assert len(refused) == 2
+
+
+def test_the_filter_keeps_every_other_server_error() -> None:
+    try:
+        raise RuntimeError("a handler bug")
+    except RuntimeError:
+        record = logging.LogRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (),
+            sys.exc_info(),
+        )  # fmt: skip
+    assert quiet_malformed(record) is True
