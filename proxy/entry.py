@@ -54,10 +54,11 @@ class CachedResponse:
 
     @property
     def size(self) -> int:
-        """Bytes the entry costs in memory: body plus header text plus bookkeeping."""
+        """Bytes the entry costs in memory: body plus header text plus bookkeeping. Header
+        text counts twice: as pairs, and serialized (`wire`, made on the first hit)."""
         return (
             len(self.body)
-            + sum(len(name) + len(value) for name, value in self.headers)
+            + sum(2 * (len(name) + len(value)) + 4 for name, value in self.headers)
             + ENTRY_OVERHEAD
         )
 

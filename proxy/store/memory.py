@@ -28,6 +28,10 @@ def _block(size: int) -> int:
 _STR: Final = sys.getsizeof("")  # a str's header (49 B on CPython 3.11); its text is extra
 _ROUND: Final = 8  # a variable-sized object wastes half a 16-byte block on average
 _SLOT: Final = 80  # OrderedDict slot: table entry, index, linked-list node (66-91 B measured)
+# The head respond.py serializes on an entry's first hit and keeps (entry.wire): a small
+# object and one bytes object holding the status line, the header text (which entry.size
+# counts a second time) and the status line and Content-Length (~40 B).
+_WIRE: Final = 48 + sys.getsizeof(b"") + _ROUND + 40
 _FIXED: Final = (
     _block(sys.getsizeof(CachedResponse(0, (), b"", 0.0, 0.0)))
     + 2 * (sys.getsizeof(()) + _ROUND)  # the headers and tags tuples
@@ -35,6 +39,7 @@ _FIXED: Final = (
     + _STR + _ROUND  # the key
     + 3 * _block(sys.getsizeof(0.0))  # stored_at, ttl, initial_age: computed per response
     + _SLOT
+    + _WIRE
 )  # fmt: skip
 # A header: its (name, value) tuple, its pointer in the headers tuple and the value's str
 # header. Not the name: aiohttp's parser hands out one shared object per header name.
