@@ -29,8 +29,8 @@ _STR: Final = sys.getsizeof("")  # a str's header (49 B on CPython 3.11); its te
 _ROUND: Final = 8  # a variable-sized object wastes half a 16-byte block on average
 _SLOT: Final = 80  # OrderedDict slot: table entry, index, linked-list node (66-91 B measured)
 # The head respond.py serializes on an entry's first hit and keeps (entry.wire): a small
-# object and one bytes object holding the status line, the header text (which entry.size
-# counts a second time) and the status line and Content-Length (~40 B).
+# object and one bytes object holding the header text again (entry.size counts it twice),
+# the status line and Content-Length (~40 B).
 _WIRE: Final = 48 + sys.getsizeof(b"") + _ROUND + 40
 _FIXED: Final = (
     _block(sys.getsizeof(CachedResponse(0, (), b"", 0.0, 0.0)))
