@@ -444,8 +444,10 @@ async def test_fault_under_load(chaos: Chaos, name: str) -> None:
         else:
             mode = name.removeprefix("upstream-")
             assert mode == "refuse" or chaos.upstream.calls[mode] > 0, chaos.upstream.calls
-            # The breaker spared it: at most the calls in flight when it opened, then probes.
-            assert chaos.upstream.calls[mode] <= CONCURRENCY + 5 * PHASE, chaos.upstream.calls
+            # The breaker spared it: the calls in flight when it opened (one per client request
+            # in flight, one refresh per swr key), then a few probes a second.
+            spared = CONCURRENCY + KNOWN + 3 * PHASE
+            assert chaos.upstream.calls[mode] <= spared, chaos.upstream.calls
             assert tally.count("new", lambda s: s != 200) > 0, f"the fault did nothing: {summary}"
             assert tally.details["stale-if-error"] > 0, summary
 
