@@ -272,10 +272,11 @@ async def test_soak_distinct_keys_through_a_small_l1(
     assert _mb(peak - idle.rss_kb) <= MAX_MEMORY_MB + ALLOWANCE_MB, report
     growth = max(s.rss_kb for s in second) - max(s.rss_kb for s in first)
     assert _mb(growth) <= GROWTH_MB, report
-    # Descriptors: at most one per client and upstream connection (the upstream pool holds
-    # max_connections, 100), none more in the second half, and the clients' released.
-    assert busiest <= idle.fds + CONNECTIONS + 100, report
-    assert max(s.fds for s in second) <= max(s.fds for s in first), report
+    # Descriptors: one per client connection, at most one upstream connection per request in
+    # flight, Redis's pool about as many again (the pools fill lazily, so the count may still
+    # rise after warm-up, but only to this): a leak of one per thousand keys would exceed it
+    # within a minute. And every client connection's descriptor is released.
+    assert busiest <= idle.fds + 3 * CONNECTIONS + 8, report
     assert after <= busiest - CONNECTIONS, report
     stderr = soak.log.read_text()
     assert "Traceback" not in stderr, stderr[-4000:]
