@@ -89,7 +89,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="3 repetitions of 2 s")
     args = parser.parse_args()
+    if args.quick:
+        args.reps, args.seconds = 3, 2
     need("wrk", "redis-server", "nginx")
     tmp = Path(tempfile.mkdtemp(prefix="cacheproxy-bench-"))
     ports = {name: free_port() for name in (*TARGETS, "upstream", "redis")}
