@@ -8,10 +8,11 @@ import logging
 import math
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Any
 
 import aiohttp
 from aiohttp import HttpVersion11, web
@@ -21,7 +22,7 @@ from proxy.entry import CachedResponse
 from proxy.errors import UpstreamError
 from proxy.headers import is_gzip
 from proxy.origin import NOT_MODIFIED_FIELDS, precondition
-from proxy.upstream import CHUNK, HOP_BY_HOP, end_to_end
+from proxy.upstream import CHUNK, HOP_BY_HOP, BodyBroke, end_to_end
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,24 @@ def private_response(
     return web.Response(status=resp.status, headers=headers, body=body)
 
 
+async def _body(
+    resp: aiohttp.ClientResponse, prefix: list[bytes], inflater: Any
+) -> AsyncGenerator[bytes, None]:
+    """An upstream body as the client gets it; a break in it (or in its gzip) is BodyBroke.
+    Only reading is inside the try: the caller's writes to the client never raise in here."""
+    try:
+        for chunk in prefix:
+            yield inflater.decompress(chunk) if inflater else chunk
+        async for chunk in resp.content.iter_chunked(CHUNK):
+            yield inflater.decompress(chunk) if inflater else chunk
+        if inflater is not None:
+            yield inflater.flush()
+    except (aiohttp.ClientError, TimeoutError, zlib.error) as e:
+        # Headers are gone, so no error status can follow: abort the connection so
+        # the client sees a truncated response rather than a short one that looks whole.
+        raise BodyBroke(f"upstream response broke mid-body: {e!r}") from e
+
+
 async def relay(
     request: web.BaseRequest,
     resp: aiohttp.ClientResponse,
@@ -271,15 +290,12 @@ async def relay(
         await out.write_eof()  # a body after HEAD would be read as the next response
         return out
     try:
-        for chunk in prefix:
-            await out.write(inflater.decompress(chunk) if inflater else chunk)
-        async for chunk in resp.content.iter_chunked(CHUNK):
-            await out.write(inflater.decompress(chunk) if inflater else chunk)
-        if inflater is not None:
-            await out.write(inflater.flush())
-    except (aiohttp.ClientError, TimeoutError, zlib.error) as e:
-        # Headers are gone, so no error status can follow: abort the connection so
-        # the client sees a truncated response rather than a short one that looks whole.
-        raise ConnectionResetError(f"upstream response broke mid-body: {e!r}") from e
+        async with contextlib.aclosing(_body(resp, prefix, inflater)) as body:
+            async for data in body:
+                await out.write(data)
+    except aiohttp.ClientError as e:
+        # Writing to the client failed (it went away): not the upstream's failure, so not a
+        # ClientError, which request() would count against the upstream.
+        raise ConnectionResetError(f"client went away mid-body: {e!r}") from e
     await out.write_eof()
     return out

@@ -23,11 +23,18 @@ from proxy.metrics import Metrics
 # RFC 9110 7.6.1: connection-specific fields a proxy must not forward. Content-Length is
 # re-computed for every message we send, so it never travels through either.
 CHUNK = 64 * 1024  # bytes read or written at a time when streaming bodies
+
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # RFC 9110 9.2.2
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
     "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "content-length",
 })  # fmt: skip
+
+
+class BodyBroke(ConnectionResetError):
+    """An upstream body broke off while it was being relayed: its headers are gone to the
+    client, so no error status can follow, and the client connection is aborted. request()
+    counts it against the upstream's breaker."""
 
 
 def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
@@ -182,6 +189,10 @@ class UpstreamPool:
         response = await self._send(upstream, guard, method, target, headers, data)
         try:
             yield response
+        except BodyBroke:
+            self.metrics.upstream_error(upstream_name, "protocol", answered=True)
+            guard.failed("protocol")
+            raise
         except TimeoutError as e:
             self.metrics.upstream_error(upstream_name, "timeout", answered=True)
             guard.failed("timeout")
