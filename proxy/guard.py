@@ -1,4 +1,4 @@
-"""Upstream protection: a token bucket, 429 pauses and a circuit breaker, per upstream.
+"""Upstream protection: a rate window, 429 pauses and a circuit breaker, per upstream.
 
 Market-data APIs bill and throttle per key: the proxy must never be the reason a key gets
 throttled, and must stop hammering an upstream that keeps failing.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -39,39 +40,48 @@ class Rate:
         raise ValueError(f"expected a rate such as 20/s or 5/min, got {value!r}")
 
 
-class TokenBucket:
-    """Refills at `rate`, holds at most `rate.count` tokens (one period's burst).
+class RateWindow:
+    """At most `rate.count` calls in any window of `rate.seconds` (a sliding log).
 
-    A reservation may drive the balance below zero: later callers then queue behind it,
-    each told exactly how long to wait for its own token.
+    A token bucket holding one period's burst lets through that burst plus a period's
+    refill, up to twice the limit within one period, which a quota counting calls per
+    second or per minute answers with 429. Here a call may start only once the one
+    `count` calls before it is a whole period old. A reservation may lie in the future:
+    later callers queue behind it, each told exactly how long to wait for its own slot.
+    A fractional count (1.5/s) is kept as one call per seconds / count.
     """
 
     def __init__(self, rate: Rate, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
-        self.capacity = max(1.0, rate.count)
-        self.tokens = self.capacity
+        self.count = max(1, int(rate.count))
+        self.period = self.count / rate.per_second
         self._clock = clock
-        self._updated = clock()
+        self._starts: deque[float] = deque()  # the last `count` reserved start times, ordered
 
-    def _refill(self) -> None:
+    def _slot(self) -> tuple[float, float]:
         now = self._clock()
-        self.tokens = min(self.capacity, self.tokens + (now - self._updated) * self.rate.per_second)
-        self._updated = now
+        starts = self._starts
+        while starts and starts[0] <= now - self.period:
+            starts.popleft()
+        if len(starts) < self.count:
+            return now, now
+        return now, max(now, starts[-self.count] + self.period)
 
     def reserve(self, max_wait: float) -> float | None:
-        """Seconds to wait for a token now reserved, or None (nothing reserved) if that would
+        """Seconds to wait for a slot now reserved, or None (nothing reserved) if that would
         be longer than `max_wait`."""
-        self._refill()
-        wait = max(0.0, (1.0 - self.tokens) / self.rate.per_second)
-        if wait > max_wait:
+        now, slot = self._slot()
+        if slot - now > max_wait:
             return None
-        self.tokens -= 1.0
-        return wait
+        self._starts.append(slot)
+        if len(self._starts) > self.count:
+            self._starts.popleft()
+        return slot - now
 
     def next_token(self) -> float:
-        """Seconds until a token would be free."""
-        self._refill()
-        return max(0.0, (1.0 - self.tokens) / self.rate.per_second)
+        """Seconds until a call could start."""
+        now, slot = self._slot()
+        return slot - now
 
 
 class UpstreamGuard:
@@ -85,7 +95,7 @@ class UpstreamGuard:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
-        self.bucket = TokenBucket(rate, clock) if rate else None
+        self.bucket = RateWindow(rate, clock) if rate else None
         self.breaker = breaker
         self.paused_until = 0.0
         self.throttled = 0  # calls refused by the bucket or a pause, for metrics
