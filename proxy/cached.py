@@ -297,7 +297,10 @@ class CachedPath:
             chunks, complete = await read_limited(resp, self.deps.config.cache.max_object_size)
             if not complete:
                 detail = "fwd=miss; detail=too-large"
-                return await relay(request, resp, chunks, detail, inflate=True), "miss"
+                relayed = await relay(
+                    request, resp, chunks, detail, inflate=True, close=self.deps.closing
+                )
+                return relayed, "miss"
             body = b"".join(chunks)
             api = self._api_error(resp, body, attempt.resolved)
             if stale is not None and (api or is_upstream_failure(resp.status)):

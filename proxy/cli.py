@@ -96,6 +96,7 @@ async def serve(config: Config, path: Path | None = None) -> None:
         config.server.admin_port, len(config.routes), config.cache.backend,
     )  # fmt: skip
     await stop.first.wait()
+    deps.closing = True  # responses from here on say Connection: close
     # Read now, not at start: a reload may have changed it.
     await drain([proxy_runner, admin_runner], deps.config.server.shutdown_grace, stop.second)
     await proxy.close()  # lets L2 writes in flight land, then closes sessions and stores

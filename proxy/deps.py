@@ -36,6 +36,9 @@ class Deps:
     coalescer: Coalescer = field(default_factory=Coalescer)
     backplane: Backplane | None = None
     config_path: Path | None = None  # what /reload and SIGHUP read again
+    # Shutdown began: responses not yet started say Connection: close, so a client sends no
+    # further request on a connection that closes once its response is out.
+    closing: bool = False
 
 
 def build_deps(

@@ -193,15 +193,16 @@ class WireResponse(web.StreamResponse):
         tail = f"Cache-Status: {cache_status}\r\n"
         if age is not None:
             tail += f"Age: {age}\r\n"
-        if not self._keep:
-            tail += "Connection: close\r\n"
-        body = b"" if request.method == "HEAD" else entry.body
-        self._data = b"".join((head, tail.encode(), b"\r\n", body))
+        self._head = head + tail.encode()
+        self._body_bytes = b"" if request.method == "HEAD" else entry.body
         self._sent = False
 
     @property
     def keep_alive(self) -> bool:
         return self._keep
+
+    def force_close(self) -> None:
+        self._keep = False  # before prepare(): the head then says Connection: close
 
     @property
     def prepared(self) -> bool:
@@ -210,7 +211,8 @@ class WireResponse(web.StreamResponse):
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if not self._sent:
             self._sent = True
-            await request.writer.write_eof(self._data)
+            close = b"" if self._keep else b"Connection: close\r\n"
+            await request.writer.write_eof(b"".join((self._head, close, b"\r\n", self._body_bytes)))
         return request.writer
 
     async def write_eof(self, data: bytes = b"") -> None:
@@ -267,11 +269,13 @@ async def relay(
     prefix: list[bytes],
     detail: str,
     inflate: bool,
+    close: bool = False,
 ) -> web.StreamResponse:
     """Stream an upstream response to the client without storing it.
 
     `inflate`: we asked the upstream for gzip on the client's behalf, so a gzip answer is
-    inflated on the fly for a client that did not ask for it.
+    inflated on the fly for a client that did not ask for it. `close`: say Connection: close
+    (the proxy is shutting down).
     """
     headers = [*end_to_end(resp.headers), ("Cache-Status", f"{NAME}; {detail}")]
     inflater = None
@@ -285,6 +289,8 @@ async def relay(
     out = web.StreamResponse(status=resp.status, headers=headers)
     if resp.content_length is not None and inflater is None:
         out.content_length = resp.content_length
+    if close:
+        out.force_close()
     await out.prepare(request)
     if request.method == "HEAD":
         await out.write_eof()  # a body after HEAD would be read as the next response

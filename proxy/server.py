@@ -10,7 +10,6 @@ from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.accesslog import KEY, UPSTREAM_SECONDS
 from proxy.accesslog import line as access_line
@@ -69,6 +68,8 @@ class ProxyHandler:
         status = 500
         try:
             response, route_name, outcome = await self._handle(request)
+            if self.deps.closing and not response.prepared:
+                response.force_close()
             status = response.status
             return response
         finally:
@@ -188,7 +189,8 @@ class ProxyHandler:
             if request.method not in _SAFE and resp.status < 400:
                 await self._invalidate(resolved)
             # The client's own Accept-Encoding went upstream: relay the encoding as is.
-            return await relay(request, resp, [], f"fwd={fwd}; detail={reason}", False)
+            detail = f"fwd={fwd}; detail={reason}"
+            return await relay(request, resp, [], detail, False, close=self.deps.closing)
 
     async def _invalidate(self, resolved: Resolved) -> None:
         """RFC 9111 4.4: a non-error answer to an unsafe method invalidates the target URI,
