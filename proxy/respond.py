@@ -112,7 +112,9 @@ def serve_entry(
     client's If-None-Match / If-Modified-Since say it has this one already."""
     if entry.status == 200 and (outcome := _conditional(request, entry)) != 200:
         if outcome == 412:
-            return json_error(412, "precondition_failed", "If-Match / If-Unmodified-Since")
+            return json_error(
+                412, "precondition_failed", "If-Match / If-Unmodified-Since", cache_status
+            )
         kept = [(n, v) for n, v in _with_status(entry, cache_status, age)
                 if n.lower() in _NOT_MODIFIED_KEEP]  # fmt: skip
         return web.Response(status=304, headers=kept)

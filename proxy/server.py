@@ -26,7 +26,7 @@ from proxy.policy import (
     classify_request,
 )
 from proxy.respond import json_error, relay, upstream_error
-from proxy.upstream import end_to_end
+from proxy.upstream import BodyBroke, end_to_end
 from proxy.warm import bounded
 
 log = logging.getLogger(__name__)
@@ -247,12 +247,19 @@ def _too_large(request: web.BaseRequest) -> web.Response:
 
 
 def quiet_malformed(record: logging.LogRecord) -> bool:
-    """A logging filter for aiohttp.server: a request aiohttp could not parse already got
-    its 400, so it is logged here at debug level, not at error with a traceback (anyone can
-    send them, as fast as they like, and would fill the log)."""
+    """A logging filter for aiohttp.server, for what anyone can cause as fast as they like
+    and would otherwise fill the log with error-level tracebacks: a request aiohttp could
+    not parse (it already got its 400) and a connection lost mid-response (the client hung
+    up: debug; an upstream body broke off: one warning line, and the breaker counted it)."""
     error = record.exc_info[1] if record.exc_info else None
     if isinstance(error, HttpProcessingError):
         log.debug("refused a malformed request: %s", error)
+        return False
+    if isinstance(error, BodyBroke):
+        log.warning("%s", error)
+        return False
+    if isinstance(error, ConnectionResetError):
+        log.debug("client connection lost mid-response: %s", error)
         return False
     return True
 

@@ -24,6 +24,7 @@ from conftest import CountingUpstream, Proxy, ProxyFactory, Reply, base_config, 
 from proxy.config import parse_config
 from proxy.errors import ConfigError
 from proxy.server import ProxyApp, quiet_malformed
+from proxy.upstream import BodyBroke
 
 BOUND = 10.0  # seconds any single network step may take before the test fails
 SMUGGLED = b"GET /quote/SMUGGLED HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -665,3 +666,24 @@ def test_the_filter_keeps_every_other_server_error() -> None:
             sys.exc_info(),
         )  # fmt: skip
     assert quiet_malformed(record) is True
+
+
+@pytest.mark.parametrize(
+    ("error", "level"),
+    [(BodyBroke("upstream body broke off"), logging.WARNING),
+     (ConnectionResetError("client went away"), logging.DEBUG)],
+)  # fmt: skip
+def test_connections_lost_mid_response_are_one_line_not_a_traceback(
+    error: Exception, level: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    try:
+        raise error
+    except ConnectionResetError:
+        record = logging.LogRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (),
+            sys.exc_info(),
+        )  # fmt: skip
+    with caplog.at_level(logging.DEBUG, logger="proxy.server"):
+        assert quiet_malformed(record) is False
+    [line] = caplog.records
+    assert line.levelno == level and line.exc_info is None

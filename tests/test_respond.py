@@ -165,3 +165,9 @@ def test_heads_that_cannot_be_written_raw_stay_with_aiohttp(kw: dict[str, object
 def test_wire_response_is_a_stream_response() -> None:
     # aiohttp's server asks every response for keep_alive, prepare and write_eof.
     assert {"keep_alive", "prepare", "write_eof"} <= set(vars(WireResponse))
+
+
+async def test_a_failed_precondition_says_what_the_cache_did(warm: Proxy) -> None:
+    raw = await exchange(warm, b'GET /quote/A HTTP/1.1\r\nHost: x\r\nIf-Match: "zz"\r\n\r\n')
+    assert raw.startswith(b"HTTP/1.1 412 ")
+    assert fields(raw)["cache-status"].startswith("cacheproxy; hit;")
