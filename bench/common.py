@@ -189,13 +189,29 @@ def parse_wrk(output: str) -> dict[str, float]:
     rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
     requests = re.search(r"(\d+) requests in", output)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    sockets = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
     return {
         "rps": float(rps.group(1)) if rps else 0.0,
         "requests": float(requests.group(1)) if requests else 0.0,
         "p50_ms": latency("50"),
         "p99_ms": latency("99"),
         "non_2xx": float(errors.group(1)) if errors else 0.0,
+        # connect, read, write and timeout errors: requests that never got an answer
+        "socket_errors": float(sum(int(n) for n in sockets.groups())) if sockets else 0.0,
     }
+
+
+def clean(name: str, stats: dict[str, float], output: str) -> dict[str, float]:
+    """wrk's stats, after making sure every request got a 2xx: fast errors would otherwise
+    pass for throughput."""
+    if stats["non_2xx"] or stats["socket_errors"]:
+        raise SystemExit(
+            f"{name}: {stats['non_2xx']:.0f} non-2xx answers and "
+            f"{stats['socket_errors']:.0f} socket errors:\n{output}"
+        )
+    return stats
 
 
 def percentile(values: list[float], q: float) -> float:

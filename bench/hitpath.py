@@ -33,6 +33,7 @@ from typing import Any
 
 from common import (
     PYTHON,
+    clean,
     cpu_seconds,
     free_port,
     need,
@@ -148,7 +149,7 @@ def measure(rep: int, ports: dict[str, int], pids: dict[str, int], seconds: int)
                        f"http://127.0.0.1:{ports[name]}{PATH}"]),
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
-        stats = parse_wrk(out)
+        stats = clean(name, parse_wrk(out), out)
         cpu = cpu_seconds(pids[name]) - cpu_before
         stats["cpu_us_per_request"] = cpu / max(1.0, stats["requests"]) * 1e6
         row[name] = stats

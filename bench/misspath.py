@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     admin_json,
+    clean,
     cpu_seconds,
     free_port,
     need,
@@ -71,7 +72,7 @@ def run_wrk(lua: Path, url: str, connections: int, seconds: int, prefix: str) ->
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(lua),
             url, "--", "/q/", prefix]  # fmt: skip
     out = subprocess.run(pinned(0, argv), capture_output=True, text=True, check=True).stdout
-    return parse_wrk(out)
+    return clean(url, parse_wrk(out), out)
 
 
 def main() -> int:
