@@ -267,3 +267,46 @@ async def test_a_purge_that_cannot_reach_redis_says_so(
     assert "GET api /quote/AAPL" not in proxy.l1
     health = await (await proxy.admin.get("/health")).json()
     assert health["status"] == "degraded"
+
+
+async def test_redis_restarted_empty_while_the_upstream_is_down_l1_still_stands_in(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_proc: RedisServer
+) -> None:
+    # A double fault: the backplane is lost (so L1 is no longer trusted as hits) and Redis
+    # comes back empty, while the upstream fails. The L1 copy is all that is left.
+    proxy = await make_proxy(
+        cache=layered_cache(redis_proc.url, command_timeout="100ms"),
+        ttl_classes={"short": {"ttl": 60, "stale_if_error": "1h"}, "long": "1h"},
+    )
+    await connected(proxy)
+    assert (await proxy.client.get("/v8/finance/chart/AAPL")).status == 200
+    await proxy.deps.store.flush()
+    backplane = proxy.deps.backplane
+    assert backplane is not None
+    redis_proc.restart()  # empty: nothing is saved
+    await eventually(lambda: not backplane.connected)
+    await eventually(lambda: backplane.connected)  # reconnected, and resynced
+    upstream.replies["/v8/finance/chart/AAPL"] = Reply(status=503)
+    response = await proxy.client.get("/v8/finance/chart/AAPL")
+    assert response.status == 200
+    assert response.headers["Cache-Status"].endswith("detail=stale-if-error")
+    assert upstream.calls["/v8/finance/chart/AAPL"] == 2  # it was not trusted as a hit
+    upstream.replies.pop("/v8/finance/chart/AAPL")  # the upstream is back
+    refetched = await proxy.client.get("/v8/finance/chart/AAPL")
+    assert refetched.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    hit = await proxy.client.get("/v8/finance/chart/AAPL")
+    assert hit.headers["Cache-Status"].endswith("detail=l1")  # trusted again
+
+
+async def test_after_a_resync_l2_vouches_for_l1_entries(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
+) -> None:
+    proxy = await make_proxy(cache=layered_cache(redis_server.url))
+    await proxy.client.get("/quote/V")
+    await proxy.deps.store.flush()
+    proxy.deps.store.resync()  # as the backplane does after a lost subscription
+    first = await proxy.client.get("/quote/V")
+    assert first.headers["Cache-Status"].endswith("detail=l2")  # asked L2, which had it
+    second = await proxy.client.get("/quote/V")
+    assert second.headers["Cache-Status"].endswith("detail=l1")
+    assert upstream.total == 1

@@ -429,13 +429,23 @@ async def test_apply_drops_the_right_l1_entries(
     assert store.l1.bytes == sum(cost(key, entry(clock)) for key in left)
 
 
-async def test_resync_empties_l1(clock: ManualClock, tasks: Tasks) -> None:
+async def test_after_a_resync_l1_entries_are_no_longer_hits(
+    clock: ManualClock, tasks: Tasks
+) -> None:
+    # The backplane was lost, so L1 may have missed purges: its entries may now only stand
+    # in for a failed fetch (soft), until something vouches for them or replaces them.
     store = layered(None, tasks, clock)
     for key in ("a", "b", "c"):
         await store.set(key, entry(clock))
     store.resync()
-    assert store.l1 is not None and len(store.l1) == 0 and store.l1.bytes == 0
-    assert await store.get("a") is None
+    found = await store.lookup("a")
+    assert found is not None and found.soft_purged and found.layer == "l1"
+    await store.set("b", entry(clock))  # fetched anew: a hit again
+    again = await store.lookup("b")
+    assert again is not None and not again.soft_purged
+    await store.set("d", entry(clock))  # stored after the resync: never suspect
+    fresh = await store.lookup("d")
+    assert fresh is not None and not fresh.soft_purged
 
 
 # --- cross-instance waiting ---------------------------------------------------------------

@@ -70,16 +70,24 @@ class LayeredStore:
         self._generation = 0  # bumped by every invalidation of L1
         self.bans = Bans()  # purges by tag and route, applied at lookup
         self._last_failure = -1e9  # monotonic time of the last failed L2 read
+        # L1 keys held when the backplane was lost: they may have missed a purge, so they
+        # are not hits until L2 vouches for them or they are fetched again (see resync).
+        self._suspect: set[str] = set()
 
     # --- reads -------------------------------------------------------------------------
 
     async def lookup(self, key: str) -> Found | None:
         """The live entry under key and where it was found (tag purges applied)."""
         found: Found | None = None
-        if self.l1 is not None and (entry := self.l1.peek(key)) is not None:
+        entry = self.l1.peek(key) if self.l1 is not None else None
+        if entry is not None and not (self._suspect and key in self._suspect):
             found = Found(entry, "l1")
         else:
             found = await self._lookup_l2(key)
+            if found is None and entry is not None:
+                # L2 no longer has it (a purge we missed, or Redis lost it): our copy may
+                # only stand in if the upstream fails, as a soft-purged entry does.
+                found = Found(entry, "l1", soft_purged=True)
         if found is not None and (ban := self.bans.verdict(found.entry)) is not None:
             if ban == "hard":
                 if self.l1 is not None:
@@ -106,7 +114,15 @@ class LayeredStore:
         # value it removed: fill only if nothing was invalidated meanwhile.
         if self.l1 is not None and generation == self._generation:
             await self.l1.set(key, entry)  # keeps its own expiry: the remaining lifetime
+            self._trust(key)
         return Found(entry, "l2")
+
+    def _trust(self, key: str) -> None:
+        """Key's L1 copy is vouched for (by L2, or fetched anew): a hit again."""
+        if self._suspect:
+            self._suspect.discard(key)
+            if not self._suspect:
+                self._suspect = set()  # a set never shrinks: let the large one go
 
     async def get(self, key: str) -> CachedResponse | None:
         """Store protocol: the live entry under key."""
@@ -133,6 +149,7 @@ class LayeredStore:
         """Write L1 now and L2 in the background: a slow L2 never delays the response."""
         if self.l1 is not None:
             await self.l1.set(key, entry)
+            self._trust(key)
         if self.l2 is not None:
             self._writes[key] = self._tasks.spawn(self._write_l2(key, entry), "l2-write")
 
@@ -222,10 +239,15 @@ class LayeredStore:
 
     def resync(self) -> None:
         """After a lost subscription our L1 may have missed purges: do not trust it, and read
-        the tag purges again."""
+        the tag purges again.
+
+        Its entries are not hits any more; each is looked up in L2 instead. Kept rather than
+        dropped, so that when L2 has lost them too (Redis restarted empty) while the upstream
+        is down, they can still stand in within their stale-if-error window.
+        """
         self._generation += 1
         if self.l1 is not None:
-            self.l1.drop_all()
+            self._suspect = {key for key, _ in self.l1.items()}
         if self.l2 is not None:
             self._tasks.spawn(self.load_bans(), "load-bans")
 
