@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import DummyCookieJar, web
 from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 
@@ -27,6 +29,8 @@ from proxy.deps import Deps, build_deps
 from proxy.server import SERVER_ARGS, ProxyApp
 from proxy.store.memory import MemoryStore
 from proxy.tasks import Tasks
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -309,3 +313,35 @@ async def eventually(condition: Callable[[], bool], seconds: float = 10.0) -> No
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not met in time")
+
+
+# --- a real `cacheproxy serve` process --------------------------------------------------
+
+
+@dataclass
+class ServeProcess:
+    """`python -m proxy serve` started on free ports; its stderr goes to `log`."""
+
+    process: asyncio.subprocess.Process
+    port: int
+    admin_port: int
+    log: Path
+
+
+async def spawn_serve(data: dict[str, Any], directory: Path) -> ServeProcess:
+    """Write `data` (its server section completed with free ports) as the config and start
+    serving it, without CACHE_* overrides from this environment. Does not wait for it."""
+    port, admin_port = _free_port(), _free_port()
+    data["server"] = {"host": "127.0.0.1", "port": port, "admin_port": admin_port,
+                      **data.get("server", {})}  # fmt: skip
+    path = directory / "proxy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    log = directory / "stderr.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHE_")}
+    with log.open("wb") as err:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "serve", "-c", str(path),
+            env=env, cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    return ServeProcess(process, port, admin_port, log)

@@ -4,9 +4,7 @@ within server.shutdown_grace, L2 writes land whole, and the process exits 0."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -16,16 +14,21 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import CountingUpstream, RedisServer, Reply, _free_port, base_config, layered_cache
+from conftest import (
+    CountingUpstream,
+    RedisServer,
+    Reply,
+    base_config,
+    layered_cache,
+    spawn_serve,
+)
 
 from proxy.config import parse_config
 from proxy.entry import decode
 from proxy.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 N = 12  # requests in flight when the signal arrives
 
@@ -70,19 +73,9 @@ async def _until(condition: Any, seconds: float = 10.0) -> None:
 @asynccontextmanager
 async def serving(data: dict[str, Any], directory: Path) -> AsyncIterator[Served]:
     """`python -m proxy serve -c <yaml>` on free ports, with no CACHE_* overrides."""
-    port, admin_port = _free_port(), _free_port()
-    data["server"] = {"host": "127.0.0.1", "port": port, "admin_port": admin_port,
-                      **data.get("server", {})}  # fmt: skip
-    path = directory / "proxy.yaml"
-    path.write_text(yaml.safe_dump(data))
-    log = directory / "stderr.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHE_")}
-    with log.open("wb") as err:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", "-c", str(path),
-            env=env, cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-    served = Served(process, port, admin_port, log)
+    started = await spawn_serve(data, directory)
+    process, port, admin_port = started.process, started.port, started.admin_port
+    served = Served(process, port, admin_port, started.log)
     try:
         await _until(lambda: _connects(port))
         await _until(lambda: _connects(admin_port))

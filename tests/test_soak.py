@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,10 +19,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
-from conftest import RedisServer, _free_port, base_config, layered_cache
+from conftest import RedisServer, _free_port, base_config, layered_cache, spawn_serve
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "120"))
@@ -119,20 +116,9 @@ async def _listening(port: int) -> bool:
 
 
 async def start_proxy(upstream_url: str, directory: Path, **overrides: Any) -> Soak:
-    port, admin_port = _free_port(), _free_port()
-    data = base_config(upstream_url, **overrides)
-    data["server"] = {"host": "127.0.0.1", "port": port, "admin_port": admin_port,
-                      **data.get("server", {})}  # fmt: skip
-    path = directory / "proxy.yaml"
-    path.write_text(yaml.safe_dump(data))
-    log = directory / "stderr.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHE_")}
-    with log.open("wb") as err:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", "-c", str(path),
-            env=env, cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-    soak = Soak(process, port, admin_port, log)
+    started = await spawn_serve(base_config(upstream_url, **overrides), directory)
+    process, port, admin_port = started.process, started.port, started.admin_port
+    soak = Soak(process, port, admin_port, started.log)
     for _ in range(500):
         if await _listening(port) and await _listening(admin_port):
             return soak
