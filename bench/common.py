@@ -107,7 +107,8 @@ class Procs:
                 proc.wait()
 
 
-NGINX_CONF = """
+# One worker, files under {dir}; the http block is left open for what follows.
+_NGINX_HEAD = """
 {user}
 worker_processes 1;
 pid {dir}/nginx.pid;
@@ -120,6 +121,9 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
+"""
+
+NGINX_CONF = _NGINX_HEAD + """\
     proxy_cache_path {dir}/cache levels=1:2 keys_zone=api:64m max_size=2g inactive=1d
                      use_temp_path=off;
     upstream api {{ server 127.0.0.1:{upstream}; keepalive 64; }}
@@ -236,19 +240,7 @@ def write_results(name: str, data: dict[str, Any], markdown: str) -> None:
     print(markdown)
 
 
-FIXED_CONF = """
-{user}
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+FIXED_CONF = _NGINX_HEAD + """\
     keepalive_requests 100000000;
     server {{
         listen 127.0.0.1:{port};
