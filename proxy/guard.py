@@ -6,6 +6,7 @@ throttled, and must stop hammering an upstream that keeps failing.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import deque
@@ -35,7 +36,7 @@ class Rate:
     def parse(value: object) -> Rate:
         if isinstance(value, str) and (m := _RATE.match(value)):
             count = float(m.group(1))
-            if count > 0:
+            if 0 < count < math.inf:  # "9" * 400 is a number too big for a float: inf
                 return Rate(count, float(_PER[m.group(2)]))
         raise ValueError(f"expected a rate such as 20/s or 5/min, got {value!r}")
 

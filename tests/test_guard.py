@@ -23,7 +23,7 @@ def test_rate_parse(text: str, per_second: float) -> None:
     assert Rate.parse(text).per_second == pytest.approx(per_second)
 
 
-@pytest.mark.parametrize("text", ["20", "0/s", "-1/s", "5/day", "fast", 20, None])
+@pytest.mark.parametrize("text", ["20", "0/s", "-1/s", "5/day", "fast", 20, None, "9" * 400 + "/s"])
 def test_rate_parse_rejects(text: object) -> None:
     with pytest.raises(ValueError, match="rate"):
         Rate.parse(text)
