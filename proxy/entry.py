@@ -18,7 +18,8 @@ VERSION: Final = 3  # 2: grace and keep windows; 3: revalidate window
 # magic, version, status, stored_at, ttl, grace, keep, revalidate, initial_age, metadata
 # length, body length
 _HEAD: Final = struct.Struct(">2sBHddddddII")
-_LINE_BREAK: Final = re.compile(r"[\r\n\x00]")
+# A header value or name holding one of these would split the response it is written into.
+LINE_BREAK: Final = re.compile(r"[\r\n\x00]")
 # Per-entry bookkeeping that is neither body nor header text (object headers, dict slot).
 ENTRY_OVERHEAD: Final = 200
 
@@ -102,7 +103,7 @@ def decode(data: bytes) -> CachedResponse:
         tags = tuple(str(t) for t in meta["t"])
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise CorruptEntry(f"bad metadata: {e}") from e
-    if any(_LINE_BREAK.search(name) or _LINE_BREAK.search(value) for name, value in headers):
+    if any(LINE_BREAK.search(name) or LINE_BREAK.search(value) for name, value in headers):
         # The upstream's parser never lets one through: this came from somewhere else, and
         # served, it would split the response.
         raise CorruptEntry("a header with a line break")

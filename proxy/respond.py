@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import zlib
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import aiohttp
 from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
 
-from proxy.entry import CachedResponse
+from proxy.entry import LINE_BREAK, CachedResponse
 from proxy.errors import UpstreamError
 from proxy.headers import is_gzip
 from proxy.origin import NOT_MODIFIED_FIELDS, precondition
@@ -146,7 +145,6 @@ class Wire:
 
 # RFC 9110 6.4.1 and 8.6: these never carry content, so no Content-Length either.
 _NO_CONTENT = frozenset({204, 304})
-_UNSAFE = re.compile(r"[\r\n\x00]")
 
 
 def _make_wire(entry: CachedResponse) -> Wire:
@@ -158,7 +156,7 @@ def _make_wire(entry: CachedResponse) -> Wire:
         entry.status >= 200
         and entry.status not in _NO_CONTENT
         and not names & HOP_BY_HOP  # framing is ours to write, never a stored field's
-        and not any(_UNSAFE.search(line, 0, len(line) - 2) for line in lines)
+        and not any(LINE_BREAK.search(line, 0, len(line) - 2) for line in lines)
     ):  # a header that could split the response stays with aiohttp, which refuses it
         try:
             reason = HTTPStatus(entry.status).phrase

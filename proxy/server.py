@@ -267,7 +267,7 @@ def quiet_malformed(record: logging.LogRecord) -> bool:
 # Request-line and header-field limits (bytes) for the client-facing listener. Request bodies
 # are never inflated: they go upstream as the client sent them (and a gzip bomb stays small).
 MAX_LINE: Final = 8190
-SERVER_ARGS: Final[dict[str, Any]] = {
+_SERVER_ARGS: Final[dict[str, Any]] = {
     "max_line_size": MAX_LINE, "max_field_size": MAX_LINE, "auto_decompress": False,
 }  # fmt: skip
 
@@ -287,16 +287,20 @@ class ProxyApp:
 
     def server(self) -> web.Server:
         """A low-level aiohttp server for a runner (web.ServerRunner) to listen with."""
+        return web.Server(self.handler.handle, **self.server_args())
+
+    def server_args(self) -> dict[str, Any]:
+        """The listener's settings (for server(), and for test servers built the same way)."""
         # access_log=None: the runner's own setting does not reach a server it is handed, and
         # aiohttp's access log would otherwise write a line per request (server.access_log
         # is ours, and off by default).
         # keepalive_timeout: aiohttp arms it when a connection opens and after each response,
         # and closes a connection still without a complete request head when it fires (idle
         # keep-alive, or a slowloris trickling its head: bytes arriving do not extend it).
-        return web.Server(
-            self.handler.handle, **SERVER_ARGS, access_log=None,
-            keepalive_timeout=self.deps.config.server.client_timeout,
-        )  # fmt: skip
+        return {
+            **_SERVER_ARGS, "access_log": None,
+            "keepalive_timeout": self.deps.config.server.client_timeout,
+        }  # fmt: skip
 
     async def start(self) -> None:
         """Open upstream sessions and start the background tasks; before listening."""

@@ -26,7 +26,7 @@ from proxy.admin import make_admin_app
 from proxy.clock import ManualClock
 from proxy.config import Config, parse_config
 from proxy.deps import Deps, build_deps
-from proxy.server import SERVER_ARGS, ProxyApp
+from proxy.server import ProxyApp
 from proxy.store.memory import MemoryStore
 from proxy.tasks import Tasks
 
@@ -193,7 +193,7 @@ async def make_proxy(upstream: CountingUpstream) -> Any:
         await app.start()
         apps.append(app)
         # No cookie jar: a client that replays Set-Cookie would (rightly) bypass the cache.
-        server = RawTestServer(app.handler.handle, **SERVER_ARGS)
+        server = RawTestServer(app.handler.handle, **app.server_args())
         client = TestClient(server, cookie_jar=DummyCookieJar())
         admin = TestClient(TestServer(make_admin_app(deps)))
         for c in (client, admin):
