@@ -15,6 +15,7 @@ from yarl import URL
 from proxy.bans import valid_tag
 from proxy.deps import DEPS, Deps
 from proxy.errors import BadRequest, StoreUnavailable
+from proxy.glob import bounded
 from proxy.keys import cache_key, escape_glob, key_url, parse_target
 from proxy.listing import page
 from proxy.openapi import document
@@ -145,8 +146,12 @@ async def keys(request: web.Request) -> web.Response:
     if not 1 <= limit <= _MAX_KEYS:
         return _bad(f"limit must be between 1 and {_MAX_KEYS}")
     try:
+        glob = _url_glob(pattern)
+    except ValueError as e:
+        return _bad(f"pattern: {e}")
+    try:
         listed, next_cursor = await page(
-            deps.store, _url_glob(pattern), query.get("route"), query.get("cursor"), limit
+            deps.store, glob, query.get("route"), query.get("cursor"), limit
         )
     except ValueError as e:
         return _bad(f"cursor: {e}")
@@ -172,8 +177,9 @@ async def keys(request: web.Request) -> web.Response:
 
 
 def _url_glob(pattern: str) -> str:
-    """A user's glob over URLs (`/v8/finance/chart/*`) as a glob over whole keys."""
-    return "*" if pattern == "*" else f"* * {pattern}"
+    """A user's glob over URLs (`/v8/finance/chart/*`) as a glob over whole keys;
+    ValueError for one too long to match."""
+    return "*" if pattern == "*" else f"* * {bounded(pattern)}"
 
 
 async def ttl(request: web.Request) -> web.Response:
@@ -231,7 +237,10 @@ async def purge(request: web.Request) -> web.Response:
     if kind in ("url", "pattern") and not value.startswith("/"):
         return _bad(f"{kind} must start with /")
     if kind == "pattern":
-        counts = await deps.store.purge(_url_glob(value))
+        try:
+            counts = await deps.store.purge(_url_glob(value))
+        except ValueError as e:
+            return _bad(f"pattern: {e}")
     elif kind == "key":
         counts = await deps.store.purge_key(value)
     else:
@@ -246,7 +255,11 @@ async def delete_keys(request: web.Request) -> web.Response:
     """DELETE /keys/{pattern}: purge the keys whose URL matches the glob."""
     deps = _deps(request)
     pattern = "/" + request.match_info["pattern"]
-    return _purged(deps, "pattern", pattern, await deps.store.purge(_url_glob(pattern)))
+    try:
+        glob = _url_glob(pattern)
+    except ValueError as e:
+        return _bad(f"pattern: {e}")
+    return _purged(deps, "pattern", pattern, await deps.store.purge(glob))
 
 
 async def _purge_tag(deps: Deps, kind: str, value: str, soft: bool) -> web.Response:

@@ -160,50 +160,6 @@ def upstream_target(target: Target, extra: Mapping[str, str]) -> str:
     return target.path + "?" + "&".join(name + value for name, value in pairs)
 
 
-def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a Redis-style glob (`*`, `?`, `[abc]`, `\\x` escapes) to an anchored regex."""
-    out: list[str] = []
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\" and i + 1 < len(pattern):
-            out.append(re.escape(pattern[i + 1]))
-            i += 2
-            continue
-        if c == "*":
-            out.append(".*")
-        elif c == "?":
-            out.append(".")
-        elif c == "[" and (end := pattern.find("]", i + 2)) != -1:
-            out.append(_glob_class(pattern[i + 1 : end]))
-            i = end + 1
-            continue
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out), re.DOTALL)
-
-
-def _glob_class(body: str) -> str:
-    """A `[...]` body as a regex: a leading `^` or `!` negates, `a-z` is a range (reversed
-    ends swapped, as Redis does), anything else is literal. Never an invalid regex."""
-    negate = body[:1] in ("^", "!")
-    body = body[1:] if negate else body
-    items: list[str] = []
-    j = 0
-    while j < len(body):
-        if j + 2 < len(body) and body[j + 1] == "-":
-            low, high = sorted((body[j], body[j + 2]))
-            items.append(f"{re.escape(low)}-{re.escape(high)}")
-            j += 3
-        else:
-            items.append(re.escape(body[j]))
-            j += 1
-    if not items:  # `[^]`: any one character
-        return "."
-    return f"[{'^' if negate else ''}{''.join(items)}]"
-
-
 def escape_glob(text: str) -> str:
     """Escape glob metacharacters so `text` matches only itself."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)

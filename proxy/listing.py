@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -9,8 +10,10 @@ from dataclasses import dataclass
 
 from proxy.entry import CachedResponse
 from proxy.errors import StoreUnavailable
-from proxy.keys import glob_to_regex
+from proxy.glob import Glob
 from proxy.store.layered import LayeredStore
+
+_WALK = 1000  # L1 keys matched between two turns of the event loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +92,19 @@ async def _l1_page(
 ) -> tuple[list[Listed], str | None]:
     """Keys only L1 holds, after `after`; the last key looked at when the page filled up."""
     assert store.l1 is not None
-    regex = glob_to_regex(glob)
+    matcher = Glob.parse(glob, max_length=None)  # admin bounded it
     live = store.l1.live_items()
-    keys = sorted(
-        k for k, e in live.items() if k > after and regex.fullmatch(k) and _wanted(store, e, route)
-    )
+    candidates = [k for k in live if k > after]
+    keys: list[str] = []
+    for start in range(0, len(candidates), _WALK):
+        if start:
+            await asyncio.sleep(0)  # however long the walk, hits are served meanwhile
+        keys += (
+            k
+            for k in candidates[start : start + _WALK]
+            if matcher.matches(k) and _wanted(store, live[k], route)
+        )
+    keys.sort()
     listed: list[Listed] = []
     for start in range(0, len(keys), limit):
         chunk = keys[start : start + limit]

@@ -97,6 +97,28 @@ async def test_delete_keys_by_pattern(make_proxy: ProxyFactory, upstream: Counti
     assert set(proxy.l1_keys()) == {"GET api /v8/finance/chart/AAPL"}
 
 
+async def test_a_pattern_too_long_to_match_is_a_bad_request_everywhere(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    # Matching costs up to len(key) * len(glob): each entry point caps the glob (issue 11, 1).
+    proxy = await make_proxy()
+    await proxy.client.get("/quote/AAPL")
+    longest = "/quote/" + "*" * (1024 - len("/quote/"))
+    too_long = longest + "*"
+    for answer in (
+        await proxy.admin.get("/keys", params={"pattern": too_long}),
+        await proxy.admin.delete("/keys" + too_long),
+        await proxy.admin.post("/purge", json={"pattern": too_long}),
+    ):
+        assert answer.status == 400
+        detail = (await answer.json())["detail"]
+        assert detail == "pattern: at most 1024 characters (this one has 1025)"
+    assert len(proxy.l1) == 1
+    listed = await (await proxy.admin.get("/keys", params={"pattern": longest})).json()
+    assert [item["url"] for item in listed["keys"]] == ["/quote/AAPL"]
+    assert (await (await proxy.admin.delete("/keys" + longest)).json())["purged"] == 1
+
+
 async def test_key_route_and_soft_purges_reach_the_other_instance(
     make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer
 ) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -10,7 +9,7 @@ from typing import Final
 
 from proxy.clock import Clock, system_clock
 from proxy.entry import ENTRY_OVERHEAD, CachedResponse
-from proxy.keys import glob_to_regex
+from proxy.glob import Glob
 from proxy.store.base import StoreStats
 
 
@@ -123,8 +122,8 @@ class MemoryStore:
 
     async def delete_matching(self, pattern: str) -> int:
         """Remove every key matching the glob."""
-        regex = glob_to_regex(pattern)
-        doomed = [key for key in self._entries if regex.fullmatch(key)]
+        glob = Glob.parse(pattern, max_length=None)  # bounded where it came in
+        doomed = [key for key in self._entries if glob.matches(key)]
         for key in doomed:
             self._remove(key)
         self.stats.deletes += len(doomed)
@@ -145,9 +144,9 @@ class MemoryStore:
         if entry is not None and (older_than is None or entry.stored_at < older_than):
             self._remove(key)
 
-    def drop_matching(self, regex: re.Pattern[str]) -> None:
-        """Forget every key the compiled glob matches."""
-        for key in [k for k in self._entries if regex.fullmatch(k)]:
+    def drop_matching(self, glob: Glob) -> None:
+        """Forget every key the glob matches."""
+        for key in [k for k in self._entries if glob.matches(k)]:
             self._remove(key)
 
     def live_items(self) -> dict[str, CachedResponse]:
@@ -166,10 +165,10 @@ class MemoryStore:
 
     async def scan(self, pattern: str = "*") -> AsyncIterator[tuple[str, CachedResponse]]:
         """Live entries whose key matches, least recently used first."""
-        regex = glob_to_regex(pattern)
+        glob = Glob.parse(pattern, max_length=None)
         now = self._clock()
         for key, entry in list(self._entries.items()):
-            if entry.keep_until > now and regex.fullmatch(key):
+            if entry.keep_until > now and glob.matches(key):
                 yield key, entry
 
     async def close(self) -> None:
