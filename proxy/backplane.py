@@ -45,8 +45,8 @@ class Event:
             body = json.loads(data)
             op, arg, origin = body["op"], body["arg"], body["origin"]
             stamp = body.get("stamp", 0.0)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            return None  # RecursionError: `[[[[...` escaped, and ended the subscription
         if not all(isinstance(v, str) for v in (op, arg, origin)) or op not in _OPS:
             return None
         if isinstance(stamp, bool) or not isinstance(stamp, int | float):

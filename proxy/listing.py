@@ -36,7 +36,7 @@ def decode_cursor(cursor: str) -> tuple[str, str | list[int]]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         phase, position = json.loads(base64.urlsafe_b64decode(padded))
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:  # RecursionError: `[[[[...`
         raise ValueError("not a cursor this server gave out") from e
     if phase == "l1" and isinstance(position, str):
         return phase, position

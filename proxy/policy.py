@@ -225,7 +225,7 @@ def api_error(body: bytes, keys: frozenset[str], text: tuple[bytes, ...]) -> str
     if keys and body.lstrip()[:1] == b"{":
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: an upstream's `{"a": [[[[...`
             return None
         if isinstance(document, dict) and (found := keys & document.keys()):
             return f"body has key {sorted(found)[0]!r}"

@@ -64,6 +64,7 @@ def payload(**fields: Any) -> bytes:
         pytest.param(payload(op="del", arg=None, origin="a"), id="arg-null"),
         pytest.param(payload(op="del", arg=["k"], origin="a"), id="arg-list"),
         pytest.param(payload(op="del", arg="k", origin=7), id="origin-number"),
+        pytest.param(b"[" * 100_000, id="deeply-nested"),  # RecursionError escaped
     ],
 )
 def test_malformed_payload_decodes_to_none(data: bytes) -> None:
@@ -163,6 +164,7 @@ async def test_other_prefixes_are_not_heard(
         pytest.param(b"not json", id="not-json"),
         pytest.param(payload(op="purge", arg="k", origin="z"), id="unknown-op"),
         pytest.param(payload(op=["del"], arg="k", origin="z"), id="op-list"),
+        pytest.param(b"[" * 100_000, id="deeply-nested"),  # ended the subscription
     ],
 )
 async def test_malformed_message_is_skipped_and_the_subscription_lives_on(

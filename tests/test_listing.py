@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
@@ -69,7 +70,15 @@ async def test_route_and_pattern_filters_and_redaction(
     assert [item["url"] for item in charts] == ["/v8/finance/chart/AAPL"]
 
 
-@pytest.mark.parametrize("cursor", ["garbage", "WyJsMyIsIDBd", "WyJsMiIsICJ4Il0"])
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "garbage",
+        "WyJsMyIsIDBd",
+        "WyJsMiIsICJ4Il0",
+        base64.urlsafe_b64encode(b"[" * 5000).decode(),  # a RecursionError: 500 before
+    ],
+)
 async def test_a_bad_cursor_is_400(proxy: Proxy, cursor: str) -> None:
     response = await proxy.admin.get("/keys", params={"cursor": cursor})
     assert response.status == 400

@@ -14,6 +14,7 @@ from proxy.policy import (
     Stale,
     Store,
     TTLClass,
+    api_error,
     classify_request,
     current_age,
     freshness,
@@ -228,3 +229,10 @@ def test_huge_upstream_age_still_yields_an_age() -> None:
 )
 def test_parse_cache_control(value: str, directives: dict[str, str | None]) -> None:
     assert parse_cache_control(value) == directives
+
+
+def test_a_deeply_nested_upstream_body_is_not_an_api_error_and_not_a_crash() -> None:
+    # json.loads raised RecursionError, which nothing caught (issue 11, finding 13).
+    body = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert api_error(body, frozenset({"Note"}), ()) is None
+    assert api_error(b'{"Note": "slow down"}', frozenset({"Note"}), ()) == "body has key 'Note'"
