@@ -18,7 +18,9 @@ from proxy.origin import (
 )
 
 # RFC 9110 15.1: heuristically cacheable status codes (501 excluded: we never store 5xx).
-_CACHEABLE_STATUS: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
+# The only statuses storability() lets through (a 304 renews an entry under its own status),
+# so the only ones an entry may hold: entry.decode refuses any other read from L2.
+STORABLE_STATUS: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
 _NEGATIVE_STATUS: Final = frozenset({404, 410})
 _DELTA_SECONDS: Final = re.compile(r"[0-9]+")  # ASCII digits only; \d admits others
 _MAX_DELTA: Final = 2**31
@@ -162,7 +164,7 @@ def storability(
         return DontStore("status-5xx")
     if status == 429:
         return DontStore("status-429")
-    if status not in _CACHEABLE_STATUS:
+    if status not in STORABLE_STATUS:
         return DontStore(f"status-{status}")
     if set_cookie:
         return DontStore("set-cookie")

@@ -19,9 +19,9 @@ from aiohttp.abc import AbstractStreamWriter
 
 from proxy.entry import LINE_BREAK, CachedResponse
 from proxy.errors import UpstreamError
-from proxy.headers import is_gzip
+from proxy.headers import HOP_BY_HOP, end_to_end, is_gzip
 from proxy.origin import NOT_MODIFIED_FIELDS, precondition
-from proxy.upstream import CHUNK, HOP_BY_HOP, BodyBroke, end_to_end
+from proxy.upstream import CHUNK, BodyBroke
 
 log = logging.getLogger(__name__)
 

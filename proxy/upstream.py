@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.accesslog import record_upstream
@@ -18,37 +17,19 @@ from proxy.breaker import CircuitBreaker
 from proxy.config import Upstream
 from proxy.errors import UpstreamError
 from proxy.guard import UpstreamGuard
+from proxy.headers import HOP_BY_HOP as HOP_BY_HOP
+from proxy.headers import end_to_end as end_to_end
 from proxy.metrics import Metrics
 
-# RFC 9110 7.6.1: connection-specific fields a proxy must not forward. Content-Length is
-# re-computed for every message we send, so it never travels through either.
 CHUNK = 64 * 1024  # bytes read or written at a time when streaming bodies
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # RFC 9110 9.2.2
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "content-length",
-})  # fmt: skip
 
 
 class BodyBroke(ConnectionResetError):
     """An upstream body broke off while it was being relayed: its headers are gone to the
     client, so no error status can follow, and the client connection is aborted. request()
     counts it against the upstream's breaker."""
-
-
-def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
-    """Headers minus hop-by-hop ones, including any the Connection header names."""
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-    }
-    return [
-        (name, value)
-        for name, value in headers.items()
-        if name.lower() not in HOP_BY_HOP and name.lower() not in named
-    ]
 
 
 async def read_limited(resp: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:
