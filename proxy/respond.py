@@ -21,7 +21,7 @@ from proxy.entry import LINE_BREAK, CachedResponse
 from proxy.errors import UpstreamError
 from proxy.headers import HOP_BY_HOP, end_to_end, is_gzip
 from proxy.origin import NOT_MODIFIED_FIELDS, precondition
-from proxy.upstream import CHUNK, BodyBroke
+from proxy.upstream import CHUNK, BodyBroke, refuse_transfer_codings
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,7 @@ async def relay(
     inflated on the fly for a client that did not ask for it. `close`: say Connection: close
     (the proxy is shutting down).
     """
+    refuse_transfer_codings(resp)
     headers = [*end_to_end(resp.headers), ("Cache-Status", f"{NAME}; {detail}")]
     inflater = None
     if (

@@ -32,8 +32,28 @@ class BodyBroke(ConnectionResetError):
     counts it against the upstream's breaker."""
 
 
+def refuse_transfer_codings(resp: aiohttp.ClientResponse) -> None:
+    """Refuse a response framed with a transfer coding other than chunked (RFC 9112 6.1):
+    `Transfer-Encoding: gzip, chunked` leaves the body gzip once aiohttp has undone chunked,
+    with nothing left to say so (Transfer-Encoding is hop-by-hop). We never send TE, so no
+    upstream may use another coding (RFC 9112 7.4): a broken response, a protocol error."""
+    codings = [
+        token.strip().lower()
+        for value in resp.headers.getall("Transfer-Encoding", ())
+        for token in value.split(",")
+        if token.strip()
+    ]
+    if codings and codings != ["chunked"]:
+        raise aiohttp.ClientResponseError(
+            resp.request_info, resp.history, status=resp.status,
+            message=f"unsupported transfer coding: {', '.join(codings)}",
+        )  # fmt: skip
+
+
 async def read_limited(resp: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:
-    """The body's chunks, and whether that is all of it (False: over `limit`, stop reading)."""
+    """The body's chunks, and whether that is all of it (False: over `limit`, stop reading).
+    A body in a transfer coding other than chunked is refused, never read."""
+    refuse_transfer_codings(resp)
     if resp.content_length is not None and resp.content_length > limit:
         return [], False
     chunks: list[bytes] = []
