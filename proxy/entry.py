@@ -13,6 +13,7 @@ from proxy.headers import end_to_end
 from proxy.policy import STORABLE_STATUS
 
 if TYPE_CHECKING:
+    from proxy.bodies import Inflated
     from proxy.respond import Wire
 
 MAGIC: Final = b"CP"
@@ -47,6 +48,9 @@ class CachedResponse:
     # respond.py's serialized status line and headers, made on the entry's first hit and
     # reused by every later one; not part of the value (not compared, not encoded).
     wire: Wire | None = field(default=None, init=False, compare=False, repr=False)
+    # What a gzip body inflates to, measured on the first request that refuses gzip, so later
+    # ones stream it with a Content-Length at once (respond.py); not part of the value either.
+    inflated: Inflated | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def expires_at(self) -> float:
