@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from urllib.parse import unquote
@@ -28,6 +28,7 @@ from proxy.headers import (
     stored_headers,
 )
 from proxy.keys import Target, body_digest, header_suffix, upstream_target
+from proxy.metrics import SAVED_OUTCOMES
 from proxy.origin import updated_headers
 from proxy.policy import (
     DontStore,
@@ -51,6 +52,7 @@ from proxy.respond import (
     upstream_error,
 )
 from proxy.routes import Match
+from proxy.store.layered import Found
 from proxy.upstream import end_to_end, read_limited
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,18 @@ class CachedPath:
 
         store = self.deps.store
         found = await store.lookup(key)
-        store.count_request(key)
+        served = await self._answer(request, resolved, found, attempt)
+        # Popularity counts only answers from a stored entry (a miss that stored counted
+        # itself in _fetch): a flood of failing or unstorable keys must not fill the set.
+        if served[1] in SAVED_OUTCOMES:
+            store.count_request(key)
+        return served
+
+    async def _answer(
+        self, request: web.BaseRequest, resolved: Resolved, found: Found | None,
+        attempt: Callable[..., Attempt],
+    ) -> Served:  # fmt: skip
+        """Serve what the lookup found if its freshness allows, else go upstream."""
         if found is None:
             return await self._miss(request, attempt())
         entry = found.entry
@@ -321,6 +334,7 @@ class CachedPath:
                 status = f"{NAME}; {fwd}; detail={verdict.reason}"
             else:
                 await self.deps.store.set(attempt.key, entry)
+                self.deps.store.count_request(attempt.key)
                 status = f"{NAME}; {fwd}; stored"
             if flight is not None:
                 flight.result = entry

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -21,6 +20,7 @@ from proxy.clock import Clock, system_clock
 from proxy.entry import CachedResponse
 from proxy.errors import StoreUnavailable
 from proxy.keys import glob_to_regex
+from proxy.popularity import Popularity
 from proxy.store.base import StoreStats
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
@@ -29,7 +29,6 @@ from proxy.tasks import Tasks
 T = TypeVar("T")
 Layer = Literal["l1", "l2"]
 _POPULAR_BATCH = 1000  # keys per popularity flush
-_LOCAL_POPULAR_MAX = 10_000  # keys counted in-process without an L2
 _POLL = 0.05  # fallback poll while waiting for another instance's fetch to land in L2
 _RECENT = 1.0  # seconds: after a failed L2 read, a lease is not even tried
 
@@ -66,7 +65,8 @@ class LayeredStore:
         self._clock = clock
         self._watchers: dict[str, asyncio.Event] = {}
         self._writes: dict[str, asyncio.Task[None]] = {}  # L2 writes in flight, by key
-        self._popular: Counter[str] = Counter()  # requests per key since the last flush
+        # Requests per key: since the last flush, or (without an L2) for good, aging.
+        self._popular = Popularity(aging=l2 is None)
         self._generation = 0  # bumped by every invalidation of L1
         self.bans = Bans()  # purges by tag and route, applied at lookup
         self._last_failure = -1e9  # monotonic time of the last failed L2 read
@@ -356,23 +356,18 @@ class LayeredStore:
         return None
 
     def count_request(self, key: str) -> None:
-        """Count a request toward key's popularity: in-process, flushed to L2 periodically;
-        without an L2 the counts stay here, trimmed (and halved, so they age) when large."""
-        if self.l2 is None:
-            self._popular[key] += 1
-            if len(self._popular) > _LOCAL_POPULAR_MAX:
-                top = self._popular.most_common(_LOCAL_POPULAR_MAX // 10)
-                self._popular = Counter({k: n // 2 + 1 for k, n in top})
-        elif self.l2.config.popularity_flush > 0:
-            self._popular[key] += 1
+        """Count a request toward key's popularity: in-process (bounded), flushed to L2
+        periodically; without an L2 the counts stay here. Callers count only requests
+        answered with a stored entry, never upstream errors."""
+        if self.l2 is None or self.l2.config.popularity_flush > 0:
+            self._popular.count(key)
 
     async def flush_popularity(self) -> None:
         """Send the counts gathered since the last flush to L2, in one round trip."""
         if self.l2 is None or not self._popular:
             return
-        counts, self._popular = self._popular, Counter()
         # A bounded batch: the busiest keys, which are the ones warm-up will want.
-        batch = dict(counts.most_common(_POPULAR_BATCH))
+        batch = self._popular.take(_POPULAR_BATCH)
         await self._quietly(lambda l2: l2.add_popularity(batch))
 
     async def run_popularity(self, every: float) -> None:
