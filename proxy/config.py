@@ -37,6 +37,9 @@ class Upstream:
     connect_timeout: float = 3.0
     timeout: float = 15.0
     max_connections: int = 100
+    # Idle pooled connections close after this (0: none is reused). Shorter than the
+    # servers' own idle timeouts (Node and uvicorn 5 s), so we rarely send on one they close.
+    idle_timeout: float = 4.0
     headers: Mapping[str, str] = field(default_factory=dict)
     query: Mapping[str, str] = field(default_factory=dict)
     rate_limit: Rate | None = None  # e.g. 20/s; None: unlimited
@@ -135,6 +138,7 @@ def _upstream(name: str, node: Node) -> Upstream:
         connect_timeout=node.child("connect_timeout").duration(3.0),
         timeout=node.child("timeout").duration(15.0),
         max_connections=node.child("max_connections").integer(100, minimum=1),
+        idle_timeout=node.child("idle_timeout").duration(4.0),
         headers=node.child("headers").string_map(),
         query=node.child("query").string_map(),
         rate_limit=node.child("rate_limit").convert(Rate.parse, None),
