@@ -147,6 +147,19 @@ def key_url(key: str) -> str:
     return parts[2] if len(parts) > 2 else ""
 
 
+def key_resource(key: str) -> str:
+    """The `upstream path?query` of a cache key: what every variant of one URL (its
+    key-header variants, its cached POST bodies) shares."""
+    return " ".join(key.split(" ", 3)[1:3])
+
+
+def key_variant_of(key: str) -> str | None:
+    """For a key with header or body parts, the `upstream path?query` it is a variant of;
+    None for a key without them."""
+    parts = key.split(" ", 3)
+    return f"{parts[1]} {parts[2]}" if len(parts) == 4 else None
+
+
 def upstream_target(target: Target, extra: Mapping[str, str]) -> str:
     """Path and query to send upstream: the normalised target plus configured parameters.
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from proxy.backplane import CHANNEL, Event
-from proxy.bans import Bans, entry_tags
+from proxy.bans import FLOOR, URL_FLOOR, Bans, entry_tags, is_url_ban, url_subject
 from proxy.breaker import CircuitBreaker
 from proxy.clock import Clock, system_clock
 from proxy.entry import CachedResponse
@@ -27,6 +28,7 @@ from proxy.store.redis import RedisStore
 from proxy.tasks import Tasks
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 Layer = Literal["l1", "l2"]
 _POPULAR_BATCH = 1000  # keys per popularity flush
 _POLL = 0.05  # fallback poll while waiting for another instance's fetch to land in L2
@@ -53,6 +55,7 @@ class LayeredStore:
         tasks: Tasks,
         instance: str,
         clock: Clock = system_clock,
+        bans: Bans | None = None,
     ) -> None:
         if l1 is None and l2 is None:
             raise ValueError("a layered store needs at least one layer")
@@ -68,7 +71,7 @@ class LayeredStore:
         # Requests per key: since the last flush, or (without an L2) for good, aging.
         self._popular = Popularity(aging=l2 is None)
         self._generation = 0  # bumped by every invalidation of L1
-        self.bans = Bans()  # purges by tag and route, applied at lookup
+        self.bans = bans or Bans(clock=clock)  # purges by tag, route and URL, applied at lookup
         self._last_failure = -1e9  # monotonic time of the last failed L2 read
         # L1 keys held when the backplane was lost: they may have missed a purge, so they
         # are not hits until L2 vouches for them or they are fetched again (see resync).
@@ -88,7 +91,7 @@ class LayeredStore:
                 # L2 no longer has it (a purge we missed, or Redis lost it): our copy may
                 # only stand in if the upstream fails, as a soft-purged entry does.
                 found = Found(entry, "l1", soft_purged=True)
-        if found is not None and (ban := self.bans.verdict(found.entry)) is not None:
+        if found is not None and (ban := self.bans.verdict(found.entry, key)) is not None:
             if ban == "hard":
                 if self.l1 is not None:
                     self.l1.drop(key)
@@ -220,9 +223,14 @@ class LayeredStore:
             watcher.set()
         if event.op in ("ban", "softban"):  # recorded even without an L1: lookups apply it
             soft = event.op == "softban"
-            self.bans.add(event.arg, event.stamp, soft)
+            if self.bans.add(event.arg, event.stamp, soft) is None:
+                log.warning("ignoring a ban stamped %r (not a time)", event.stamp)
+                return
             self._generation += 1
             self._apply_ban(event.arg, soft)
+            return
+        if event.op == "unban":
+            self.bans.lift(event.arg)
             return
         if self.l1 is None:
             return
@@ -252,31 +260,67 @@ class LayeredStore:
             self._tasks.spawn(self.load_bans(), "load-bans")
 
     async def load_bans(self) -> None:
-        """Read the tag purges on record in L2 (at start, and after a resync)."""
+        """Read the purges on record in L2 (at start, and after a resync), and put right
+        what the load refused, clamped or forgot there."""
         with contextlib.suppress(StoreUnavailable):
-            self.bans.load(await self._l2(lambda l2: l2.load_bans()))
+            loaded = self.bans.load(await self._l2(lambda l2: l2.load_bans()))
+            if loaded.rewrite or loaded.delete:
+                await self._l2(lambda l2: l2.save_bans(loaded.rewrite, loaded.delete))
 
     async def purge_tag(self, tag: str, soft: bool) -> tuple[int, bool]:
         """Purge every entry carrying `tag` (symbol=AAPL, route=chart), in every layer and
         instance, lazily. Returns the L1 entries it applies to here, and whether L2 (so the
         other instances) got it. Soft: entries stay, served only on upstream error."""
         await self.flush()
+        return await self._ban(tag, soft)
+
+    async def purge_url(self, resource: str) -> bool:
+        """Purge every variant of one URL (`api /quote/AAPL`: key-header variants, cached
+        POST bodies), lazily: one record in L2 and one message, whatever L2 holds. Whether
+        L2 (so the other instances) got it."""
+        _applied, reached = await self._ban(url_subject(resource), soft=False)
+        return reached
+
+    async def _ban(self, subject: str, soft: bool) -> tuple[int, bool]:
         now = self._clock()
-        self.bans.add(tag, now, soft)
+        recorded = self.bans.add(subject, now, soft)
+        assert recorded is not None  # our own clock's time
         self._generation += 1
-        applied = self._apply_ban(tag, soft)
+        applied = self._apply_ban(subject, soft)
+        records = {subject: self.bans.encode(subject)}
+        forgotten = set(recorded.forgotten)
+        for floor in (FLOOR, URL_FLOOR) if forgotten else ():  # the floors may have moved
+            if self.bans.holds(floor):
+                records[floor] = self.bans.encode(floor)
+            else:
+                forgotten.add(floor)
         reached = True
         try:
-            await self._l2(lambda l2: l2.save_ban(tag, self.bans.encode(tag)))
+            await self._l2(lambda l2: l2.save_bans(records, tuple(forgotten - set(records))))
         except StoreUnavailable:
             reached = False
         if self.l2 is not None:
-            await self._publish(Event("softban" if soft else "ban", tag, self.instance, now))
+            await self._publish(Event("softban" if soft else "ban", subject, self.instance, now))
         return applied, reached and self.l2 is not None
 
+    async def lift_ban(self, subject: str) -> tuple[bool, bool]:
+        """Lift a ban here, in L2 and (by message) on every instance: whether there was
+        one here, and whether L2 got it."""
+        lifted = self.bans.lift(subject)
+        reached = True
+        try:
+            await self._l2(lambda l2: l2.save_bans({}, (subject,)))
+        except StoreUnavailable:
+            reached = False
+        if self.l2 is not None:
+            await self._publish(Event("unban", subject, self.instance, self._clock()))
+        return lifted, reached and self.l2 is not None
+
     def _apply_ban(self, tag: str, soft: bool) -> int:
-        """L1 entries the tag names: dropped (hard) or left for lookup to mark (soft)."""
-        if self.l1 is None:
+        """L1 entries the tag names: dropped (hard) or left for lookup to mark (soft). URL
+        bans are not looked for here (that would scan L1 on every POST): lookup applies
+        them."""
+        if self.l1 is None or is_url_ban(tag):
             return 0
         doomed = [k for k, e in self.l1.items() if tag in entry_tags(e)]
         if not soft:
@@ -350,7 +394,7 @@ class LayeredStore:
             found is not None
             and found.entry.stored_at > newer_than
             and found.entry.expires_at > self._clock()
-            and self.bans.verdict(found.entry) is None
+            and self.bans.verdict(found.entry, key) is None
         ):
             return found
         return None

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -270,9 +270,15 @@ class RedisStore:
         )
         return [(k.decode(), float(score)) for k, score in rows]
 
-    async def save_ban(self, tag: str, record: bytes) -> None:
-        """Keep a tag purge where new and reconnecting instances will find it."""
-        await self._call(self.client.hset(self.bans, tag, record))
+    async def save_bans(self, records: Mapping[str, bytes], forget: Sequence[str]) -> None:
+        """Keep purges where new and reconnecting instances will find them, and drop those
+        no longer needed: one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        if records:
+            pipe.hset(self.bans, mapping=cast(Any, records))  # redis' Mapping is invariant
+        if forget:
+            pipe.hdel(self.bans, *forget)
+        await self._call(pipe.execute())
 
     async def load_bans(self) -> dict[bytes, bytes]:
         """Every tag purge on record."""
