@@ -61,6 +61,11 @@ def parse_target(raw: str) -> Target:
         parts = {part.partition(b";")[0] for part in data.split(b"/")}
         if _FORBIDDEN_BYTES.search(data) or {b".", b".."} & parts:
             raise BadRequest("path contains a dot segment, a backslash or a control character")
+        if not data.isascii():
+            try:  # strict: overlong forms (%C0%AE is a "." to a lax decoder) are refused
+                data.decode()
+            except UnicodeDecodeError:
+                raise BadRequest("path is not valid UTF-8 once percent-decoded") from None
         segments.append(encoded)
     pairs: list[tuple[str, str]] = []
     params: dict[str, str] = {}

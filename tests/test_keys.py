@@ -378,3 +378,33 @@ def test_configured_names_match_whatever_percent_encoding_does_to_them() -> None
 )
 def test_glob_to_regex_never_makes_an_invalid_regex(pattern: str, text: str, matches: bool) -> None:
     assert bool(glob_to_regex(pattern).fullmatch(text)) is matches
+
+
+# --- issue 11 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/%C0%AE%C0%AE%C0%AF",  # overlong "../": a lax UTF-8 decoder upstream walks up
+        "/quote/%C0%AE%C0%AE%C0%AFadmin",
+        "/a/%c0%ae%c0%ae/b",
+        "/a/%E0%80%AE%E0%80%AE/b",  # three-byte overlong dots
+        "/a%C0%AFb",  # overlong "/"
+        "/%FF",
+        "/%C3",  # truncated sequence
+        "/%ED%A0%80",  # an encoded surrogate (CESU-8)
+        "/%F4%90%80%80",  # beyond U+10FFFF
+    ],
+)
+def test_a_path_that_is_not_utf8_once_decoded_is_a_bad_request(raw: str) -> None:
+    """Issue 11 #13: percent-decoded bytes must be valid UTF-8 (no overlong forms)."""
+    with pytest.raises(BadRequest, match="UTF-8"):
+        parse_target(raw)
+
+
+@pytest.mark.parametrize("raw", ["/caf%C3%A9", "/%E2%82%AC", "/%F0%9F%98%80", "/x?q=%C0%AE%FF"])
+def test_utf8_paths_and_any_query_bytes_are_accepted(raw: str) -> None:
+    # Query values are data, percent-encoded upstream as they came: legacy clients send
+    # Latin-1 forms (`q=caf%E9`). Only the path is resolved by the upstream.
+    assert parse_target(raw).path.startswith("/")
