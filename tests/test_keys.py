@@ -9,6 +9,7 @@ from proxy.keys import (
     cache_key,
     escape_glob,
     glob_to_regex,
+    is_secret_param,
     key_query,
     key_url,
     parse_target,
@@ -408,3 +409,44 @@ def test_utf8_paths_and_any_query_bytes_are_accepted(raw: str) -> None:
     # Query values are data, percent-encoded upstream as they came: legacy clients send
     # Latin-1 forms (`q=caf%E9`). Only the path is resolved by the upstream.
     assert parse_target(raw).path.startswith("/")
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        # issue 11 #12: these stayed in clear
+        ("api_token", True), ("access_key", True), ("APIKEY", True),
+        ("apikey", True), ("api_key", True), ("apiKey", True), ("key", True), ("token", True),
+        ("access_token", True), ("refresh_token", True), ("secret", True),
+        ("client_secret", True), ("password", True), ("passwd", True), ("pwd", True),
+        ("signature", True), ("X-Amz-Signature", True), ("sig", True), ("hmac_sig", True),
+        ("auth", True), ("oauth_nonce", True), ("Authorization", True), ("session_id", True),
+        ("credentials", True), ("X-Goog-Credential", True),
+        ("Client_ID", True),  # configured below, in another case
+        ("api%5Btoken%5D", True),  # `api[token]`, as a normalised query spells it
+        # harmless false positives: only hidden from listings, still keyed
+        ("monkey", True), ("design", True), ("author", True),
+        # everyday names stay readable
+        ("range", False), ("interval", False), ("symbol", False), ("symbols", False),
+        ("q", False), ("lang", False), ("region", False), ("fields", False),
+        ("period1", False), ("crumb", False), ("client_name", False),
+    ],
+)  # fmt: skip
+def test_secret_parameters_by_pattern_and_configured_name(name: str, secret: bool) -> None:
+    configured = frozenset({"client_id"})
+    query = key_query(parse_target(f"/x?{name}=VALUE123"), frozenset(), configured)
+    assert ("VALUE123" not in query) is secret, query
+    assert is_secret_param(name, configured) is secret
+
+
+def test_hashed_parameters_still_key_apart() -> None:
+    # A false positive only hides the value: distinct values keep distinct keys.
+    for name in ("monkey", "api_token", "Signature"):
+        assert key(f"/x?{name}=a") != key(f"/x?{name}=b")
+        assert key(f"/x?{name}=a") == key(f"/x?{name}=a")
+        assert key(f"/x?{name}=a") != key(f"/x?{name}a=a")
+
+
+def test_configured_secret_names_match_case_insensitively() -> None:
+    query = key_query(parse_target("/x?CID=VALUE123&cid=OTHER456"), frozenset(), frozenset({"Cid"}))
+    assert "VALUE123" not in query and "OTHER456" not in query
