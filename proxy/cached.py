@@ -114,9 +114,11 @@ class CachedPath:
             if name in request.headers
         ]
         key = resolved.key + header_suffix(key_headers) if key_headers else resolved.key
-        content_type = request.headers.get("Content-Type", "") if body is not None else ""
-        if body is not None:
-            key += " body=" + body_digest(content_type, body)
+        content_type = coding = ""
+        if body is not None:  # both go upstream as sent (the body is never inflated): keyed
+            content_type = request.headers.get("Content-Type", "")
+            coding = request.headers.get("Content-Encoding", "")
+            key += " body=" + body_digest(content_type, coding, body)
         if self.deps.config.server.access_log:
             request[KEY] = key  # for the access log (hashed there)
 
@@ -125,8 +127,8 @@ class CachedPath:
             headers = self._upstream_headers(request, resolved, key_headers)
             if content_type:
                 headers["Content-Type"] = content_type
-            if body is not None and (coding := request.headers.get("Content-Encoding")):
-                headers["Content-Encoding"] = coding  # the body goes as sent, never inflated
+            if coding:
+                headers["Content-Encoding"] = coding
             return Attempt(resolved, key, headers, previous, previous if stale else None, body)
 
         store = self.deps.store

@@ -155,10 +155,14 @@ def header_suffix(headers: Iterable[tuple[str, str]]) -> str:
     )
 
 
-def body_digest(content_type: str, body: bytes) -> str:
-    """A cached POST's key part: a hash of its media type and body (never the body itself)."""
-    digest = hashlib.sha256(content_type.split(";")[0].strip().lower().encode())
-    digest.update(b"\0")
+def body_digest(content_type: str, content_encoding: str, body: bytes) -> str:
+    """A cached POST's key part: a hash of its body and of the headers that say how to read
+    it, exactly as they go upstream (charset, boundary, coding: each can change the answer),
+    never the body itself."""
+    digest = hashlib.sha256()
+    for part in (_utf8(content_type), _utf8(content_encoding)):
+        digest.update(b"%d:" % len(part))  # length-prefixed: no two triples hash alike
+        digest.update(part)
     digest.update(body)
     return digest.hexdigest()[:32]
 

@@ -6,6 +6,7 @@ import pytest
 
 from proxy.errors import BadRequest
 from proxy.keys import (
+    body_digest,
     cache_key,
     escape_glob,
     glob_to_regex,
@@ -450,3 +451,25 @@ def test_hashed_parameters_still_key_apart() -> None:
 def test_configured_secret_names_match_case_insensitively() -> None:
     query = key_query(parse_target("/x?CID=VALUE123&cid=OTHER456"), frozenset(), frozenset({"Cid"}))
     assert "VALUE123" not in query and "OTHER456" not in query
+
+
+def test_body_digest_covers_every_header_that_says_how_to_read_the_body() -> None:
+    """Issue 11 #8: the full Content-Type (charset, boundary) and Content-Encoding go
+    upstream with the body, so they are all part of the key."""
+    body = b'{"s": ["AAPL"]}'
+    digests = {
+        body_digest("application/json", "", body),
+        body_digest("application/json; charset=utf-16", "", body),
+        body_digest("application/json", "gzip", body),
+        body_digest("application/json; charset=utf-16", "gzip", body),
+        body_digest("multipart/form-data; boundary=a", "", body),
+        body_digest("multipart/form-data; boundary=b", "", body),
+        body_digest("", "", body),
+        # no field can be shifted into another: `a` + `b:` is not `a:b` + ``
+        body_digest("a", "b", b""),
+        body_digest("ab", "", b""),
+        body_digest("", "ab", b""),
+        body_digest("a", "", b"b"),
+    }
+    assert len(digests) == 11
+    assert body_digest("application/json", "", body) == body_digest("application/json", "", body)
