@@ -573,3 +573,21 @@ async def test_a_real_process_serves_no_client_what_another_sent_unkeyed(
     finally:
         served.process.terminate()
         await asyncio.wait_for(served.process.wait(), 10)
+
+
+async def test_an_l2_entry_varying_on_a_cookie_never_answers_that_cookie_elsewhere(
+    make_proxy: ProxyFactory, reflecting: Start, redis_server: RedisServer
+) -> None:
+    """Issue 11 #2 across instances: the cookieless page one instance stored in L2 (with
+    Vary: Cookie) does not answer Bob on another, whether found by lookup or after the
+    lease; the entry stays the cookieless page for cookieless clients."""
+    up = await reflecting(per_cookie)
+    cache = layered_cache(redis_server.url)
+    one = await _shared_proxy(make_proxy, up, cache=cache)
+    two = await _shared_proxy(make_proxy, up, cache=cache)
+    assert (await _page(one, None))[0] == _own(None)
+    await one.deps.store.flush()
+    assert await _page(two, "user=bob") == (_own("user=bob"), "cacheproxy; fwd=miss; detail=vary")
+    body, status = await _page(two, None)
+    assert body == _own(None) and status.startswith("cacheproxy; hit")
+    assert up.total == 2
