@@ -23,10 +23,6 @@ from proxy.warm import WarmConfig
 Backend = Literal["memory", "redis", "layered"]
 BACKENDS: tuple[Backend, ...] = ("memory", "redis", "layered")
 
-DEFAULT_SECRET_PARAMS = (
-    "apikey", "api_key", "apiKey", "token", "access_token", "key", "secret", "password",
-)  # fmt: skip
-
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
@@ -56,7 +52,8 @@ class KeyRules:
 
     ignore_params: frozenset[str] = frozenset({"_"})
     headers: tuple[str, ...] = ()
-    secret_params: frozenset[str] = frozenset(DEFAULT_SECRET_PARAMS)
+    # Hashed in keys besides the names keys.py recognises (apikey, api_token, sig, ...).
+    secret_params: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +295,6 @@ def _cache(node: Node) -> CacheConfig:
     l1.mapping(("max_entries", "max_memory"))
     keys = node.child("keys")
     keys.mapping(("ignore_params", "headers", "secret_params"))
-    secret = keys.child("secret_params")
     return CacheConfig(
         backend=backend,
         l1_max_entries=l1.child("max_entries").integer(1000, minimum=1),
@@ -310,9 +306,7 @@ def _cache(node: Node) -> CacheConfig:
             if keys.child("ignore_params").present()
             else frozenset({"_"}),
             headers=tuple(h.lower() for h in keys.child("headers").strings()),
-            secret_params=frozenset(secret.strings())
-            if secret.present()
-            else frozenset(DEFAULT_SECRET_PARAMS),
+            secret_params=frozenset(keys.child("secret_params").strings()),
         ),
     )
 

@@ -14,7 +14,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from proxy.accesslog import KEY, UPSTREAM_SECONDS
 from proxy.accesslog import line as access_line
 from proxy.accesslog import log as access_log
-from proxy.cached import CachedPath, Resolved
+from proxy.attempt import Resolved
+from proxy.cached import CachedPath
 from proxy.config import Config
 from proxy.deps import Deps
 from proxy.errors import BadRequest, UpstreamError

@@ -181,9 +181,7 @@ async def test_a_connection_idle_past_idle_timeout_is_not_reused(
     assert upstream.connections == 2  # before: aiohttp's 15 s kept the old one
 
 
-async def test_idle_timeout_zero_never_reuses(
-    make_proxy: ProxyFactory, raw_upstream: Any
-) -> None:
+async def test_idle_timeout_zero_never_reuses(make_proxy: ProxyFactory, raw_upstream: Any) -> None:
     upstream = await raw_upstream(lambda conn, index: "answer")
     proxy = await make_proxy(**_config(upstream.url, idle_timeout=0))
     for _ in range(3):
