@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
+from proxy import admin_bans
 from proxy.bans import valid_tag
 from proxy.deps import DEPS, Deps
 from proxy.errors import BadRequest, StoreUnavailable
@@ -369,4 +370,5 @@ def make_admin_app(deps: Deps) -> web.Application:
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/hottest", hottest)
     app.router.add_get("/", dashboard)
+    admin_bans.add_routes(app)
     return app

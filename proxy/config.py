@@ -23,10 +23,6 @@ from proxy.warm import WarmConfig
 Backend = Literal["memory", "redis", "layered"]
 BACKENDS: tuple[Backend, ...] = ("memory", "redis", "layered")
 
-DEFAULT_SECRET_PARAMS = (
-    "apikey", "api_key", "apiKey", "token", "access_token", "key", "secret", "password",
-)  # fmt: skip
-
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
@@ -37,6 +33,9 @@ class Upstream:
     connect_timeout: float = 3.0
     timeout: float = 15.0
     max_connections: int = 100
+    # Idle pooled connections close after this (0: none is reused). Shorter than the
+    # servers' own idle timeouts (Node and uvicorn 5 s), so we rarely send on one they close.
+    idle_timeout: float = 4.0
     headers: Mapping[str, str] = field(default_factory=dict)
     query: Mapping[str, str] = field(default_factory=dict)
     rate_limit: Rate | None = None  # e.g. 20/s; None: unlimited
@@ -53,7 +52,8 @@ class KeyRules:
 
     ignore_params: frozenset[str] = frozenset({"_"})
     headers: tuple[str, ...] = ()
-    secret_params: frozenset[str] = frozenset(DEFAULT_SECRET_PARAMS)
+    # Hashed in keys besides the names keys.py recognises (apikey, api_token, sig, ...).
+    secret_params: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +135,7 @@ def _upstream(name: str, node: Node) -> Upstream:
         connect_timeout=node.child("connect_timeout").duration(3.0),
         timeout=node.child("timeout").duration(15.0),
         max_connections=node.child("max_connections").integer(100, minimum=1),
+        idle_timeout=node.child("idle_timeout").duration(4.0),
         headers=node.child("headers").string_map(),
         query=node.child("query").string_map(),
         rate_limit=node.child("rate_limit").convert(Rate.parse, None),
@@ -294,7 +295,6 @@ def _cache(node: Node) -> CacheConfig:
     l1.mapping(("max_entries", "max_memory"))
     keys = node.child("keys")
     keys.mapping(("ignore_params", "headers", "secret_params"))
-    secret = keys.child("secret_params")
     return CacheConfig(
         backend=backend,
         l1_max_entries=l1.child("max_entries").integer(1000, minimum=1),
@@ -306,9 +306,7 @@ def _cache(node: Node) -> CacheConfig:
             if keys.child("ignore_params").present()
             else frozenset({"_"}),
             headers=tuple(h.lower() for h in keys.child("headers").strings()),
-            secret_params=frozenset(secret.strings())
-            if secret.present()
-            else frozenset(DEFAULT_SECRET_PARAMS),
+            secret_params=frozenset(keys.child("secret_params").strings()),
         ),
     )
 

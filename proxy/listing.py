@@ -47,8 +47,8 @@ def decode_cursor(cursor: str) -> tuple[str, str | list[int]]:
     raise ValueError("not a cursor this server gave out")
 
 
-def _wanted(store: LayeredStore, entry: CachedResponse, route: str | None) -> bool:
-    return (route is None or entry.route == route) and store.bans.verdict(entry) != "hard"
+def _wanted(store: LayeredStore, key: str, entry: CachedResponse, route: str | None) -> bool:
+    return (route is None or entry.route == route) and store.bans.verdict(entry, key) != "hard"
 
 
 async def page(
@@ -76,7 +76,7 @@ async def page(
     batch = [
         Listed(k, e, ("l1", "l2") if held is not None and k in held else ("l2",))
         for k, e in found
-        if _wanted(store, e, route)
+        if _wanted(store, k, e, route)
     ]
     rest = batch[offset:]
     if len(rest) > limit:  # the same SCAN step again next time, further in
@@ -92,7 +92,9 @@ async def _l1_page(
     regex = glob_to_regex(glob)
     live = store.l1.live_items()
     keys = sorted(
-        k for k, e in live.items() if k > after and regex.fullmatch(k) and _wanted(store, e, route)
+        k
+        for k, e in live.items()
+        if k > after and regex.fullmatch(k) and _wanted(store, k, e, route)
     )
     listed: list[Listed] = []
     for start in range(0, len(keys), limit):

@@ -119,7 +119,25 @@ _RELOADED = {
         "restart_needed": {"type": "array", "items": {"type": "string"}},
     },
 }
-
+_BANS = {
+    "type": "object",
+    "required": ["bans", "total", "next_after"],
+    "properties": {
+        "bans": {"type": "array", "items": {
+            "type": "object", "required": ["tag", "hard", "soft"],
+            "properties": {"tag": {"type": "string"}, "hard": {"type": ["number", "null"]},
+                           "soft": {"type": ["number", "null"]}}}},
+        "total": _INT,
+        "next_after": {"type": ["string", "null"]},
+    },
+}  # fmt: skip
+_LIFTED = {
+    "type": "object",
+    "required": ["lifted", "tag", "l2"],
+    "properties": {"lifted": {"type": "boolean"}, "tag": {"type": "string"},
+                   "l2": {"type": "boolean"}, "error": {"type": "string"},
+                   "detail": {"type": "string"}},
+}  # fmt: skip
 
 _HOTTEST = {
     "type": "object",
@@ -182,6 +200,24 @@ PATHS: dict[str, dict[str, Any]] = {
         "parameters": [{"name": "limit", "in": "query", "required": False,
                         "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
         "responses": {"200": _json(_HOTTEST, "Busiest first"), "400": _BAD}}},
+    "/bans": {"get": {
+        "summary": "Purges on record: tag, route and URL bans (`url upstream path?query`, "
+                   "made by unsafe requests), and the floors `*` and `url *` that the oldest "
+                   "fold into past the bound; times are epoch seconds",
+        "parameters": [
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+            {"name": "after", "in": "query", "required": False,
+             "schema": {"type": "string"}, "description": "the previous page's next_after"}],
+        "responses": {"200": _json(_BANS, "One page, by tag"), "400": _BAD}}},
+    "/bans/{tag}": {"delete": {
+        "summary": "Lift one ban (or a floor) here, in Redis and on every instance",
+        "parameters": [{"name": "tag", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": _json(_LIFTED, "Lifted (or none here, but Redis got it)"),
+                      "401": _UNAUTHORIZED,
+                      "404": _json(_LIFTED, "No such ban (memory backend)"),
+                      "503": _json(_LIFTED, "Redis unreachable: lifted here only")}}},
     "/": {"get": {"summary": "The dashboard (HTML)",
                   "responses": {"200": {"description": "A self-contained page",
                                         "content": {"text/html": {}}}}}},

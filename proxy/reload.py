@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import aiohttp
 
+from proxy.bans import ban_horizon
 from proxy.config import Config, is_loopback, load_config
 from proxy.deps import Deps
 from proxy.errors import ConfigError
@@ -75,6 +76,7 @@ async def reload(deps: Deps) -> Reloaded:
     retired = deps.upstreams.update(config.upstreams)
     old_level = deps.config.server.log_level
     deps.config = config  # handlers read deps.config per request: the switch is atomic
+    deps.store.bans.widen(ban_horizon(config.ttl_classes.values()))
     if config.server.log_level != old_level:  # otherwise keep what --log-level set
         logging.getLogger().setLevel(config.server.log_level.upper())
     if retired:

@@ -357,3 +357,16 @@ async def test_a_deeply_nested_purge_body_is_400(proxy: Proxy) -> None:
         "/purge", data=b"[" * 100_000, headers={"Content-Type": "application/json"}
     )
     assert response.status == 400
+
+
+async def test_keys_never_show_credential_like_parameters(proxy: Proxy) -> None:
+    """Issue 11 #12: `api_token`, `access_key` and `APIKEY` were listed in clear."""
+    secrets = {"api_token": "TOK111", "access_key": "AK222", "APIKEY": "K333", "Sig": "S444"}
+    query = "&".join(f"{name}={value}" for name, value in secrets.items())
+    await get(proxy, CHART.format("AAPL") + f"?{query}&range=5d")
+    response = await proxy.admin.get("/keys")
+    listing = await response.text()
+    assert response.status == 200 and "range=5d" in listing
+    for name, value in secrets.items():
+        assert f"{name}=#" in listing  # named, value hashed
+        assert value not in listing

@@ -81,6 +81,10 @@ _component = st.one_of(
 
 
 def _path_segment_ok(data: bytes) -> bool:
+    try:
+        data.decode()  # a path is UTF-8 once percent-decoded (issue 11 #13); a query may not be
+    except UnicodeDecodeError:
+        return False
     return not _FORBIDDEN.search(data) and not {b".", b".."} & set(data.split(b"/"))
 
 

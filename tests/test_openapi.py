@@ -77,6 +77,10 @@ async def test_live_responses_match_the_document(
             validator.validate(body)
         assert status in (200, 400)
     assert await check(proxy, "delete", "/keys/quote/*", "/keys/{pattern}") == 200
+    assert await check(proxy, "get", "/bans", "/bans") == 200
+    assert await check(proxy, "get", "/bans?limit=x", "/bans") == 400
+    assert await check(proxy, "delete", "/bans/symbol=AAPL", "/bans/{tag}") == 200
+    assert await check(proxy, "delete", "/bans/symbol=NONE", "/bans/{tag}") == 404
     assert await check(proxy, "post", "/clear", "/clear") == 200
     assert await check(proxy, "post", "/reload", "/reload") == 400  # no config file here
 
