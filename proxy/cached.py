@@ -15,6 +15,7 @@ from aiohttp import web
 
 from proxy.accesslog import KEY
 from proxy.attempt import Attempt, Resolved, fits, unkeyed_credentials, upstream_headers
+from proxy.bodies import GZIP_WBITS, inflate_limit
 from proxy.coalesce import Flight
 from proxy.deps import Deps
 from proxy.entry import CachedResponse
@@ -44,7 +45,6 @@ from proxy.policy import (
     storability,
 )
 from proxy.respond import (
-    MAX_INFLATED,
     NAME,
     private_response,
     relay,
@@ -309,8 +309,11 @@ class CachedPath:
             return None
         plain = body
         if resp.headers.get("Content-Encoding", "").strip().lower() == "gzip":
+            # An error body is small: read no more of it than an entry may hold, and never
+            # more than a hit would inflate (a bomb costs no more memory here than a miss).
+            limit = min(inflate_limit(len(body)), self.deps.config.cache.max_object_size)
             try:
-                plain = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, MAX_INFLATED)
+                plain = zlib.decompressobj(GZIP_WBITS).decompress(body, limit)
             except zlib.error:
                 return None
         reason = api_error(plain, route.error_keys, route.error_text)
