@@ -445,7 +445,14 @@ async def test_dns_rebinding_is_refused_on_every_endpoint(served: ServeProcess) 
     for method, path in (("POST", "/clear"), ("POST", "/reload"), ("DELETE", "/keys/x"),
                          ("GET", "/keys"), ("GET", "/stats"), ("GET", "/health"),
                          ("GET", "/metrics"), ("GET", "/")):  # fmt: skip
-        for headers in (browser, {"Host": rebound}, {"Host": "rebind.attacker.example"}):
+        for headers in (
+            browser,
+            {"Host": rebound},
+            {"Host": "rebind.attacker.example"},
+            {"Host": "a b"},
+            {"Host": "[::1"},
+            {"Host": "127.0.0.1@evil.example"},
+        ):
             status, body = await raw_request(port, method, path, headers)
             assert status == 421, (method, path, headers)
             assert body["error"] == "misdirected"
@@ -473,3 +480,15 @@ async def test_the_admin_listener_answers_to_its_own_names(served: ServeProcess)
         assert (await raw_request(port, "POST", "/clear", same_site))[0] == 200, host
     no_host = await raw_request(port, "POST", "/clear", {}, version="1.0")
     assert no_host[0] == 200  # HTTP/1.0 without Host: not a browser
+
+
+async def test_behind_a_tls_proxy_the_origin_is_compared_with_its_scheme(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(server={"admin_allowed_hosts": ["admin.example"]})
+    page = {"Host": "admin.example", "Origin": "https://admin.example"}
+    assert (await proxy.admin.post("/clear", headers=page)).status == 403  # plain http here
+    forwarded = {**page, "X-Forwarded-Proto": "https"}
+    assert (await proxy.admin.post("/clear", headers=forwarded)).status == 200
+    assert (await proxy.admin.get("/stats", headers={"Host": "admin.example:8443"})).status == 200
+    assert (await proxy.admin.get("/stats", headers={"Host": "other.example"})).status == 421
