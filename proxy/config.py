@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from yarl import URL
 
+from proxy.authority import Authority
 from proxy.confnode import Node, expand_tree
 from proxy.errors import ConfigError
 from proxy.guard import Rate
@@ -93,6 +94,10 @@ class ServerConfig:
     admin_host: str = "127.0.0.1"
     admin_port: int = 8081
     admin_token: str = ""
+    # Host names the admin port answers to besides IP literals, localhost and admin_host
+    # (DNS rebinding defence): `name` on any port or `name:port`.
+    admin_allowed_hosts: frozenset[Authority] = frozenset()
+    admin_protect_metrics: bool = False  # with admin_token: /metrics needs it too
     log_level: str = "info"
     coalesce_timeout: float = 15.0
     access_log: bool = False  # one JSON line per request on stdout
@@ -324,6 +329,8 @@ def _server(node: Node) -> ServerConfig:
         admin_host=node.child("admin_host").text("127.0.0.1"),
         admin_port=node.child("admin_port").integer(8081),
         admin_token=node.child("admin_token").text(""),
+        admin_allowed_hosts=_hosts(node.child("admin_allowed_hosts")),
+        admin_protect_metrics=node.child("admin_protect_metrics").flag(False),
         log_level=level,
         coalesce_timeout=node.child("coalesce_timeout").duration(15.0),
         access_log=node.child("access_log").flag(False),
@@ -332,6 +339,8 @@ def _server(node: Node) -> ServerConfig:
     )
     if server.client_timeout <= 0:
         raise node.child("client_timeout").error("must be more than 0")
+    if server.admin_protect_metrics and not server.admin_token:
+        raise node.child("admin_protect_metrics").error("protects nothing without admin_token")
     if not server.admin_token and not is_loopback(server.admin_host):
         raise node.child("admin_host").error(
             f"refusing to expose the admin port on {server.admin_host!r} without admin_token"
@@ -340,6 +349,17 @@ def _server(node: Node) -> ServerConfig:
         if getattr(server, port_field) > 65535:
             raise node.child(port_field).error("must be at most 65535")
     return server
+
+
+def _hosts(node: Node) -> frozenset[Authority]:
+    """A name or a list of `name` / `name:port`; an error names its entry."""
+    hosts: set[Authority] = set()
+    for i, text in enumerate(node.strings()):
+        try:
+            hosts.add(Authority.parse(text))
+        except ValueError as e:
+            raise node.child(i).error(str(e)) from e
+    return frozenset(hosts)
 
 
 def is_loopback(host: str) -> bool:

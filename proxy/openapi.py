@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy import __version__
+from proxy.adminauth import METRICS, MUTATING, OPEN_READS
 
 _INT = {"type": "integer", "minimum": 0}
 _COUNT_OR_NULL = {"type": ["integer", "null"], "minimum": 0}
@@ -226,13 +227,43 @@ PATHS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+_MISDIRECTED = _json(_ERROR, "Host does not name this admin listener (see admin_allowed_hosts)")
+_CROSS_ORIGIN = _json(_ERROR, "Origin is another site, or another port or scheme of this one")
+_SECURITY = (
+    "With server.admin_token set, every operation that lists the bearer scheme needs "
+    "`Authorization: Bearer <token>`; GET / and GET /health never do, and GET /metrics only "
+    "with server.admin_protect_metrics. Every operation answers 421 when Host is not an IP "
+    "address, localhost, server.admin_host or one of server.admin_allowed_hosts."
+)
+
+
+def _guarded(path: str, method: str, operation: dict[str, Any]) -> dict[str, Any]:
+    """An operation with what proxy/adminauth.py adds: its security and its refusals."""
+    responses = {**operation["responses"], "421": _MISDIRECTED}
+    if method.upper() in MUTATING:
+        responses["403"] = _CROSS_ORIGIN
+    guarded = {**operation, "responses": responses}
+    if path in OPEN_READS:
+        guarded["security"] = []
+    else:
+        responses.setdefault("401", _UNAUTHORIZED)
+        if path == METRICS:  # open unless server.admin_protect_metrics
+            guarded["security"] = [{}, {"bearer": []}]
+    return guarded
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI document for the admin API."""
     return {
         "openapi": "3.1.0",
-        "info": {"title": "cacheproxy admin API", "version": __version__},
+        "info": {"title": "cacheproxy admin API", "version": __version__,
+                 "description": _SECURITY},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "paths": PATHS,
-    }
+        "security": [{"bearer": []}],
+        "paths": {
+            path: {method: _guarded(path, method, op) for method, op in operations.items()}
+            for path, operations in PATHS.items()
+        },
+    }  # fmt: skip
