@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy.authority import Authority
-from proxy.config import ServerConfig
 from proxy.deps import DEPS
 from proxy.respond import json_error
+from proxy.serverconfig import ServerConfig
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, replace
 import aiohttp
 
 from proxy.bans import ban_horizon
-from proxy.config import Config, is_loopback, load_config
+from proxy.config import Config, load_config
 from proxy.deps import Deps
 from proxy.errors import ConfigError
+from proxy.serverconfig import is_loopback
 
 log = logging.getLogger(__name__)
 RETIRE_AFTER = 60.0  # seconds: replaced upstream sessions finish their requests meanwhile

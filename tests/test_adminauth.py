@@ -7,7 +7,7 @@ import pytest
 
 from proxy.adminauth import host_allowed, needs_token, same_origin
 from proxy.authority import Authority
-from proxy.config import ServerConfig
+from proxy.serverconfig import ServerConfig
 
 SERVER = ServerConfig(
     admin_host="admin.local",

@@ -10,8 +10,8 @@ from conftest import CountingUpstream, Proxy, ProxyFactory
 from jsonschema import Draft202012Validator
 
 from proxy.adminauth import needs_token
-from proxy.config import ServerConfig
 from proxy.openapi import document
+from proxy.serverconfig import ServerConfig
 
 DOC = document()
 
