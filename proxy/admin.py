@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from yarl import URL
 
+from proxy import admin_bans
+from proxy.adminauth import admin_guard
 from proxy.bans import valid_tag
 from proxy.deps import DEPS, Deps
 from proxy.errors import BadRequest, StoreUnavailable
@@ -22,8 +21,6 @@ from proxy.openapi import document
 from proxy.reload import reload
 from proxy.respond import json_error
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _MAX_KEYS = 1000
 
 
@@ -33,29 +30,6 @@ def _deps(request: web.Request) -> Deps:
 
 def _bad(detail: str) -> web.Response:
     return json_error(400, "bad_request", detail)
-
-
-@web.middleware
-async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Mutating calls need `Authorization: Bearer <token>` when a token is configured, and
-    never come from another site: a web page must not purge or reload a token-less admin
-    port on loopback (a browser sends Origin with every cross-site POST)."""
-    origin = request.headers.get("Origin")
-    if (
-        request.method in _MUTATING
-        and origin is not None
-        and URL(origin).host != request.host.split(":")[0]
-    ):
-        return json_error(403, "forbidden", "admin changes are not accepted from another site")
-    token = _deps(request).config.server.admin_token
-    if token and request.method in _MUTATING:
-        given = request.headers.get("Authorization", "")
-        expected = f"Bearer {token}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            response = json_error(401, "unauthorized", "a valid bearer token is required")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="cacheproxy-admin"'
-            return response
-    return await handler(request)
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -368,7 +342,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 def make_admin_app(deps: Deps) -> web.Application:
     """The operator-facing application on its own listener."""
-    app = web.Application(middlewares=[require_token])
+    app = web.Application(middlewares=[admin_guard])
     app[DEPS] = deps
     app.router.add_get("/stats", stats)
     app.router.add_get("/health", health)
@@ -382,4 +356,5 @@ def make_admin_app(deps: Deps) -> web.Application:
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/hottest", hottest)
     app.router.add_get("/", dashboard)
+    admin_bans.add_routes(app)
     return app

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ from proxy.config import RedisConfig
 
 log = logging.getLogger(__name__)
 CHANNEL = "events"
-Op = Literal["set", "del", "match", "clear", "ban", "softban"]
-_OPS: frozenset[str] = frozenset({"set", "del", "match", "clear", "ban", "softban"})
+Op = Literal["set", "del", "match", "clear", "ban", "softban", "unban"]
+_OPS: frozenset[str] = frozenset({"set", "del", "match", "clear", "ban", "softban", "unban"})
 _PING_EVERY = 2.0  # seconds between liveness pings on the subscription
 _DEAD_AFTER = 3 * _PING_EVERY  # silence (not even a pong) after which we reconnect
 
@@ -50,6 +51,8 @@ class Event:
         if not all(isinstance(v, str) for v in (op, arg, origin)) or op not in _OPS:
             return None
         if isinstance(stamp, bool) or not isinstance(stamp, int | float):
+            return None
+        if not math.isfinite(stamp):  # JSON's 1e999 is infinite: no time at all
             return None
         return Event(op, arg, origin, float(stamp))
 

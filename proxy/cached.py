@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
 
 from proxy.accesslog import KEY
+from proxy.attempt import Attempt, Resolved, fits, unkeyed_credentials, upstream_headers
+from proxy.bodies import GZIP_WBITS, inflate_limit
 from proxy.coalesce import Flight
 from proxy.deps import Deps
 from proxy.entry import CachedResponse
@@ -21,13 +23,13 @@ from proxy.errors import UpstreamError
 from proxy.headers import (
     NOT_STORED,
     fold,
-    forwarded_for,
     has_validators,
     joined,
     keep_gzip_vary,
     stored_headers,
 )
-from proxy.keys import Target, body_digest, header_suffix, upstream_target
+from proxy.keys import body_digest, header_suffix, upstream_target
+from proxy.metrics import SAVED_OUTCOMES
 from proxy.origin import updated_headers
 from proxy.policy import (
     DontStore,
@@ -43,57 +45,22 @@ from proxy.policy import (
     storability,
 )
 from proxy.respond import (
-    MAX_INFLATED,
     NAME,
     private_response,
     relay,
     serve_entry,
     upstream_error,
 )
-from proxy.routes import Match
+from proxy.store.layered import Found
 from proxy.upstream import end_to_end, read_limited
 
 log = logging.getLogger(__name__)
 
 # Reasons a response may not even be handed to concurrent waiters: it belongs to one client.
-_PRIVATE_REASONS = frozenset({"set-cookie", "private", "no-store"})
+_PRIVATE_REASONS = frozenset({"set-cookie", "private", "no-store", "vary"})
 # What storability reads, each folded into one value.
 _POLICY_FIELDS = ("Cache-Control", "Vary", "Expires", "Date", "Last-Modified", "Age")
 Served = tuple[web.StreamResponse, str]  # the response and its outcome label
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """A request target resolved against the routes; memoised per (method, raw target)."""
-
-    match: Match
-    target: Target
-    key: str  # the cache key without its header part
-    key_headers: tuple[str, ...]  # request headers that complete the key
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One cacheable request's state, also usable by a background refresh."""
-
-    resolved: Resolved
-    key: str
-    headers: dict[str, str]  # what goes upstream (validators added per fetch)
-    previous: CachedResponse | None = None  # what we hold, however old (its validators)
-    stale: CachedResponse | None = None  # what may stand in if the upstream fails
-    body: bytes | None = None  # a cached POST's body (part of its key)
-
-    def validated(self) -> dict[str, str]:
-        """The upstream headers plus the held entry's validators (RFC 9111 4.3.1)."""
-        held = self.previous
-        if held is None or held.status != 200 or self.body is not None:
-            return self.headers
-        headers = dict(self.headers)
-        if (etag := held.header("ETag")) is not None:
-            headers["If-None-Match"] = etag
-        if (modified := held.header("Last-Modified")) is not None:
-            headers["If-Modified-Since"] = modified
-        return headers
 
 
 class CachedPath:
@@ -114,24 +81,41 @@ class CachedPath:
             if name in request.headers
         ]
         key = resolved.key + header_suffix(key_headers) if key_headers else resolved.key
-        content_type = request.headers.get("Content-Type", "") if body is not None else ""
-        if body is not None:
-            key += " body=" + body_digest(content_type, body)
+        content_type = coding = ""
+        if body is not None:  # both go upstream as sent (the body is never inflated): keyed
+            content_type = request.headers.get("Content-Type", "")
+            coding = request.headers.get("Content-Encoding", "")
+            key += " body=" + body_digest(content_type, coding, body)
         if self.deps.config.server.access_log:
             request[KEY] = key  # for the access log (hashed there)
+        unkeyed = unkeyed_credentials(request.headers, resolved)
 
         def attempt(previous: CachedResponse | None = None, stale: bool = False) -> Attempt:
             # Only requests that go upstream (or start a refresh) pay for building this.
-            headers = self._upstream_headers(request, resolved, key_headers)
+            headers = upstream_headers(request.headers, key_headers, unkeyed)
             if content_type:
                 headers["Content-Type"] = content_type
-            if body is not None and (coding := request.headers.get("Content-Encoding")):
-                headers["Content-Encoding"] = coding  # the body goes as sent, never inflated
-            return Attempt(resolved, key, headers, previous, previous if stale else None, body)
+            if coding:
+                headers["Content-Encoding"] = coding
+            held = previous if stale else None
+            return Attempt(resolved, key, headers, previous, held, body, unkeyed)
 
         store = self.deps.store
         found = await store.lookup(key)
-        store.count_request(key)
+        if found is not None and not fits(found.entry, unkeyed):
+            found = None  # another value's answer: never served, revalidated or stood in
+        served = await self._answer(request, resolved, found, attempt)
+        # Popularity counts only answers from a stored entry (a miss that stored counted
+        # itself in _fetch): a flood of failing or unstorable keys must not fill the set.
+        if served[1] in SAVED_OUTCOMES:
+            store.count_request(key)
+        return served
+
+    async def _answer(
+        self, request: web.BaseRequest, resolved: Resolved, found: Found | None,
+        attempt: Callable[..., Attempt],
+    ) -> Served:  # fmt: skip
+        """Serve what the lookup found if its freshness allows, else go upstream."""
         if found is None:
             return await self._miss(request, attempt())
         entry = found.entry
@@ -154,33 +138,18 @@ class CachedPath:
             return serve_entry(request, entry, status, age), "stale"
         return await self._miss(request, attempt(entry, stale=verdict.usable_on_error))
 
-    def _upstream_headers(
-        self, request: web.BaseRequest, resolved: Resolved, key_headers: list[tuple[str, str]]
-    ) -> dict[str, str]:
-        """Only what is in the key (and credentials on shared routes) travels upstream, so no
-        other header can change what is stored for everyone."""
-        headers = dict(key_headers)
-        headers["Accept-Encoding"] = "gzip"
-        prior = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = forwarded_for(prior, request.remote)
-        if resolved.match.route.shared:
-            for name in ("Authorization", "Cookie"):
-                if name in request.headers:
-                    headers[name] = request.headers[name]
-        return headers
-
     # --- misses ------------------------------------------------------------------------
 
     async def _miss(self, request: web.BaseRequest, attempt: Attempt) -> Served:
         coalescer = self.deps.coalescer
         if (future := coalescer.in_flight(attempt.key)) is not None:
             shared = await coalescer.wait(future, self.deps.config.server.coalesce_timeout)
-            if isinstance(shared, CachedResponse):
+            if isinstance(shared, CachedResponse) and fits(shared, attempt.unkeyed):
                 status = f"{NAME}; fwd=miss; collapsed"
                 return serve_entry(request, shared, status, _miss_age(shared)), "coalesced"
             if isinstance(shared, UpstreamError):
                 return self._failed(request, shared, attempt.stale)
-            try:  # the leader had nothing to share: fetch, still covered by stale-if-error
+            try:  # nothing to share with this request: fetch, still covered by stale-if-error
                 return await self._fetch(request, attempt, None)
             except UpstreamError as e:
                 return self._failed(request, e, attempt.stale)
@@ -201,13 +170,14 @@ class CachedPath:
         if not await store.acquire_lease(key, redis.lease_ttl):
             # Another instance is fetching it: wait (bounded) for its answer to reach L2.
             found = await store.wait_for_l2(key, redis.lease_wait, newer_than=seen)
-            if found is None:
+            if found is None or not fits(found.entry, attempt.unkeyed):
                 return await self._fetch(request, attempt, flight)
         else:
             try:
                 # Another instance may have fetched, stored and let go of the lease between
                 # our L2 read and our taking it: look again before fetching a second time.
-                if (found := await store.fetched_since(key, seen)) is None:
+                found = await store.fetched_since(key, seen)
+                if found is None or not fits(found.entry, attempt.unkeyed):
                     return await self._fetch(request, attempt, flight)
             finally:
                 store.release_lease(key)
@@ -266,7 +236,7 @@ class CachedPath:
         verdict = storability(
             status, fields, "Set-Cookie" in resp.headers, len(body), cls,
             self.deps.config.cache.max_object_size, now, asked_at,
-            authorized="Authorization" in attempt.headers,
+            authorized="Authorization" in attempt.headers, unkeyed=attempt.unkeyed,
         )  # fmt: skip
         lifetime = Store(0.0) if isinstance(verdict, DontStore) else verdict
         entry = CachedResponse(
@@ -321,8 +291,11 @@ class CachedPath:
                 status = f"{NAME}; {fwd}; detail={verdict.reason}"
             else:
                 await self.deps.store.set(attempt.key, entry)
+                self.deps.store.count_request(attempt.key)
                 status = f"{NAME}; {fwd}; stored"
-            if flight is not None:
+            # What is not stored is shared with waiters only when they would have sent the
+            # same request: nothing unkeyed went upstream. Else they fetch for themselves.
+            if flight is not None and not (attempt.unkeyed and isinstance(verdict, DontStore)):
                 flight.result = entry
             return serve_entry(request, entry, status, _miss_age(entry)), "miss"
 
@@ -336,8 +309,11 @@ class CachedPath:
             return None
         plain = body
         if resp.headers.get("Content-Encoding", "").strip().lower() == "gzip":
+            # An error body is small: read no more of it than an entry may hold, and never
+            # more than a hit would inflate (a bomb costs no more memory here than a miss).
+            limit = min(inflate_limit(len(body)), self.deps.config.cache.max_object_size)
             try:
-                plain = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, MAX_INFLATED)
+                plain = zlib.decompressobj(GZIP_WBITS).decompress(body, limit)
             except zlib.error:
                 return None
         reason = api_error(plain, route.error_keys, route.error_text)

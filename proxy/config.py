@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -18,14 +17,11 @@ from proxy.guard import Rate
 from proxy.market import Market
 from proxy.policy import TTLClass
 from proxy.routes import Route, RouteTable, compile_template
+from proxy.serverconfig import ServerConfig
 from proxy.warm import WarmConfig
 
 Backend = Literal["memory", "redis", "layered"]
 BACKENDS: tuple[Backend, ...] = ("memory", "redis", "layered")
-
-DEFAULT_SECRET_PARAMS = (
-    "apikey", "api_key", "apiKey", "token", "access_token", "key", "secret", "password",
-)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +33,9 @@ class Upstream:
     connect_timeout: float = 3.0
     timeout: float = 15.0
     max_connections: int = 100
+    # Idle pooled connections close after this (0: none is reused). Shorter than the
+    # servers' own idle timeouts (Node and uvicorn 5 s), so we rarely send on one they close.
+    idle_timeout: float = 4.0
     headers: Mapping[str, str] = field(default_factory=dict)
     query: Mapping[str, str] = field(default_factory=dict)
     rate_limit: Rate | None = None  # e.g. 20/s; None: unlimited
@@ -53,7 +52,8 @@ class KeyRules:
 
     ignore_params: frozenset[str] = frozenset({"_"})
     headers: tuple[str, ...] = ()
-    secret_params: frozenset[str] = frozenset(DEFAULT_SECRET_PARAMS)
+    # Hashed in keys besides the names keys.py recognises (apikey, api_token, sig, ...).
+    secret_params: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,25 +82,6 @@ class CacheConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
     max_object_size: int = 8 * 1024 * 1024
     keys: KeyRules = field(default_factory=KeyRules)
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    """Where the proxy and admin listeners bind."""
-
-    host: str = "0.0.0.0"
-    port: int = 8080
-    admin_host: str = "127.0.0.1"
-    admin_port: int = 8081
-    admin_token: str = ""
-    log_level: str = "info"
-    coalesce_timeout: float = 15.0
-    access_log: bool = False  # one JSON line per request on stdout
-    shutdown_grace: float = 10.0  # after SIGTERM, how long requests in flight may finish
-    # A client connection must send each request's head within this long of connecting or of
-    # its previous response (else it is closed: idle keep-alive, slowloris), and a body the
-    # proxy reads within this long of its head (else 408).
-    client_timeout: float = 75.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +116,7 @@ def _upstream(name: str, node: Node) -> Upstream:
         connect_timeout=node.child("connect_timeout").duration(3.0),
         timeout=node.child("timeout").duration(15.0),
         max_connections=node.child("max_connections").integer(100, minimum=1),
+        idle_timeout=node.child("idle_timeout").duration(4.0),
         headers=node.child("headers").string_map(),
         query=node.child("query").string_map(),
         rate_limit=node.child("rate_limit").convert(Rate.parse, None),
@@ -294,7 +276,6 @@ def _cache(node: Node) -> CacheConfig:
     l1.mapping(("max_entries", "max_memory"))
     keys = node.child("keys")
     keys.mapping(("ignore_params", "headers", "secret_params"))
-    secret = keys.child("secret_params")
     return CacheConfig(
         backend=backend,
         l1_max_entries=l1.child("max_entries").integer(1000, minimum=1),
@@ -306,52 +287,9 @@ def _cache(node: Node) -> CacheConfig:
             if keys.child("ignore_params").present()
             else frozenset({"_"}),
             headers=tuple(h.lower() for h in keys.child("headers").strings()),
-            secret_params=frozenset(secret.strings())
-            if secret.present()
-            else frozenset(DEFAULT_SECRET_PARAMS),
+            secret_params=frozenset(keys.child("secret_params").strings()),
         ),
     )
-
-
-def _server(node: Node) -> ServerConfig:
-    node.mapping(tuple(ServerConfig.__dataclass_fields__))
-    level = node.child("log_level").text("info").lower()
-    if level not in ("debug", "info", "warning", "error"):
-        raise node.child("log_level").error(
-            f"expected debug, info, warning or error, got {level!r}"
-        )
-    server = ServerConfig(
-        host=node.child("host").text("0.0.0.0"),
-        port=node.child("port").integer(8080),
-        admin_host=node.child("admin_host").text("127.0.0.1"),
-        admin_port=node.child("admin_port").integer(8081),
-        admin_token=node.child("admin_token").text(""),
-        log_level=level,
-        coalesce_timeout=node.child("coalesce_timeout").duration(15.0),
-        access_log=node.child("access_log").flag(False),
-        shutdown_grace=node.child("shutdown_grace").duration(10.0),
-        client_timeout=node.child("client_timeout").duration(75.0),
-    )
-    if server.client_timeout <= 0:
-        raise node.child("client_timeout").error("must be more than 0")
-    if not server.admin_token and not is_loopback(server.admin_host):
-        raise node.child("admin_host").error(
-            f"refusing to expose the admin port on {server.admin_host!r} without admin_token"
-        )
-    for port_field in ("port", "admin_port"):
-        if getattr(server, port_field) > 65535:
-            raise node.child(port_field).error("must be at most 65535")
-    return server
-
-
-def is_loopback(host: str) -> bool:
-    """Whether host is a loopback address (or localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a hostname that might resolve anywhere
 
 
 def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
@@ -388,7 +326,7 @@ def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
         routes=RouteTable(tuple(routes)),
         markets=markets,
         cache=_apply_env_overrides(_cache(root.child("cache")), environ),
-        server=_server(root.child("server")),
+        server=ServerConfig.parse(root.child("server")),
         warm=WarmConfig.parse(root.child("warm")),
     )
 

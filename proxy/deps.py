@@ -10,6 +10,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.backplane import Backplane
+from proxy.bans import Bans, ban_horizon
 from proxy.breaker import CircuitBreaker
 from proxy.clock import Clock, system_clock
 from proxy.coalesce import Coalescer
@@ -66,7 +67,8 @@ def build_deps(
     breaker = CircuitBreaker(
         cache.redis.breaker_failures, cache.redis.breaker_backoff, cache.redis.breaker_max_backoff
     )
-    store = LayeredStore(l1, l2, breaker, tasks, instance, clock)
+    bans = Bans(ban_horizon(config.ttl_classes.values()), clock)
+    store = LayeredStore(l1, l2, breaker, tasks, instance, clock, bans)
     if l2 is not None:
         metrics.watch_breaker(breaker)
     backplane = None

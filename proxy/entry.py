@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from proxy.errors import CorruptEntry
+from proxy.headers import end_to_end
+from proxy.policy import STORABLE_STATUS
 
 if TYPE_CHECKING:
+    from proxy.bodies import Inflated
     from proxy.respond import Wire
 
 MAGIC: Final = b"CP"
@@ -20,6 +23,9 @@ VERSION: Final = 3  # 2: grace and keep windows; 3: revalidate window
 _HEAD: Final = struct.Struct(">2sBHddddddII")
 # A header value or name holding one of these would split the response it is written into.
 LINE_BREAK: Final = re.compile(r"[\r\n\x00]")
+# RFC 9110 5.1: a field name is a token; anything else (a space before the colon) is read
+# differently by different parsers.
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Per-entry bookkeeping that is neither body nor header text (object headers, dict slot).
 ENTRY_OVERHEAD: Final = 200
 
@@ -42,6 +48,9 @@ class CachedResponse:
     # respond.py's serialized status line and headers, made on the entry's first hit and
     # reused by every later one; not part of the value (not compared, not encoded).
     wire: Wire | None = field(default=None, init=False, compare=False, repr=False)
+    # What a gzip body inflates to, measured on the first request that refuses gzip, so later
+    # ones stream it with a Content-Length at once (respond.py); not part of the value either.
+    inflated: Inflated | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def expires_at(self) -> float:
@@ -103,10 +112,21 @@ def decode(data: bytes) -> CachedResponse:
         tags = tuple(str(t) for t in meta["t"])
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise CorruptEntry(f"bad metadata: {e}") from e
+    # L2 bytes are untrusted input (anyone who can write to Redis writes them): refuse what
+    # this proxy never stores, and never take framing from them.
+    if status not in STORABLE_STATUS:
+        raise CorruptEntry(f"status {status} is never stored")
+    if status == 204 and body_len:  # RFC 9110 15.3.5: no content, so no body to smuggle
+        raise CorruptEntry("a 204 with a body")
     if any(LINE_BREAK.search(name) or LINE_BREAK.search(value) for name, value in headers):
         # The upstream's parser never lets one through: this came from somewhere else, and
         # served, it would split the response.
         raise CorruptEntry("a header with a line break")
+    if not all(_TOKEN.fullmatch(name) for name, _ in headers):
+        raise CorruptEntry("a header name that is not a token")
+    # Stored headers are end to end: framing (Content-Length, Transfer-Encoding) and other
+    # hop-by-hop fields are the sender's to write, from the body it sends (RFC 9112 6).
+    headers = tuple(end_to_end(headers))
     return CachedResponse(
         status=status,
         headers=headers,

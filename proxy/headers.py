@@ -4,13 +4,41 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.upstream import end_to_end
-
+# RFC 9110 7.6.1: connection-specific fields, never forwarded nor stored. Content-Length is
+# recomputed for every message we send, so it never travels through either. Proxy-* fields
+# speak to a proxy (this one), never end to end.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "content-length",
+})  # fmt: skip
 # Headers never stored with an entry: recomputed per response, or per client.
 NOT_STORED = frozenset({"age", "set-cookie"})
 Pairs = tuple[tuple[str, str], ...]
+
+
+def end_to_end(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str] | Iterable[tuple[str, str]],
+) -> list[tuple[str, str]]:
+    """Headers minus hop-by-hop ones, including any the Connection header names."""
+    if isinstance(headers, CIMultiDict | CIMultiDictProxy):
+        pairs = list(headers.items())
+    else:
+        pairs = list(headers)
+    named = {
+        token.strip().lower()
+        for name, value in pairs
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    return [
+        (name, value)
+        for name, value in pairs
+        if (lower := name.lower()) not in HOP_BY_HOP
+        and lower not in named
+        and not lower.startswith("proxy-")
+    ]
 
 
 def joined(headers: CIMultiDictProxy[str], names: tuple[str, ...]) -> dict[str, str]:

@@ -18,6 +18,10 @@ _PATH_SAFE = "!$&'()*+,;=:@"
 _QUERY_SAFE = "!$'()*,;:@/?"
 _FORBIDDEN_BYTES = re.compile(rb"[\x00-\x1f\x7f\\]")
 _SENSITIVE_HEADER = re.compile(r"auth|cookie|key|token|secret|session|passw", re.IGNORECASE)
+# Query parameter names that look like credentials (apikey, api_token, access_key, APIKEY,
+# X-Amz-Signature, sig, passwd, auth): their values are hashed in keys. A false positive
+# (`monkey`, `design`) only hides a value from the admin listing: the hash still keys it.
+_SECRET_PARAM = re.compile(r"key|token|secret|sig|passw|pwd|auth|session|cred", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,11 @@ def parse_target(raw: str) -> Target:
         parts = {part.partition(b";")[0] for part in data.split(b"/")}
         if _FORBIDDEN_BYTES.search(data) or {b".", b".."} & parts:
             raise BadRequest("path contains a dot segment, a backslash or a control character")
+        if not data.isascii():
+            try:  # strict: overlong forms (%C0%AE is a "." to a lax decoder) are refused
+                data.decode()
+            except UnicodeDecodeError:
+                raise BadRequest("path is not valid UTF-8 once percent-decoded") from None
         segments.append(encoded)
     pairs: list[tuple[str, str]] = []
     params: dict[str, str] = {}
@@ -91,11 +100,24 @@ def _encoded_names(names: frozenset[str]) -> frozenset[str]:
     return frozenset(quote(name, safe=_QUERY_SAFE, errors="surrogatepass") for name in names)
 
 
+@functools.lru_cache(maxsize=32)
+def _secret_names(names: frozenset[str]) -> frozenset[str]:
+    """Configured secret names, encoded as a normalised query spells them, lower-cased."""
+    return frozenset(name.lower() for name in _encoded_names(names))
+
+
+@functools.lru_cache(maxsize=4096)  # names are the client's: bounded, and cheap to redo
+def is_secret_param(name: str, configured: frozenset[str]) -> bool:
+    """Whether a parameter (named as a normalised query spells it) carries a credential: its
+    name looks like one, or is configured (`cache.keys.secret_params`); case-insensitive."""
+    return _SECRET_PARAM.search(name) is not None or name.lower() in _secret_names(configured)
+
+
 def key_query(target: Target, ignore: frozenset[str], secret: frozenset[str]) -> str:
     """Sorted query for the key: ignored names dropped, repeats kept in order, secrets hashed."""
-    ignore, secret = _encoded_names(ignore), _encoded_names(secret)
+    ignore = _encoded_names(ignore)
     kept = [
-        (name, "=" + _redact(value[1:]) if value and name in secret else value)
+        (name, "=" + _redact(value[1:]) if value and is_secret_param(name, secret) else value)
         for name, value in target.query
         if name not in ignore
     ]
@@ -133,10 +155,14 @@ def header_suffix(headers: Iterable[tuple[str, str]]) -> str:
     )
 
 
-def body_digest(content_type: str, body: bytes) -> str:
-    """A cached POST's key part: a hash of its media type and body (never the body itself)."""
-    digest = hashlib.sha256(content_type.split(";")[0].strip().lower().encode())
-    digest.update(b"\0")
+def body_digest(content_type: str, content_encoding: str, body: bytes) -> str:
+    """A cached POST's key part: a hash of its body and of the headers that say how to read
+    it, exactly as they go upstream (charset, boundary, coding: each can change the answer),
+    never the body itself."""
+    digest = hashlib.sha256()
+    for part in (_utf8(content_type), _utf8(content_encoding)):
+        digest.update(b"%d:" % len(part))  # length-prefixed: no two triples hash alike
+        digest.update(part)
     digest.update(body)
     return digest.hexdigest()[:32]
 
@@ -145,6 +171,19 @@ def key_url(key: str) -> str:
     """The path?query part of a cache key."""
     parts = key.split(" ", 3)
     return parts[2] if len(parts) > 2 else ""
+
+
+def key_resource(key: str) -> str:
+    """The `upstream path?query` of a cache key: what every variant of one URL (its
+    key-header variants, its cached POST bodies) shares."""
+    return " ".join(key.split(" ", 3)[1:3])
+
+
+def key_variant_of(key: str) -> str | None:
+    """For a key with header or body parts, the `upstream path?query` it is a variant of;
+    None for a key without them."""
+    parts = key.split(" ", 3)
+    return f"{parts[1]} {parts[2]}" if len(parts) == 4 else None
 
 
 def upstream_target(target: Target, extra: Mapping[str, str]) -> str:

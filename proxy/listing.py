@@ -50,8 +50,8 @@ def decode_cursor(cursor: str) -> tuple[str, str | list[int]]:
     raise ValueError("not a cursor this server gave out")
 
 
-def _wanted(store: LayeredStore, entry: CachedResponse, route: str | None) -> bool:
-    return (route is None or entry.route == route) and store.bans.verdict(entry) != "hard"
+def _wanted(store: LayeredStore, key: str, entry: CachedResponse, route: str | None) -> bool:
+    return (route is None or entry.route == route) and store.bans.verdict(entry, key) != "hard"
 
 
 async def page(
@@ -79,7 +79,7 @@ async def page(
     batch = [
         Listed(k, e, ("l1", "l2") if held is not None and k in held else ("l2",))
         for k, e in found
-        if _wanted(store, e, route)
+        if _wanted(store, k, e, route)
     ]
     rest = batch[offset:]
     if len(rest) > limit:  # the same SCAN step again next time, further in
@@ -102,7 +102,7 @@ async def _l1_page(
         keys += (
             k
             for k in candidates[start : start + _WALK]
-            if matcher.matches(k) and _wanted(store, live[k], route)
+            if matcher.matches(k) and _wanted(store, k, live[k], route)
         )
     keys.sort()
     listed: list[Listed] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy import __version__
+from proxy.adminauth import METRICS, MUTATING, OPEN_READS
 
 _INT = {"type": "integer", "minimum": 0}
 _COUNT_OR_NULL = {"type": ["integer", "null"], "minimum": 0}
@@ -119,7 +120,25 @@ _RELOADED = {
         "restart_needed": {"type": "array", "items": {"type": "string"}},
     },
 }
-
+_BANS = {
+    "type": "object",
+    "required": ["bans", "total", "next_after"],
+    "properties": {
+        "bans": {"type": "array", "items": {
+            "type": "object", "required": ["tag", "hard", "soft"],
+            "properties": {"tag": {"type": "string"}, "hard": {"type": ["number", "null"]},
+                           "soft": {"type": ["number", "null"]}}}},
+        "total": _INT,
+        "next_after": {"type": ["string", "null"]},
+    },
+}  # fmt: skip
+_LIFTED = {
+    "type": "object",
+    "required": ["lifted", "tag", "l2"],
+    "properties": {"lifted": {"type": "boolean"}, "tag": {"type": "string"},
+                   "l2": {"type": "boolean"}, "error": {"type": "string"},
+                   "detail": {"type": "string"}},
+}  # fmt: skip
 
 _HOTTEST = {
     "type": "object",
@@ -182,6 +201,24 @@ PATHS: dict[str, dict[str, Any]] = {
         "parameters": [{"name": "limit", "in": "query", "required": False,
                         "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
         "responses": {"200": _json(_HOTTEST, "Busiest first"), "400": _BAD}}},
+    "/bans": {"get": {
+        "summary": "Purges on record: tag, route and URL bans (`url upstream path?query`, "
+                   "made by unsafe requests), and the floors `*` and `url *` that the oldest "
+                   "fold into past the bound; times are epoch seconds",
+        "parameters": [
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+            {"name": "after", "in": "query", "required": False,
+             "schema": {"type": "string"}, "description": "the previous page's next_after"}],
+        "responses": {"200": _json(_BANS, "One page, by tag"), "400": _BAD}}},
+    "/bans/{tag}": {"delete": {
+        "summary": "Lift one ban (or a floor) here, in Redis and on every instance",
+        "parameters": [{"name": "tag", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": _json(_LIFTED, "Lifted (or none here, but Redis got it)"),
+                      "401": _UNAUTHORIZED,
+                      "404": _json(_LIFTED, "No such ban (memory backend)"),
+                      "503": _json(_LIFTED, "Redis unreachable: lifted here only")}}},
     "/": {"get": {"summary": "The dashboard (HTML)",
                   "responses": {"200": {"description": "A self-contained page",
                                         "content": {"text/html": {}}}}}},
@@ -190,13 +227,43 @@ PATHS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+_MISDIRECTED = _json(_ERROR, "Host does not name this admin listener (see admin_allowed_hosts)")
+_CROSS_ORIGIN = _json(_ERROR, "Origin is another site, or another port or scheme of this one")
+_SECURITY = (
+    "With server.admin_token set, every operation that lists the bearer scheme needs "
+    "`Authorization: Bearer <token>`; GET / and GET /health never do, and GET /metrics only "
+    "with server.admin_protect_metrics. Every operation answers 421 when Host is not an IP "
+    "address, localhost, server.admin_host or one of server.admin_allowed_hosts."
+)
+
+
+def _guarded(path: str, method: str, operation: dict[str, Any]) -> dict[str, Any]:
+    """An operation with what proxy/adminauth.py adds: its security and its refusals."""
+    responses = {**operation["responses"], "421": _MISDIRECTED}
+    if method.upper() in MUTATING:
+        responses["403"] = _CROSS_ORIGIN
+    guarded = {**operation, "responses": responses}
+    if path in OPEN_READS:
+        guarded["security"] = []
+    else:
+        responses.setdefault("401", _UNAUTHORIZED)
+        if path == METRICS:  # open unless server.admin_protect_metrics
+            guarded["security"] = [{}, {"bearer": []}]
+    return guarded
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI document for the admin API."""
     return {
         "openapi": "3.1.0",
-        "info": {"title": "cacheproxy admin API", "version": __version__},
+        "info": {"title": "cacheproxy admin API", "version": __version__,
+                 "description": _SECURITY},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "paths": PATHS,
-    }
+        "security": [{"bearer": []}],
+        "paths": {
+            path: {method: _guarded(path, method, op) for method, op in operations.items()}
+            for path, operations in PATHS.items()
+        },
+    }  # fmt: skip

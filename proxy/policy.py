@@ -18,7 +18,9 @@ from proxy.origin import (
 )
 
 # RFC 9110 15.1: heuristically cacheable status codes (501 excluded: we never store 5xx).
-_CACHEABLE_STATUS: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
+# The only statuses storability() lets through (a 304 renews an entry under its own status),
+# so the only ones an entry may hold: entry.decode refuses any other read from L2.
+STORABLE_STATUS: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
 _NEGATIVE_STATUS: Final = frozenset({404, 410})
 _DELTA_SECONDS: Final = re.compile(r"[0-9]+")  # ASCII digits only; \d admits others
 _MAX_DELTA: Final = 2**31
@@ -151,18 +153,20 @@ def storability(
     now: float = 0.0,
     request_time: float | None = None,
     authorized: bool = False,
+    unkeyed: frozenset[str] = frozenset(),
 ) -> Storability:
     """Whether an upstream response may be stored, and for how long (RFC 9111 3).
 
     `headers` holds each field's lines folded into one value (RFC 9110 5.3): at least
     Cache-Control and Vary, and for `ttl: origin` also Expires, Date, Last-Modified and Age.
-    `now` is when the response arrived, `request_time` when it was asked for.
+    `now` is when the response arrived, `request_time` when it was asked for. `unkeyed`:
+    the request headers (lower-case names) that went upstream without being in the key.
     """
     if status >= 500:
         return DontStore("status-5xx")
     if status == 429:
         return DontStore("status-429")
-    if status not in _CACHEABLE_STATUS:
+    if status not in STORABLE_STATUS:
         return DontStore(f"status-{status}")
     if set_cookie:
         return DontStore("set-cookie")
@@ -175,7 +179,12 @@ def storability(
         # RFC 9111 5.2.2.4: reuse needs revalidation every time, which buys nothing here;
         # the qualified form (no-cache="field") would need those fields stripped: not stored.
         return DontStore("no-cache")
-    if any(v.strip() == "*" for v in headers.get("Vary", "").split(",")):
+    vary = headers.get("Vary", "")
+    if unkeyed and varies_on(vary, unkeyed):
+        # RFC 9111 4.1: it is the answer to this request's value of a header the key does
+        # not hold, so it matches only requests with that same value: one client's answer.
+        return DontStore("vary")
+    if any(v.strip() == "*" for v in vary.split(",")):
         return DontStore("vary-star")  # RFC 9111 4.1: matches no later request
     if body_size > max_object_size:
         return DontStore("too-large")
@@ -198,6 +207,13 @@ def storability(
         return DontStore("ttl-zero")
     age_value = parse_age(headers.get("Age"))
     return Store(ttl, cls.stale_while_revalidate, cls.stale_if_error, age_value)
+
+
+def varies_on(vary: str, names: frozenset[str]) -> bool:
+    """Whether a (folded) Vary value names one of `names` (lower-case), or is `*`, which
+    names them all (RFC 9110 12.5.5)."""
+    fields = {name.strip().lower() for name in vary.split(",")}
+    return "*" in fields or not fields.isdisjoint(names)
 
 
 def freshness(

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field, replace
 
 import aiohttp
 
-from proxy.config import Config, is_loopback, load_config
+from proxy.bans import ban_horizon
+from proxy.config import Config, load_config
 from proxy.deps import Deps
 from proxy.errors import ConfigError
+from proxy.serverconfig import is_loopback
 
 log = logging.getLogger(__name__)
 RETIRE_AFTER = 60.0  # seconds: replaced upstream sessions finish their requests meanwhile
@@ -75,6 +77,7 @@ async def reload(deps: Deps) -> Reloaded:
     retired = deps.upstreams.update(config.upstreams)
     old_level = deps.config.server.log_level
     deps.config = config  # handlers read deps.config per request: the switch is atomic
+    deps.store.bans.widen(ban_horizon(config.ttl_classes.values()))
     if config.server.log_level != old_level:  # otherwise keep what --log-level set
         logging.getLogger().setLevel(config.server.log_level.upper())
     if retired:

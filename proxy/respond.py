@@ -17,17 +17,17 @@ import aiohttp
 from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
 
+from proxy.bodies import GZIP_WBITS, BodyResponse, Inflated, measure, pieces, write_pieces
+from proxy.bodies import MAX_INFLATED as MAX_INFLATED
 from proxy.entry import LINE_BREAK, CachedResponse
 from proxy.errors import UpstreamError
-from proxy.headers import is_gzip
+from proxy.headers import HOP_BY_HOP, end_to_end, is_gzip
 from proxy.origin import NOT_MODIFIED_FIELDS, precondition
-from proxy.upstream import CHUNK, HOP_BY_HOP, BodyBroke, end_to_end
+from proxy.upstream import CHUNK, BodyBroke, refuse_transfer_codings
 
 log = logging.getLogger(__name__)
 
 NAME = "cacheproxy"
-# A decompressed body larger than this is not produced: the client gets gzip as stored.
-MAX_INFLATED = 64 * 1024 * 1024
 Headers = list[tuple[str, str]]
 
 
@@ -80,20 +80,22 @@ def _without(headers: Iterable[tuple[str, str]], *names: str) -> Headers:
     return [(n, v) for n, v in headers if n.lower() not in drop]
 
 
-def decode_for(request: web.BaseRequest, headers: Headers, body: bytes) -> tuple[Headers, bytes]:
-    """The body as this client can take it: gzip is inflated for clients that refuse it."""
-    if not is_gzip(headers) or accepts_gzip(request.headers.get("Accept-Encoding", "")):
-        return headers, body
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        plain = inflater.decompress(body, MAX_INFLATED)
-    except zlib.error:
-        log.warning("a gzip body does not decompress; serving it as received")
-        return headers, body
-    if inflater.unconsumed_tail:
-        log.warning("a gzip body inflates past %d bytes; serving it compressed", MAX_INFLATED)
-        return headers, body
-    return _weak_etags(_without(headers, "Content-Encoding")), plain
+def _for_client(
+    request: web.BaseRequest, status: int, headers: Headers, body: bytes, inflated: Inflated
+) -> BodyResponse:
+    """The body as this client can take it: a gzip body that may be inflated (`inflated`
+    says) is, for a client that refuses gzip; written in pieces either way."""
+    if inflated.size is None:
+        return BodyResponse(request, status, headers, body)
+    headers = _weak_etags(_without(headers, "Content-Encoding"))
+    return BodyResponse(request, status, headers, body, inflated.size)
+
+
+def _refuses_gzip(request: web.BaseRequest) -> bool:
+    return not accepts_gzip(request.headers.get("Accept-Encoding", ""))
+
+
+_AS_STORED = Inflated(None)
 
 
 def _weak_etags(headers: Headers) -> Headers:
@@ -118,14 +120,19 @@ def serve_entry(
                 if n.lower() in _NOT_MODIFIED_KEEP]  # fmt: skip
         return web.Response(status=304, headers=kept)
     wire = entry.wire or _make_wire(entry)
-    if (
-        wire.head is not None
-        and request.version == HttpVersion11
-        and not (wire.gzip and not accepts_gzip(request.headers.get("Accept-Encoding", "")))
-    ):
+    inflated = _AS_STORED
+    if wire.gzip and _refuses_gzip(request):
+        inflated = entry.inflated or _measure(entry)
+    if wire.head is not None and request.version == HttpVersion11 and inflated.size is None:
         return WireResponse(request, entry, wire.head, cache_status, age)
-    headers, body = decode_for(request, _with_status(entry, cache_status, age), entry.body)
-    return web.Response(status=entry.status, headers=headers, body=body)
+    headers = _with_status(entry, cache_status, age)
+    return _for_client(request, entry.status, headers, entry.body, inflated)
+
+
+def _measure(entry: CachedResponse) -> Inflated:
+    inflated = measure(entry.body)
+    object.__setattr__(entry, "inflated", inflated)  # a cache on the frozen entry, like wire
+    return inflated
 
 
 def _with_status(entry: CachedResponse, cache_status: str, age: int | None) -> Headers:
@@ -140,7 +147,7 @@ class Wire:
     """An entry's status line and headers as bytes, made once and reused by every hit."""
 
     head: bytes | None  # up to and including Content-Length; None: serve through aiohttp
-    gzip: bool  # the body is gzip, so clients that refuse gzip go through decode_for
+    gzip: bool  # the body is gzip, so clients that refuse gzip may get it inflated
 
 
 # RFC 9110 6.4.1 and 8.6: these never carry content, so no Content-Length either.
@@ -176,9 +183,10 @@ def _make_wire(entry: CachedResponse) -> Wire:
 
 
 class WireResponse(web.StreamResponse):
-    """A hit written as prebuilt bytes in one write: the entry's serialized head, then
-    Cache-Status and Age, then the body. What aiohttp's Response would send, without
-    building and serializing a header multidict for each request."""
+    """A hit written as prebuilt bytes: the entry's serialized head, then Cache-Status and
+    Age, then the body (in one write when small; else in pieces, never copied). What aiohttp's
+    Response would send, without building and serializing a header multidict for each
+    request."""
 
     def __init__(
         self,
@@ -212,7 +220,13 @@ class WireResponse(web.StreamResponse):
         if not self._sent:
             self._sent = True
             close = b"" if self._keep else b"Connection: close\r\n"
-            await request.writer.write_eof(b"".join((self._head, close, b"\r\n", self._body_bytes)))
+            body, writer = self._body_bytes, request.writer
+            if len(body) <= CHUNK:  # the common case: one small copy, one write
+                await writer.write_eof(b"".join((self._head, close, b"\r\n", body)))
+            else:
+                await writer.write(b"".join((self._head, close, b"\r\n")))
+                await write_pieces(writer.write, pieces(body))
+                await writer.write_eof()
         return request.writer
 
     async def write_eof(self, data: bytes = b"") -> None:
@@ -238,11 +252,11 @@ def _conditional(request: web.BaseRequest, entry: CachedResponse) -> int:
 
 def private_response(
     request: web.BaseRequest, resp: aiohttp.ClientResponse, body: bytes, detail: str
-) -> web.Response:
+) -> web.StreamResponse:
     """This client's own response, relayed as received (Set-Cookie included)."""
     headers = [*end_to_end(resp.headers), ("Cache-Status", f"{NAME}; {detail}")]
-    headers, body = decode_for(request, headers, body)
-    return web.Response(status=resp.status, headers=headers, body=body)
+    inflated = measure(body) if is_gzip(headers) and _refuses_gzip(request) else _AS_STORED
+    return _for_client(request, resp.status, headers, body, inflated)
 
 
 async def _body(
@@ -252,15 +266,33 @@ async def _body(
     Only reading is inside the try: the caller's writes to the client never raise in here."""
     try:
         for chunk in prefix:
-            yield inflater.decompress(chunk) if inflater else chunk
+            for piece in _inflating(inflater, chunk):
+                yield piece
         async for chunk in resp.content.iter_chunked(CHUNK):
-            yield inflater.decompress(chunk) if inflater else chunk
+            for piece in _inflating(inflater, chunk):
+                yield piece
         if inflater is not None:
             yield inflater.flush()
     except (aiohttp.ClientError, TimeoutError, zlib.error) as e:
         # Headers are gone, so no error status can follow: abort the connection so
         # the client sees a truncated response rather than a short one that looks whole.
         raise BodyBroke(f"upstream response broke mid-body: {e!r}") from e
+
+
+def _inflating(inflater: Any, chunk: bytes) -> Iterable[bytes]:
+    """A chunk as the client gets it: inflated at most CHUNK at a time (one 64 KiB chunk of a
+    gzip bomb is 64 MB), so the writer's backpressure applies between pieces."""
+    if inflater is None:
+        yield chunk
+        return
+    if inflater.eof:  # what follows the gzip stream is dropped, not kept in unused_data
+        return
+    piece = inflater.decompress(chunk, CHUNK)
+    while piece:
+        yield piece
+        if inflater.eof:
+            return
+        piece = inflater.decompress(inflater.unconsumed_tail, CHUNK)
 
 
 async def relay(
@@ -277,14 +309,11 @@ async def relay(
     inflated on the fly for a client that did not ask for it. `close`: say Connection: close
     (the proxy is shutting down).
     """
+    refuse_transfer_codings(resp)
     headers = [*end_to_end(resp.headers), ("Cache-Status", f"{NAME}; {detail}")]
     inflater = None
-    if (
-        inflate
-        and is_gzip(headers)
-        and not accepts_gzip(request.headers.get("Accept-Encoding", ""))
-    ):
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if inflate and is_gzip(headers) and _refuses_gzip(request):
+        inflater = zlib.decompressobj(GZIP_WBITS)
         headers = _without(headers, "Content-Encoding")
     out = web.StreamResponse(status=resp.status, headers=headers)
     if resp.content_length is not None and inflater is None:

@@ -14,12 +14,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from proxy.accesslog import KEY, UPSTREAM_SECONDS
 from proxy.accesslog import line as access_line
 from proxy.accesslog import log as access_log
-from proxy.cached import CachedPath, Resolved
+from proxy.attempt import Resolved
+from proxy.cached import CachedPath
 from proxy.config import Config
 from proxy.deps import Deps
 from proxy.errors import BadRequest, UpstreamError
 from proxy.headers import forwarded_for
-from proxy.keys import cache_key, escape_glob, parse_target, upstream_target
+from proxy.keys import cache_key, key_resource, parse_target, upstream_target
 from proxy.metrics import UNMATCHED
 from proxy.policy import (
     Bypass,
@@ -194,16 +195,19 @@ class ProxyHandler:
 
     async def _invalidate(self, resolved: Resolved) -> None:
         """RFC 9111 4.4: a non-error answer to an unsafe method invalidates the target URI,
-        so the next GET fetches what the change produced (every key-header variant too)."""
-        _method, _, rest = resolved.key.partition(" ")
-        get_key = f"GET {rest}"
+        so the next GET fetches what the change produced (every key-header variant and
+        cached POST body too). A few Redis commands, however much L2 holds: the plain GET
+        key is deleted, its variants are banned (lazily, as a tag purge is)."""
         store, config = self.deps.store, self.deps.config
-        await store.purge_key(get_key)
-        # Variants are found by pattern (a SCAN in L2), so only when the config makes any.
-        if config.cache.keys.headers or any(r.key_headers for r in config.routes):
-            await store.purge(escape_glob(get_key) + " *")
-        if any(r.cache_post for r in config.routes):
-            await store.purge(escape_glob(f"POST {rest}") + " *")
+        resource = key_resource(resolved.key)
+        await store.purge_key(f"GET {resource}")
+        # Only when the config makes variants: each ban is a record kept for a while.
+        if (
+            config.cache.keys.headers
+            or any(r.key_headers for r in config.routes)
+            or any(r.cache_post for r in config.routes)
+        ):
+            await store.purge_url(resource)
 
 
 async def _expect(request: web.BaseRequest) -> web.Response | None:

@@ -7,10 +7,12 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp.http_parser import RawResponseMessage
 from yarl import URL
 
 from proxy.accesslog import record_upstream
@@ -18,17 +20,13 @@ from proxy.breaker import CircuitBreaker
 from proxy.config import Upstream
 from proxy.errors import UpstreamError
 from proxy.guard import UpstreamGuard
+from proxy.headers import HOP_BY_HOP as HOP_BY_HOP
+from proxy.headers import end_to_end as end_to_end
 from proxy.metrics import Metrics
 
-# RFC 9110 7.6.1: connection-specific fields a proxy must not forward. Content-Length is
-# re-computed for every message we send, so it never travels through either.
 CHUNK = 64 * 1024  # bytes read or written at a time when streaming bodies
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # RFC 9110 9.2.2
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "content-length",
-})  # fmt: skip
 
 
 class BodyBroke(ConnectionResetError):
@@ -37,22 +35,28 @@ class BodyBroke(ConnectionResetError):
     counts it against the upstream's breaker."""
 
 
-def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[str, str]]:
-    """Headers minus hop-by-hop ones, including any the Connection header names."""
-    named = {
+def refuse_transfer_codings(resp: aiohttp.ClientResponse) -> None:
+    """Refuse a response framed with a transfer coding other than chunked (RFC 9112 6.1):
+    `Transfer-Encoding: gzip, chunked` leaves the body gzip once aiohttp has undone chunked,
+    with nothing left to say so (Transfer-Encoding is hop-by-hop). We never send TE, so no
+    upstream may use another coding (RFC 9112 7.4): a broken response, a protocol error."""
+    codings = [
         token.strip().lower()
-        for value in headers.getall("Connection", ())
+        for value in resp.headers.getall("Transfer-Encoding", ())
         for token in value.split(",")
-    }
-    return [
-        (name, value)
-        for name, value in headers.items()
-        if name.lower() not in HOP_BY_HOP and name.lower() not in named
+        if token.strip()
     ]
+    if codings and codings != ["chunked"]:
+        raise aiohttp.ClientResponseError(
+            resp.request_info, resp.history, status=resp.status,
+            message=f"unsupported transfer coding: {', '.join(codings)}",
+        )  # fmt: skip
 
 
 async def read_limited(resp: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:
-    """The body's chunks, and whether that is all of it (False: over `limit`, stop reading)."""
+    """The body's chunks, and whether that is all of it (False: over `limit`, stop reading).
+    A body in a transfer coding other than chunked is refused, never read."""
+    refuse_transfer_codings(resp)
     if resp.content_length is not None and resp.content_length > limit:
         return [], False
     chunks: list[bytes] = []
@@ -123,8 +127,14 @@ class UpstreamPool:
             self._sessions[name] = self._open(upstream)
 
     def _open(self, upstream: Upstream) -> aiohttp.ClientSession:
+        idle = upstream.idle_timeout
+        connector = aiohttp.TCPConnector(
+            limit=upstream.max_connections, ttl_dns_cache=300,
+            keepalive_timeout=idle if idle > 0 else None, force_close=idle <= 0,
+        )  # fmt: skip
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=upstream.max_connections, ttl_dns_cache=300),
+            connector=connector,
+            trace_configs=[_reuse_trace()],  # tells _send which connections were reused
             timeout=aiohttp.ClientTimeout(
                 total=upstream.timeout, sock_connect=upstream.connect_timeout
             ),
@@ -132,8 +142,8 @@ class UpstreamPool:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
         )
-        # aiohttp silently resends an idempotent request once when a kept-alive connection
-        # turns out closed; our own retries already do that, each with a rate-limit token.
+        # aiohttp silently resends an idempotent request once when a connection, kept-alive
+        # or new, turns out closed; _send does that itself, for reused connections only.
         session._retry_connection = False
         return session
 
@@ -234,13 +244,28 @@ class UpstreamPool:
         sent.update(upstream.headers)  # configured headers always win
         # Only a request that can be repeated safely, and only when no body was consumed.
         attempts = 1 + (upstream.retries if method in _IDEMPOTENT and data is None else 0)
-        for attempt in range(attempts):
+        attempt = 0
+        resend = isinstance(data, bytes | None)  # a body we hold whole can go again
+        while True:
             started = time.perf_counter()
+            connection = _Connection()
             try:
                 session = self._sessions.get(name) or self._retired[name][1]
-                response = await session.request(
-                    method, url, headers=sent, data=data, allow_redirects=False
-                )
+                try:
+                    response = await session.request(
+                        method, url, headers=sent, data=data, allow_redirects=False,
+                        trace_request_ctx=connection,
+                    )  # fmt: skip
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                    if not (resend and connection.reused and _unanswered(e)):
+                        raise
+                    # RFC 9112 9.3.1: the upstream closed a connection it had kept idle as
+                    # our request crossed it, and sent nothing back: send it once more, on
+                    # another connection, whatever the method. Not a failure of the
+                    # upstream, and no rate-limit token: it (most likely) never saw it.
+                    self.metrics.upstream_error(name, "closed-idle")
+                    resend = False
+                    continue
             except TimeoutError as e:  # not retried: the upstream may be doing the work
                 self.metrics.upstream_error(name, "timeout")
                 guard.failed("timeout")
@@ -251,6 +276,7 @@ class UpstreamPool:
                     # Jittered exponential backoff, so retries from many requests spread out.
                     await asyncio.sleep(0.05 * 2**attempt * self._rng.uniform(0.5, 1.5))
                     guard.admit(0.0)  # a retry is a call too: it needs a token of its own
+                    attempt += 1
                     continue
                 guard.failed("connect")
                 raise UpstreamError("connect", f"cannot connect to upstream {name}") from e
@@ -262,4 +288,35 @@ class UpstreamPool:
             self.metrics.upstream_call(name, response.status, elapsed)
             record_upstream(elapsed)
             return response  # request() tells the guard once the body is in
-        raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+@dataclass(slots=True)
+class _Connection:
+    """What aiohttp's tracing tells about the connection one attempt was sent on."""
+
+    reused: bool = False  # taken from the pool, kept alive since an earlier request
+
+
+async def _on_reuse(
+    session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    params: aiohttp.TraceConnectionReuseconnParams,
+) -> None:
+    if isinstance(connection := context.trace_request_ctx, _Connection):
+        connection.reused = True
+
+
+def _reuse_trace() -> aiohttp.TraceConfig:
+    """Marks the _Connection passed as trace_request_ctx when the pool hands out a kept-alive
+    connection (aiohttp's own signal for it)."""
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(_on_reuse)
+    return trace
+
+
+def _unanswered(error: aiohttp.ClientError) -> bool:
+    """Whether the connection closed before any byte of a response: a reset, or a clean close
+    before a status line began (after one, aiohttp hands over the message it parsed)."""
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return not isinstance(error.message, RawResponseMessage)
+    return not isinstance(error, aiohttp.ClientConnectorError)  # that one never connected

@@ -193,7 +193,10 @@ async def make_proxy(upstream: CountingUpstream) -> Any:
         await app.start()
         apps.append(app)
         # No cookie jar: a client that replays Set-Cookie would (rightly) bypass the cache.
-        server = RawTestServer(app.handler.handle, **app.server_args())
+        server = RawTestServer(app.handler.handle)
+        # The listener's settings (auto_decompress=False, header limits) as `serve` has them:
+        # RawTestServer() ignores them, start_server() applies them.
+        await server.start_server(**app.server_args())
         client = TestClient(server, cookie_jar=DummyCookieJar())
         admin = TestClient(TestServer(make_admin_app(deps)))
         for c in (client, admin):
@@ -345,3 +348,53 @@ async def spawn_serve(data: dict[str, Any], directory: Path) -> ServeProcess:
             stdout=asyncio.subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
     return ServeProcess(process, port, admin_port, log)
+
+
+# --- an upstream whose answer is made from the request ----------------------------------
+
+Answer = Callable[[web.Request, bytes], tuple[bytes, dict[str, str]]]
+
+
+class Reflecting(CountingUpstream):
+    """A CountingUpstream (counts, records, waits at its gate) whose answer is made from the
+    request by `answer(request, body) -> (body, headers)`: a page personalised per Cookie, or
+    an error page that echoes what it was sent."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__()
+        self.answer = answer
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await super().handle(request)
+        body, headers = self.answer(request, self.seen[-1].body)
+        return web.Response(body=body, headers=headers)
+
+
+@pytest.fixture
+async def reflecting() -> AsyncIterator[Callable[[Answer], Awaitable[Reflecting]]]:
+    """Starts Reflecting upstreams; point a proxy at one with `upstreams={"api": ...}`."""
+    servers: list[TestServer] = []
+
+    async def start(answer: Answer) -> Reflecting:
+        up = Reflecting(answer)
+        up.server = TestServer(up.app())
+        await up.server.start_server(auto_decompress=False)  # bodies as the proxy sent them
+        servers.append(up.server)
+        return up
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+async def wait_listening(port: int) -> None:
+    """Wait (bounded) for a spawned process to listen on a port."""
+    for _ in range(500):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.02)  # waiting for a process to come up, not for time to pass
+            continue
+        writer.close()
+        return
+    raise AssertionError(f"nothing listens on {port}")

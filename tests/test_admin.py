@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CountingUpstream, Proxy, ProxyFactory
+from conftest import (
+    CountingUpstream,
+    Proxy,
+    ProxyFactory,
+    ServeProcess,
+    base_config,
+    spawn_serve,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 CHART = "/v8/finance/chart/{}"
@@ -322,14 +333,39 @@ async def test_admin_token_guards_mutating_calls(make_proxy: ProxyFactory) -> No
     response = await proxy.admin.post("/clear")
     assert response.status == 401
     assert len(proxy.l1) == 1
-    response = await proxy.admin.get("/stats")
-    assert response.status == 200
-    response = await proxy.admin.get("/keys")
-    assert response.status == 200
     response = await proxy.admin.post("/purge", json=purge, headers={"Authorization": "Bearer t0k"})
     assert response.status == 200
     assert (await response.json())["purged"] == 1
     assert len(proxy.l1) == 0
+
+
+async def test_admin_token_guards_reads_of_keys_and_traffic(make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy(server={"admin_token": "t0k"})
+    await get(proxy, "/quote/AAPL")
+    token = {"Authorization": "Bearer t0k"}
+    for path in ("/stats", "/keys", "/keys?pattern=/quote/*", "/hottest", "/ttl",
+                 "/openapi.json"):  # fmt: skip
+        for method in ("GET", "HEAD"):
+            response = await proxy.admin.request(method, path)
+            assert response.status == 401, (method, path)
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+            assert b"AAPL" not in await response.read()
+            wrong = await proxy.admin.request(method, path, headers={"Authorization": "Bearer x"})
+            assert wrong.status == 401, (method, path)
+            assert (await proxy.admin.request(method, path, headers=token)).status == 200
+    for path in ("/health", "/metrics", "/"):  # liveness, scrapes and the static page stay open
+        assert (await proxy.admin.get(path)).status == 200, path
+
+
+async def test_admin_protect_metrics_puts_metrics_behind_the_token(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(server={"admin_token": "t0k", "admin_protect_metrics": True})
+    assert (await proxy.admin.get("/metrics")).status == 401
+    ok = await proxy.admin.get("/metrics", headers={"Authorization": "Bearer t0k"})
+    assert ok.status == 200
+    assert "cacheproxy_requests_total" in await ok.text()
+    assert (await proxy.admin.get("/health")).status == 200
 
 
 async def test_without_a_token_mutating_calls_are_open(proxy: Proxy) -> None:
@@ -345,9 +381,8 @@ async def test_cross_site_changes_are_refused(proxy: Proxy, upstream: CountingUp
     )
     assert evil.status == 403
     assert len(proxy.l1) == 1
-    same = await proxy.admin.post(
-        "/purge", json={"url": "/quote/AAPL"}, headers={"Origin": "http://127.0.0.1"}
-    )
+    origin = str(proxy.admin.make_url("")).rstrip("/")  # http://127.0.0.1:<admin port>
+    same = await proxy.admin.post("/purge", json={"url": "/quote/AAPL"}, headers={"Origin": origin})
     assert same.status == 200
     assert len(proxy.l1) == 0
 
@@ -357,3 +392,116 @@ async def test_a_deeply_nested_purge_body_is_400(proxy: Proxy) -> None:
         "/purge", data=b"[" * 100_000, headers={"Content-Type": "application/json"}
     )
     assert response.status == 400
+
+
+async def test_keys_never_show_credential_like_parameters(proxy: Proxy) -> None:
+    """Issue 11 #12: `api_token`, `access_key` and `APIKEY` were listed in clear."""
+    secrets = {"api_token": "TOK111", "access_key": "AK222", "APIKEY": "K333", "Sig": "S444"}
+    query = "&".join(f"{name}={value}" for name, value in secrets.items())
+    await get(proxy, CHART.format("AAPL") + f"?{query}&range=5d")
+    response = await proxy.admin.get("/keys")
+    listing = await response.text()
+    assert response.status == 200 and "range=5d" in listing
+    for name, value in secrets.items():
+        assert f"{name}=#" in listing  # named, value hashed
+        assert value not in listing
+
+
+# --- the admin port's guard (proxy/adminauth.py) against a real `cacheproxy serve` --------
+
+
+async def raw_request(
+    port: int, method: str, path: str, headers: dict[str, str], version: str = "1.1"
+) -> tuple[int, dict[str, Any]]:
+    """One request written byte for byte (Host included, as a rebinding browser sends it)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    head += "Content-Length: 0\r\nConnection: close\r\n"
+    writer.write(f"{method} {path} HTTP/{version}\r\n{head}\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    body = rest.partition(b"\r\n\r\n")[2]
+    return int(status_line.split()[1]), json.loads(body) if body.startswith(b"{") else {}
+
+
+async def serving_admin(directory: Path, upstream_url: str, **server: Any) -> ServeProcess:
+    data = base_config(upstream_url, server=server)
+    started = await spawn_serve(data, directory)
+    for _ in range(1000):
+        if started.process.returncode is not None:
+            break
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", started.admin_port)
+        except OSError:
+            await asyncio.sleep(0.01)  # waiting for the other process to listen
+            continue
+        writer.close()
+        return started
+    if started.process.returncode is None:
+        started.process.kill()
+    raise AssertionError("cacheproxy serve did not listen: " + started.log.read_text())
+
+
+@pytest.fixture
+async def served(upstream: CountingUpstream, tmp_path: Path) -> AsyncIterator[ServeProcess]:
+    started = await serving_admin(tmp_path, upstream.url, admin_allowed_hosts=["admin.internal"])
+    yield started
+    started.process.kill()
+    await started.process.wait()
+
+
+async def test_dns_rebinding_is_refused_on_every_endpoint(served: ServeProcess) -> None:
+    port = served.admin_port
+    rebound = f"rebind.attacker.example:{port}"
+    browser = {"Host": rebound, "Origin": f"http://{rebound}"}
+    for method, path in (("POST", "/clear"), ("POST", "/reload"), ("DELETE", "/keys/x"),
+                         ("GET", "/keys"), ("GET", "/stats"), ("GET", "/health"),
+                         ("GET", "/metrics"), ("GET", "/")):  # fmt: skip
+        for headers in (
+            browser,
+            {"Host": rebound},
+            {"Host": "rebind.attacker.example"},
+            {"Host": "a b"},
+            {"Host": "[::1"},
+            {"Host": "127.0.0.1@evil.example"},
+        ):
+            status, body = await raw_request(port, method, path, headers)
+            assert status == 421, (method, path, headers)
+            assert body["error"] == "misdirected"
+            assert "server.admin_allowed_hosts" in body["detail"]
+
+
+async def test_another_origin_cannot_change_anything(served: ServeProcess) -> None:
+    port = served.admin_port
+    for origin in ("http://127.0.0.1:8000", f"https://127.0.0.1:{port}", "http://127.0.0.1",
+                   "null", f"http://localhost:{port}", f"http://evil.example:{port}"):  # fmt: skip
+        for method, path in (("POST", "/clear"), ("POST", "/reload"), ("DELETE", "/keys/x")):
+            headers = {"Host": f"127.0.0.1:{port}", "Origin": origin}
+            status, body = await raw_request(port, method, path, headers)
+            assert status == 403, (method, path, origin)
+            assert body["error"] == "forbidden"
+
+
+async def test_the_admin_listener_answers_to_its_own_names(served: ServeProcess) -> None:
+    port = served.admin_port
+    for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LOCALHOST",
+                 f"admin.internal:{port}", "admin.internal", "[::1]", f"[::1]:{port}",
+                 f"10.1.2.3:{port}"):  # fmt: skip
+        assert (await raw_request(port, "GET", "/stats", {"Host": host}))[0] == 200, host
+        same_site = {"Host": host, "Origin": f"http://{host}"}
+        assert (await raw_request(port, "POST", "/clear", same_site))[0] == 200, host
+    no_host = await raw_request(port, "POST", "/clear", {}, version="1.0")
+    assert no_host[0] == 200  # HTTP/1.0 without Host: not a browser
+
+
+async def test_behind_a_tls_proxy_the_origin_is_compared_with_its_scheme(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(server={"admin_allowed_hosts": ["admin.example"]})
+    page = {"Host": "admin.example", "Origin": "https://admin.example"}
+    assert (await proxy.admin.post("/clear", headers=page)).status == 403  # plain http here
+    forwarded = {**page, "X-Forwarded-Proto": "https"}
+    assert (await proxy.admin.post("/clear", headers=forwarded)).status == 200
+    assert (await proxy.admin.get("/stats", headers={"Host": "admin.example:8443"})).status == 200
+    assert (await proxy.admin.get("/stats", headers={"Host": "other.example"})).status == 421

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy.authority import Authority
 from proxy.config import load_config, parse_config
 from proxy.errors import ConfigError
 from proxy.units import expand_env, parse_duration, parse_size
@@ -150,6 +151,27 @@ INVALID = [
                  "server.admin_host", "without admin_token", id="hostname-admin-without-token"),
     pytest.param(with_change(("routes", 0, "pass"), "yes"),
                  "routes[0].pass", "expected true or false", id="pass-not-a-bool"),
+    pytest.param(with_change(("server",), {"admin_allowed_hosts": ["ok.internal", "http://x"]}),
+                 "server.admin_allowed_hosts[1]", "expected host or host:port",
+                 id="allowed-host-with-scheme"),
+    pytest.param(with_change(("server",), {"admin_allowed_hosts": ["*.svc.cluster.local"]}),
+                 "server.admin_allowed_hosts[0]", "expected host or host:port",
+                 id="allowed-host-wildcard"),
+    pytest.param(with_change(("server",), {"admin_allowed_hosts": "admin.internal:99999"}),
+                 "server.admin_allowed_hosts", "port must be between 1 and 65535",
+                 id="allowed-host-bad-port"),
+    pytest.param(with_change(("server",), {"admin_allowed_hosts": ["a..b"]}),
+                 "server.admin_allowed_hosts[0]", "not a host name", id="allowed-host-empty-label"),
+    pytest.param(with_change(("server",), {"admin_allowed_hosts": ["[::1::2]"]}),
+                 "server.admin_allowed_hosts[0]", "not an IPv6 address", id="allowed-host-bad-ip6"),
+    pytest.param(with_change(("server",), {"admin_allowed_hosts": {"a": 1}}),
+                 "server.admin_allowed_hosts", "expected a list", id="allowed-hosts-mapping"),
+    pytest.param(with_change(("server",), {"admin_protect_metrics": "yes"}),
+                 "server.admin_protect_metrics", "expected true or false",
+                 id="protect-metrics-not-a-bool"),
+    pytest.param(with_change(("server",), {"admin_protect_metrics": True}),
+                 "server.admin_protect_metrics", "protects nothing without admin_token",
+                 id="protect-metrics-without-token"),
 ]  # fmt: skip
 
 
@@ -174,6 +196,20 @@ def test_top_level_must_be_a_mapping(data: object) -> None:
 def test_loopback_admin_host_needs_no_token(host: str) -> None:
     config = parse_config(with_change(("server",), {"admin_host": host}), env={})
     assert config.server.admin_host == host
+
+
+def test_admin_allowed_hosts_are_parsed_into_authorities() -> None:
+    hosts = ["Admin.Internal.", "cacheproxy-admin.prod.svc:8081", "[::1]:9000", "10.0.0.7"]
+    data = with_change(("server",), {"admin_allowed_hosts": hosts})
+    server = parse_config(data, env={}).server
+    assert server.admin_allowed_hosts == {
+        Authority("admin.internal"), Authority("cacheproxy-admin.prod.svc", 8081),
+        Authority("::1", 9000), Authority("10.0.0.7"),
+    }  # fmt: skip
+    assert not server.admin_protect_metrics
+    single = parse_config(with_change(("server",), {"admin_allowed_hosts": "a.b"}), env={})
+    assert single.server.admin_allowed_hosts == {Authority("a.b")}
+    assert parse_config(minimal(), env={}).server.admin_allowed_hosts == frozenset()
 
 
 def test_public_admin_host_is_accepted_with_a_token() -> None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import struct
+from dataclasses import replace
 
 import pytest
+from conftest import Proxy, ProxyFactory, RedisServer, layered_cache
+from redis.asyncio import Redis
 
 from proxy.entry import MAGIC, VERSION, CachedResponse, decode, encode
 from proxy.errors import CorruptEntry
+from proxy.policy import STORABLE_STATUS
 
 HEAD = struct.Struct(">2sBHddddddII")
 
@@ -49,7 +54,7 @@ SAMPLE = CachedResponse(
             route="big",
             tags=tuple(f"t{i}={i}" for i in range(20)),
         ),
-        CachedResponse(status=599, headers=(("", ""),), body=b"\x00" * 3, stored_at=-1.0, ttl=1e9),
+        CachedResponse(status=410, headers=(("X", ""),), body=b"\x00" * 3, stored_at=-1.0, ttl=1e9),
     ],
     ids=["sample", "empty", "unicode", "large", "edges"],
 )
@@ -113,7 +118,39 @@ CORRUPT = {
     "json-of-whole-entry": json.dumps({"status": 200}).encode(),
     "header-with-crlf": _with_meta(b'{"h":[["X","a\\r\\nSet-Cookie: x=1"]],"r":"","t":[]}'),
     "header-name-with-lf": _with_meta(b'{"h":[["X\\nY","a"]],"r":"","t":[]}'),
+    # Names that are not tokens: parsers disagree on `Content-Length : 5` (RFC 9112 5.1).
+    "header-name-empty": _with_meta(b'{"h":[["","a"]],"r":"","t":[]}'),
+    "header-name-with-space": _with_meta(b'{"h":[["Content-Length ","4"]],"r":"","t":[]}'),
+    "header-name-with-colon": _with_meta(b'{"h":[["X:Y","a"]],"r":"","t":[]}'),
+    # Statuses the proxy never stores (policy.STORABLE_STATUS): 0, informational, switching
+    # protocols, 5xx, out of range.
+    **{f"status-{n}": _with_head(GOOD, status=n) for n in (0, 100, 101, 206, 304, 500, 599, 999)},
+    "no-content-with-body": _with_head(GOOD, status=204),
 }
+
+
+def _entry_with(headers: list[list[str]]) -> bytes:
+    return _with_meta(json.dumps({"h": headers, "r": "", "t": []}).encode(), b"<html>")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Content-Length", "Transfer-Encoding", "connection", "Keep-Alive", "TE", "Trailer",
+     "Upgrade", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Anything"],
+)  # fmt: skip
+def test_decode_drops_framing_and_hop_by_hop_headers(name: str) -> None:
+    data = _entry_with([["Content-Type", "text/html"], [name, "5"], ["ETag", '"a"']])
+    assert decode(data).headers == (("Content-Type", "text/html"), ("ETag", '"a"'))
+
+
+def test_decode_drops_the_headers_connection_names() -> None:
+    data = _entry_with([["Connection", "X-Secret, close"], ["X-Secret", "1"], ["X-Ok", "1"]])
+    assert decode(data).headers == (("X-Ok", "1"),)
+
+
+@pytest.mark.parametrize("status", sorted(STORABLE_STATUS - {204}))
+def test_every_storable_status_decodes(status: int) -> None:
+    assert decode(_with_head(GOOD, status=status)).status == status
 
 
 @pytest.mark.parametrize("data", CORRUPT.values(), ids=CORRUPT.keys())
@@ -146,3 +183,97 @@ def test_flipped_bytes_decode_or_raise_corrupt_entry_only(seed: int) -> None:
     except CorruptEntry:
         return
     assert isinstance(result, CachedResponse)
+
+
+# --- crafted entries in a real Redis, served through a real proxy over a raw socket -------
+
+INJECTED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nSet-Cookie: session=evil\r\n\r\ninjected"
+
+
+async def _served_from_crafted(
+    make_proxy: ProxyFactory, redis_proc: RedisServer, crafted: CachedResponse
+) -> tuple[Proxy, bytes, bytes | None]:
+    """Write `crafted` into L2 under the key GET /quote/X looks up, ask for it on a raw
+    connection; the proxy, every byte that came back, and what L2 holds afterwards."""
+    cache = layered_cache(redis_proc.url)
+    entry_key = f"{cache['redis']['key_prefix']}e:GET api /quote/X"
+    proxy = await make_proxy(cache=cache)
+    redis = Redis.from_url(redis_proc.url)
+    try:
+        await redis.set(entry_key, encode(replace(crafted, stored_at=proxy.clock())), px=60_000)
+        server = proxy.client.server
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"GET /quote/X HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 5)  # all of it, until the proxy closes
+        writer.close()
+        await proxy.deps.store.flush()
+        return proxy, raw, await redis.get(entry_key)
+    finally:
+        await redis.aclose()
+
+
+def _one_response(raw: bytes) -> tuple[bytes, dict[str, str], bytes]:
+    """Status line, fields and body of the one response `raw` must be, framed by its own
+    Content-Length with nothing after it."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        assert name.lower() not in fields, f"{name} twice"
+        fields[name.lower()] = value.strip()
+    assert "transfer-encoding" not in fields
+    assert int(fields["content-length"]) == len(rest), "bytes after the body: a second response"
+    return lines[0].encode(), fields, rest
+
+
+def _crafted(**kw: object) -> CachedResponse:
+    values: dict[str, object] = {"status": 200, "headers": (("Content-Type", "text/plain"),),
+                                 "body": b"hello", "stored_at": 0.0, "ttl": 3600.0,
+                                 "route": "quote", **kw}  # fmt: skip
+    return CachedResponse(**values)  # type: ignore[arg-type]
+
+
+async def test_a_crafted_content_length_cannot_smuggle_a_second_response(
+    make_proxy: ProxyFactory, redis_proc: RedisServer
+) -> None:
+    body = b"hello" + INJECTED
+    crafted = _crafted(headers=(("Content-Type", "text/plain"), ("Content-Length", "5")), body=body)
+    _, raw, _ = await _served_from_crafted(make_proxy, redis_proc, crafted)
+    status, fields, served = _one_response(raw)
+    assert status == b"HTTP/1.1 200 OK"
+    assert served == body  # the body is what it is: its length is recomputed from it
+    assert "set-cookie" not in fields
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [("Transfer-Encoding", "chunked"), ("Connection", "close, X-A"), ("Upgrade", "h2c"),
+     ("Keep-Alive", "timeout=1"), ("Trailer", "X-A"), ("Proxy-Connection", "keep-alive")],
+)  # fmt: skip
+async def test_crafted_framing_headers_are_dropped(
+    make_proxy: ProxyFactory, redis_proc: RedisServer, framing: tuple[str, str]
+) -> None:
+    headers = (("Content-Type", "text/plain"), framing, ("X-A", "1"))
+    _, raw, _ = await _served_from_crafted(make_proxy, redis_proc, _crafted(headers=headers))
+    _, fields, served = _one_response(raw)
+    assert served == b"hello"
+    name = framing[0].lower()
+    assert fields["connection"] == "close"  # ours (the client asked to close), not the entry's
+    if name == "connection":
+        assert "x-a" not in fields  # what the stored Connection named is hop-by-hop too
+    else:
+        assert name not in fields
+
+
+@pytest.mark.parametrize("status", [0, 101, 999, 500, 206])
+async def test_a_crafted_status_is_corrupt_counted_and_replaced(
+    make_proxy: ProxyFactory, redis_proc: RedisServer, status: int
+) -> None:
+    proxy, raw, after = await _served_from_crafted(make_proxy, redis_proc, _crafted(status=status))
+    status_line, _, served = _one_response(raw)
+    assert status_line == b"HTTP/1.1 200 OK"
+    assert served == b'{"ok": true}'  # the upstream's answer: the crafted entry was a miss
+    assert proxy.deps.store.l2 is not None
+    assert proxy.deps.store.l2.stats.corrupt == 1
+    assert after is not None and decode(after).body == b'{"ok": true}'  # deleted, refetched

@@ -254,3 +254,26 @@ async def test_a_refresh_that_gets_something_unstorable_lets_its_waiters_fetch(
     response = await waiter
     assert response.status == 200  # fetched for itself, not a 502
     assert response.headers["Cache-Status"] == "cacheproxy; fwd=miss; detail=set-cookie"
+
+
+async def test_api_error_sniffing_inflates_no_more_than_an_entry_may_hold(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    # A 61 KB gzip bomb (60 MB inflated) on a route with error markers: the sniff used to
+    # inflate up to 64 MB per miss, outside every bound. Now at most max_object_size.
+    import tracemalloc
+
+    proxy = await make_proxy(**_av_route(cache={"max_object_size": "1MB"}))
+    bomb = gzip.compress(b" " * 60_000_000)
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    upstream.replies["/query"] = Reply(body=bomb, headers=headers)
+    tracemalloc.start()
+    try:
+        response = await proxy.client.get("/query?symbol=BOMB", headers={"Accept-Encoding": "gzip"})
+        assert response.status == 200  # its body stays unread: the test client would inflate it
+        assert response.headers["Content-Encoding"] == "gzip"
+        response.release()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000, peak

@@ -286,6 +286,10 @@ ACCESS = [
         "encoded-dot-dot-semicolon", get(b"/v8/finance/chart/%2e%2e%3b"), 400, "open", "bad_request"
     ),
     Shape("dot-semicolon", get(b"/v8/finance/chart/.;"), 400, "open", "bad_request"),
+    # Issue 11 #13: overlong UTF-8 dots, which a lax decoder upstream turns into "../".
+    Shape("overlong-dot-dot", get(b"/quote/%C0%AE%C0%AE%C0%AFadmin"), 400, "open", "bad_request"),
+    Shape("overlong-segment", get(b"/v8/finance/chart/%C0%AE%C0%AE"), 400, "open", "bad_request"),
+    Shape("invalid-utf8", get(b"/quote/%FF%FE"), 400, "open", "bad_request"),
     Shape("encoded-nul", get(b"/quote/a%00b"), 400, "open", "bad_request"),
     Shape(
         "encoded-crlf-in-path", get(b"/quote/a%0d%0aSet-Cookie:%20x"), 400, "open", "bad_request"

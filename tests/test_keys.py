@@ -7,8 +7,10 @@ import pytest
 from proxy.errors import BadRequest
 from proxy.glob import Glob
 from proxy.keys import (
+    body_digest,
     cache_key,
     escape_glob,
+    is_secret_param,
     key_query,
     key_url,
     parse_target,
@@ -327,3 +329,96 @@ def test_configured_names_match_whatever_percent_encoding_does_to_them() -> None
     query = key_query(target, frozenset({"a b"}), frozenset({"auth[token]"}))
     assert "s3cr3tvalue" not in query
     assert query.startswith("auth%5Btoken%5D=#") and query.endswith("&range=5d")
+
+
+# --- issue 11 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/%C0%AE%C0%AE%C0%AF",  # overlong "../": a lax UTF-8 decoder upstream walks up
+        "/quote/%C0%AE%C0%AE%C0%AFadmin",
+        "/a/%c0%ae%c0%ae/b",
+        "/a/%E0%80%AE%E0%80%AE/b",  # three-byte overlong dots
+        "/a%C0%AFb",  # overlong "/"
+        "/%FF",
+        "/%C3",  # truncated sequence
+        "/%ED%A0%80",  # an encoded surrogate (CESU-8)
+        "/%F4%90%80%80",  # beyond U+10FFFF
+    ],
+)
+def test_a_path_that_is_not_utf8_once_decoded_is_a_bad_request(raw: str) -> None:
+    """Issue 11 #13: percent-decoded bytes must be valid UTF-8 (no overlong forms)."""
+    with pytest.raises(BadRequest, match="UTF-8"):
+        parse_target(raw)
+
+
+@pytest.mark.parametrize("raw", ["/caf%C3%A9", "/%E2%82%AC", "/%F0%9F%98%80", "/x?q=%C0%AE%FF"])
+def test_utf8_paths_and_any_query_bytes_are_accepted(raw: str) -> None:
+    # Query values are data, percent-encoded upstream as they came: legacy clients send
+    # Latin-1 forms (`q=caf%E9`). Only the path is resolved by the upstream.
+    assert parse_target(raw).path.startswith("/")
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        # issue 11 #12: these stayed in clear
+        ("api_token", True), ("access_key", True), ("APIKEY", True),
+        ("apikey", True), ("api_key", True), ("apiKey", True), ("key", True), ("token", True),
+        ("access_token", True), ("refresh_token", True), ("secret", True),
+        ("client_secret", True), ("password", True), ("passwd", True), ("pwd", True),
+        ("signature", True), ("X-Amz-Signature", True), ("sig", True), ("hmac_sig", True),
+        ("auth", True), ("oauth_nonce", True), ("Authorization", True), ("session_id", True),
+        ("credentials", True), ("X-Goog-Credential", True),
+        ("Client_ID", True),  # configured below, in another case
+        ("api%5Btoken%5D", True),  # `api[token]`, as a normalised query spells it
+        # harmless false positives: only hidden from listings, still keyed
+        ("monkey", True), ("design", True), ("author", True),
+        # everyday names stay readable
+        ("range", False), ("interval", False), ("symbol", False), ("symbols", False),
+        ("q", False), ("lang", False), ("region", False), ("fields", False),
+        ("period1", False), ("crumb", False), ("client_name", False),
+    ],
+)  # fmt: skip
+def test_secret_parameters_by_pattern_and_configured_name(name: str, secret: bool) -> None:
+    configured = frozenset({"client_id"})
+    query = key_query(parse_target(f"/x?{name}=VALUE123"), frozenset(), configured)
+    assert ("VALUE123" not in query) is secret, query
+    assert is_secret_param(name, configured) is secret
+
+
+def test_hashed_parameters_still_key_apart() -> None:
+    # A false positive only hides the value: distinct values keep distinct keys.
+    for name in ("monkey", "api_token", "Signature"):
+        assert key(f"/x?{name}=a") != key(f"/x?{name}=b")
+        assert key(f"/x?{name}=a") == key(f"/x?{name}=a")
+        assert key(f"/x?{name}=a") != key(f"/x?{name}a=a")
+
+
+def test_configured_secret_names_match_case_insensitively() -> None:
+    query = key_query(parse_target("/x?CID=VALUE123&cid=OTHER456"), frozenset(), frozenset({"Cid"}))
+    assert "VALUE123" not in query and "OTHER456" not in query
+
+
+def test_body_digest_covers_every_header_that_says_how_to_read_the_body() -> None:
+    """Issue 11 #8: the full Content-Type (charset, boundary) and Content-Encoding go
+    upstream with the body, so they are all part of the key."""
+    body = b'{"s": ["AAPL"]}'
+    digests = {
+        body_digest("application/json", "", body),
+        body_digest("application/json; charset=utf-16", "", body),
+        body_digest("application/json", "gzip", body),
+        body_digest("application/json; charset=utf-16", "gzip", body),
+        body_digest("multipart/form-data; boundary=a", "", body),
+        body_digest("multipart/form-data; boundary=b", "", body),
+        body_digest("", "", body),
+        # no field can be shifted into another: `a` + `b:` is not `a:b` + ``
+        body_digest("a", "b", b""),
+        body_digest("ab", "", b""),
+        body_digest("", "ab", b""),
+        body_digest("a", "", b"b"),
+    }
+    assert len(digests) == 11
+    assert body_digest("application/json", "", body) == body_digest("application/json", "", body)

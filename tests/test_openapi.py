@@ -9,7 +9,9 @@ import pytest
 from conftest import CountingUpstream, Proxy, ProxyFactory
 from jsonschema import Draft202012Validator
 
+from proxy.adminauth import needs_token
 from proxy.openapi import document
+from proxy.serverconfig import ServerConfig
 
 DOC = document()
 
@@ -77,6 +79,10 @@ async def test_live_responses_match_the_document(
             validator.validate(body)
         assert status in (200, 400)
     assert await check(proxy, "delete", "/keys/quote/*", "/keys/{pattern}") == 200
+    assert await check(proxy, "get", "/bans", "/bans") == 200
+    assert await check(proxy, "get", "/bans?limit=x", "/bans") == 400
+    assert await check(proxy, "delete", "/bans/symbol=AAPL", "/bans/{tag}") == 200
+    assert await check(proxy, "delete", "/bans/symbol=NONE", "/bans/{tag}") == 404
     assert await check(proxy, "post", "/clear", "/clear") == 200
     assert await check(proxy, "post", "/reload", "/reload") == 400  # no config file here
 
@@ -88,8 +94,35 @@ async def test_unauthorized_answers_are_documented(
     for method, url, path in (
         ("post", "/purge", "/purge"), ("post", "/clear", "/clear"),
         ("post", "/reload", "/reload"), ("delete", "/keys/x", "/keys/{pattern}"),
+        ("get", "/stats", "/stats"), ("get", "/keys", "/keys"), ("get", "/ttl", "/ttl"),
+        ("get", "/hottest", "/hottest"), ("get", "/openapi.json", "/openapi.json"),
     ):  # fmt: skip
         assert await check(proxy, method, url, path, json={"url": "/x"}) == 401
+
+
+def test_the_documented_security_is_the_guard_s() -> None:
+    token = ServerConfig(admin_token="t")
+    strict = ServerConfig(admin_token="t", admin_protect_metrics=True)
+    for path, operations in DOC["paths"].items():
+        for method, operation in operations.items():
+            security = operation.get("security", DOC["security"])
+            url = path.replace("{pattern}", "x")
+            required = bool(security) and {} not in security
+            assert required == needs_token(method.upper(), url, token), (method, path)
+            listed = {"bearer": []} in security
+            assert listed == needs_token(method.upper(), url, strict), (method, path)
+            assert ("401" in operation["responses"]) == listed, (method, path)
+
+
+async def test_refusals_of_the_guard_are_documented(proxy: Proxy) -> None:
+    for path, operations in DOC["paths"].items():
+        url = path.replace("{pattern}", "x")
+        for method in operations:
+            rebound = {"Host": "rebind.attacker.example"}
+            assert await check(proxy, method, url, path, headers=rebound) == 421
+            if method != "get":
+                evil = {"Origin": "http://evil.example"}
+                assert await check(proxy, method, url, path, headers=evil) == 403
 
 
 @pytest.mark.parametrize("path", sorted(DOC["paths"]))

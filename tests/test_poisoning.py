@@ -6,18 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as redis
+from aiohttp import web
 from conftest import (
+    Answer,
     CountingUpstream,
     Proxy,
     ProxyFactory,
     RedisServer,
+    Reflecting,
     Reply,
+    base_config,
     layered_cache,
+    spawn_serve,
+    wait_listening,
 )
 
 ENTRY = "GET api /quote/P"
@@ -373,3 +381,213 @@ async def test_the_proxys_credentials_show_nowhere_but_upstream(
     assert sent.headers["X-Api-Key"] == SECRETS[0]
     assert sent.headers["Authorization"] == f"Bearer {SECRETS[1]}"
     assert f"apikey={SECRETS[2]}" in sent.path_qs and f"sig={SECRETS[3]}" in sent.path_qs
+
+
+# --- issue 11: what goes upstream outside the key (#2 shared routes, #9 X-Forwarded-For) ---
+
+Start = Callable[[Answer], Awaitable[Reflecting]]
+SHARED = [{"name": "acct", "path": "/acct", "upstream": "api", "ttl_class": "short",
+           "shared": True}]  # fmt: skip
+
+
+def per_cookie(request: web.Request, _body: bytes) -> tuple[bytes, dict[str, str]]:
+    """A personalised page that says so: whose it is depends on the Cookie (Vary)."""
+    whose = request.headers.get("Cookie", "nobody")
+    return f"page for {whose}".encode(), {"Vary": "Cookie", "Cache-Control": "max-age=60"}
+
+
+async def _shared_proxy(make_proxy: ProxyFactory, up: Reflecting, **overrides: Any) -> Proxy:
+    return await make_proxy(
+        upstreams={"api": {"url": up.url, "timeout": "5s"}}, routes=SHARED, **overrides
+    )
+
+
+async def _page(proxy: Proxy, cookie: str | None) -> tuple[bytes, str]:
+    response = await proxy.client.get("/acct", headers={"Cookie": cookie} if cookie else {})
+    assert response.status == 200
+    return await response.read(), response.headers["Cache-Status"]
+
+
+def _own(cookie: str | None) -> bytes:
+    return f"page for {cookie or 'nobody'}".encode()
+
+
+async def test_a_page_varying_on_an_unkeyed_cookie_is_never_served_to_another_cookie(
+    make_proxy: ProxyFactory, reflecting: Start
+) -> None:
+    """Issue 11 #2: `shared: true` forwards Cookie without keying on it. Alice's page said
+    `Vary: Cookie` and was served from cache to Bob. Now an answer that varies on a header
+    that went upstream unkeyed is that client's alone; one fetched without the header is
+    stored, and serves only requests without it."""
+    up = await reflecting(per_cookie)
+    proxy = await _shared_proxy(make_proxy, up)
+    miss_vary = "cacheproxy; fwd=miss; detail=vary"
+    assert await _page(proxy, "user=alice") == (_own("user=alice"), miss_vary)
+    assert await _page(proxy, "user=bob") == (_own("user=bob"), miss_vary)
+    assert proxy.l1_keys() == []
+    assert await _page(proxy, None) == (_own(None), "cacheproxy; fwd=miss; stored")
+    body, status = await _page(proxy, None)
+    assert body == _own(None) and status.startswith("cacheproxy; hit")
+    # The cookieless page is stored; it is not Alice's (nor Bob's) answer.
+    assert await _page(proxy, "user=alice") == (_own("user=alice"), miss_vary)
+    assert await _page(proxy, "user=bob") == (_own("user=bob"), miss_vary)
+    assert up.total == 5 and proxy.l1_keys() == ["GET api /acct"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("user=alice", "user=bob"), ("user=alice", None), (None, "user=bob")],
+    ids=["alice-then-bob", "alice-then-nobody", "nobody-then-bob"],
+)
+async def test_a_waiter_never_gets_an_answer_that_varies_on_another_cookie(
+    make_proxy: ProxyFactory, reflecting: Start, first: str | None, second: str | None
+) -> None:
+    """Issue 11 #2, coalesced: the second request joins the first one's fetch, and gets its
+    own page from its own fetch when the shared answer varies on a cookie (either one's)."""
+    up = await reflecting(per_cookie)
+    proxy = await _shared_proxy(make_proxy, up)
+    up.gate = asyncio.Event()
+    coalescer, joined = proxy.deps.coalescer, asyncio.Event()
+    original_wait = coalescer.wait
+
+    async def wait(future: Any, seconds: float) -> Any:
+        joined.set()
+        return await original_wait(future, seconds)
+
+    coalescer.wait = wait  # type: ignore[method-assign]
+    leader = asyncio.create_task(_page(proxy, first))
+    await asyncio.wait_for(up.arrived.wait(), 10)
+    waiter = asyncio.create_task(_page(proxy, second))
+    await asyncio.wait_for(joined.wait(), 10)  # the second waits on the first's fetch
+    up.gate.set()
+    (leader_body, _), (waiter_body, _) = await asyncio.gather(leader, waiter)
+    assert (leader_body, waiter_body) == (_own(first), _own(second))
+    assert up.total == 2
+
+
+async def test_a_background_refresh_never_stores_the_page_of_the_cookie_it_carried(
+    make_proxy: ProxyFactory, reflecting: Start
+) -> None:
+    """Issue 11 #2, refresh path: a stale hit refreshes with its client's credentials. When
+    the answer now varies on the cookie, it is not stored (Bob never gets Alice's page)."""
+    varies = False
+
+    def answer(request: web.Request, body: bytes) -> tuple[bytes, dict[str, str]]:
+        page, headers = per_cookie(request, body)
+        return page, headers if varies else {"Cache-Control": "max-age=60"}
+
+    up = await reflecting(answer)
+    classes = {"short": {"ttl": 60, "stale_while_revalidate": 600}, "long": "1h"}
+    proxy = await _shared_proxy(make_proxy, up, ttl_classes=classes)
+    assert (await _page(proxy, None))[0] == _own(None)  # the public page, stored
+    varies = True
+    proxy.clock.advance(120)  # stale, within stale-while-revalidate
+    body, status = await _page(proxy, "user=alice")
+    assert body == _own(None) and "stale-while-revalidate" in status
+    await asyncio.wait_for(proxy.deps.tasks.wait(), 10)  # the refresh, with Alice's cookie
+    assert up.total == 2 and up.seen[-1].headers["Cookie"] == "user=alice"
+    body, _ = await _page(proxy, "user=bob")
+    assert body in (_own(None), _own("user=bob"))  # the public page, or Bob's own
+    [(_key, entry)] = list(proxy.l1.items())
+    assert entry.body == _own(None)
+
+
+def echo_xff(request: web.Request, _body: bytes) -> tuple[bytes, dict[str, str]]:
+    """An upstream that reflects X-Forwarded-For into its page."""
+    seen = request.headers.get("X-Forwarded-For", "-")
+    return f"<p>your address: {seen}</p>".encode(), {"Content-Type": "text/html"}
+
+
+async def test_a_clients_x_forwarded_for_never_reaches_an_entry(
+    make_proxy: ProxyFactory, reflecting: Start
+) -> None:
+    """Issue 11 #9: the client's X-Forwarded-For went upstream unkeyed, so an upstream that
+    echoes it stored the attacker's markup for the next client. A cached route's fetch is
+    made for everyone: it sends no X-Forwarded-For. Pass-through still appends to it."""
+    up = await reflecting(echo_xff)
+    proxy = await make_proxy(upstreams={"api": {"url": up.url, "timeout": "5s"}})
+    markup = "<script>alert(1)</script>"
+    attacker = await proxy.client.get("/quote/P", headers={"X-Forwarded-For": markup})
+    assert markup not in (await attacker.read()).decode()
+    victim = await proxy.client.get("/quote/P")
+    assert victim.headers["Cache-Status"].startswith("cacheproxy; hit")
+    assert await victim.read() == b"<p>your address: -</p>"
+    assert "X-Forwarded-For" not in up.seen[0].headers
+    passed = await proxy.client.post("/xhr/ncp", headers={"X-Forwarded-For": "10.0.0.1"})
+    assert passed.status == 200
+    assert up.seen[-1].headers["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
+
+
+def _by_path(request: web.Request, body: bytes) -> tuple[bytes, dict[str, str]]:
+    if request.path == "/acct":
+        return per_cookie(request, body)
+    if request.path == "/search":  # how it read the body
+        read = f"{request.headers.get('Content-Type')} | {request.headers.get('Content-Encoding')}"
+        return read.encode(), {}
+    return echo_xff(request, body)
+
+
+async def test_a_real_process_serves_no_client_what_another_sent_unkeyed(
+    reflecting: Start, tmp_path: Path
+) -> None:
+    """Issue 11 #2, #8, #9, #13 as found, against `cacheproxy serve`: Alice's and Bob's
+    pages (one after the other, and at once), a POST body sent with another charset and
+    coding, an echoed X-Forwarded-For, and overlong UTF-8 dots."""
+    up = await reflecting(_by_path)
+    routes = [*SHARED,
+              {"name": "search", "path": "/search", "methods": ["POST"], "upstream": "api",
+               "ttl_class": "short", "cache_post": True},
+              {"name": "quote", "path": "/quote/{symbol}", "upstream": "api",
+               "ttl_class": "short"}]  # fmt: skip
+    served = await spawn_serve(base_config(up.url, routes=routes), tmp_path)
+    try:
+        await wait_listening(served.port)
+        base = f"http://127.0.0.1:{served.port}"
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+
+            async def get(path: str, **headers: str) -> tuple[int, bytes]:
+                async with session.get(base + path, headers=headers) as r:
+                    return r.status, await r.read()
+
+            for cookie in ("user=alice", "user=bob", "user=alice"):
+                assert await get("/acct", Cookie=cookie) == (200, _own(cookie))
+            pair = await asyncio.gather(get("/acct", Cookie="user=carol"), get("/acct"),
+                                        get("/acct", Cookie="user=dave"))  # fmt: skip
+            assert [body for _, body in pair] == [_own("user=carol"), _own(None),
+                                                  _own("user=dave")]  # fmt: skip
+            markup = "<script>x</script>"
+            await get("/quote/P", **{"X-Forwarded-For": markup})
+            assert await get("/quote/P") == (200, b"<p>your address: -</p>")
+            body = b'{"q": "AAPL"}'
+            for coding in ("gzip", ""):
+                headers = {"Content-Type": "application/json" + ("; charset=utf-16" * bool(coding))}
+                if coding:
+                    headers["Content-Encoding"] = coding
+                async with session.post(base + "/search", data=body, headers=headers) as r:
+                    read = await r.read()
+            assert read == b"application/json | None"  # the victim's own reading
+            calls = up.total
+            for path in ("/quote/%C0%AE%C0%AE%C0%AFadmin", "/acct/%C0%AE%C0%AE%C0%AF"):
+                assert (await get(path))[0] == 400
+            assert up.total == calls
+    finally:
+        served.process.terminate()
+        await asyncio.wait_for(served.process.wait(), 10)
+
+
+async def test_an_l2_entry_varying_on_a_cookie_never_answers_that_cookie_elsewhere(
+    make_proxy: ProxyFactory, reflecting: Start, redis_server: RedisServer
+) -> None:
+    """Issue 11 #2 across instances: the cookieless page one instance stored in L2 (with
+    Vary: Cookie) does not answer Bob on another, whether found by lookup or after the
+    lease; the entry stays the cookieless page for cookieless clients."""
+    up = await reflecting(per_cookie)
+    cache = layered_cache(redis_server.url)
+    one = await _shared_proxy(make_proxy, up, cache=cache)
+    two = await _shared_proxy(make_proxy, up, cache=cache)
+    assert (await _page(one, None))[0] == _own(None)
+    await one.deps.store.flush()
+    assert await _page(two, "user=bob") == (_own("user=bob"), "cacheproxy; fwd=miss; detail=vary")
+    body, status = await _page(two, None)
+    assert body == _own(None) and status.startswith("cacheproxy; hit")
+    assert up.total == 2

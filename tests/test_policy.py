@@ -236,3 +236,27 @@ def test_a_deeply_nested_upstream_body_is_not_an_api_error_and_not_a_crash() -> 
     body = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     assert api_error(body, frozenset({"Note"}), ()) is None
     assert api_error(b'{"Note": "slow down"}', frozenset({"Note"}), ()) == "body has key 'Note'"
+
+
+@pytest.mark.parametrize(
+    ("vary", "unkeyed", "verdict"),
+    [
+        # issue 11 #2: an answer varying on a header that went upstream unkeyed
+        ("Cookie", {"cookie"}, DontStore("vary")),
+        ("accept-encoding, COOKIE", {"cookie"}, DontStore("vary")),
+        ("Authorization", {"authorization", "cookie"}, DontStore("vary")),
+        ("*", {"cookie"}, DontStore("vary")),  # names every header, so the cookie too
+        # a header that never went upstream cannot have shaped the answer
+        ("Cookie", set(), Store(300.0)),
+        ("Cookie", {"authorization"}, Store(300.0)),
+        ("Accept-Language", {"cookie"}, Store(300.0)),
+        ("", {"cookie"}, Store(300.0)),
+        ("*", set(), DontStore("vary-star")),
+        ("X-Cookie, Cookies", {"cookie"}, Store(300.0)),  # whole names only
+    ],
+)
+def test_storability_of_an_answer_varying_on_unkeyed_headers(
+    vary: str, unkeyed: set[str], verdict: Store | DontStore
+) -> None:
+    headers = {"Vary": vary} if vary else {}
+    assert storability(200, headers, False, 10, CLASS, MAX, unkeyed=frozenset(unkeyed)) == verdict

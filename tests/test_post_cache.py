@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+from collections.abc import Awaitable, Callable
 
 import pytest
-from conftest import CountingUpstream, ProxyFactory, Reply
+from aiohttp import web
+from conftest import Answer, CountingUpstream, ProxyFactory, Reflecting, Reply
 
 from proxy.config import parse_config
 from proxy.errors import ConfigError
@@ -88,3 +91,60 @@ def test_cache_post_needs_post_among_the_methods() -> None:
     }
     with pytest.raises(ConfigError, match=r"routes\[0\]\.cache_post: needs POST"):
         parse_config(data, env={})
+
+
+def as_read(request: web.Request, body: bytes) -> tuple[bytes, dict[str, str]]:
+    """An upstream whose answer depends on how it reads the body (charset, coding)."""
+    read = f"{request.headers.get('Content-Type')} | {request.headers.get('Content-Encoding')}"
+    return f"{read} | {len(body)} bytes".encode(), {"Content-Type": "text/plain"}
+
+
+async def test_a_post_sent_with_another_charset_or_coding_never_fills_the_victims_entry(
+    make_proxy: ProxyFactory, reflecting: Callable[[Answer], Awaitable[Reflecting]]
+) -> None:
+    """Issue 11 #8: the key hashed the bare media type and the body, but the full
+    Content-Type and the Content-Encoding go upstream: the attacker's bytes, sent as
+    `charset=utf-16` and `gzip`, filled the victim's entry."""
+    up = await reflecting(as_read)
+    proxy = await make_proxy(upstreams={"api": {"url": up.url, "timeout": "5s"}}, **NEWS)
+    body = news_body("AAPL")
+    attacker = {"Content-Type": "application/json; charset=utf-16", "Content-Encoding": "gzip"}
+    victim = {"Content-Type": "application/json"}
+    first = await proxy.client.post("/xhr/ncp", data=body, headers=attacker)
+    assert await first.read() == b"application/json; charset=utf-16 | gzip | %d bytes" % len(body)
+    mine = await proxy.client.post("/xhr/ncp", data=body, headers=victim)
+    assert mine.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    assert await mine.read() == b"application/json | None | %d bytes" % len(body)
+    again = await proxy.client.post("/xhr/ncp", data=body, headers=victim)
+    assert again.headers["Cache-Status"].startswith("cacheproxy; hit")
+    assert await again.read() == b"application/json | None | %d bytes" % len(body)
+    theirs = await proxy.client.post("/xhr/ncp", data=body, headers=attacker)
+    assert theirs.headers["Cache-Status"].startswith("cacheproxy; hit")
+    assert b"gzip" in await theirs.read()
+    assert up.total == 2
+
+
+@pytest.mark.parametrize(
+    "other",
+    [{"Content-Type": "application/json; charset=utf-16"}, {"Content-Encoding": "gzip"},
+     {"Content-Type": "Application/JSON"}],
+    ids=["charset", "coding", "case"],
+)  # fmt: skip
+async def test_each_way_of_reading_a_body_has_its_own_entry(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, other: dict[str, str]
+) -> None:
+    proxy = await make_proxy(**NEWS)
+    upstream.replies["/xhr/ncp"] = Reply(body=b"<echo>")
+    body = gzip.compress(news_body("AAPL")) if "Content-Encoding" in other else news_body("A")
+    plain = {"Content-Type": "application/json"}
+    variant = {**plain, **other}
+    for headers in (plain, variant):
+        response = await proxy.client.post("/xhr/ncp", data=body, headers=headers)
+        assert response.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    sent = [
+        (s.headers.get("Content-Type"), s.headers.get("Content-Encoding")) for s in upstream.seen
+    ]
+    assert sent == [
+        (plain["Content-Type"], None),
+        (variant["Content-Type"], other.get("Content-Encoding")),
+    ]

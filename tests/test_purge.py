@@ -136,7 +136,7 @@ async def test_key_route_and_soft_purges_reach_the_other_instance(
     a.clock.advance(1)
     b.clock.advance(1)
     await a.admin.post("/purge", json={"route": "chart", "soft": True})
-    await eventually(lambda: b.deps.store.bans.soft.get("route=chart", 0) > 0)
+    await eventually(lambda: b.deps.store.bans.soft.times.get("route=chart", 0) > 0)
     assert "GET api /v8/finance/chart/AAPL" in b.l1  # soft: kept ...
     upstream.replies["/v8/finance/chart/AAPL"] = Reply(status=503, body=b"down")
     during = await b.client.get("/v8/finance/chart/AAPL")  # ... for the outage

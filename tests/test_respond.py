@@ -171,3 +171,46 @@ async def test_a_failed_precondition_says_what_the_cache_did(warm: Proxy) -> Non
     raw = await exchange(warm, b'GET /quote/A HTTP/1.1\r\nHost: x\r\nIf-Match: "zz"\r\n\r\n')
     assert raw.startswith(b"HTTP/1.1 412 ")
     assert fields(raw)["cache-status"].startswith("cacheproxy; hit;")
+
+
+async def test_a_large_hit_is_written_in_pieces_and_arrives_whole(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    big = bytes(range(256)) * 4000  # ~1 MB: past one piece (CHUNK)
+    upstream.replies["/quote/L"] = Reply(body=big, headers={"Content-Type": "text/plain"})
+    proxy = await make_proxy()
+    await proxy.client.get("/quote/L")
+    for close in (b"", b"Connection: close\r\n"):
+        raw = await exchange(proxy, b"GET /quote/L HTTP/1.1\r\nHost: x\r\n" + close + b"\r\n")
+        assert raw.endswith(b"\r\n\r\n" + big)
+        assert fields(raw)["content-length"] == str(len(big))
+
+
+async def test_an_inflated_hit_says_its_length_and_head_gets_no_body(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    plain = b'{"points": [' + b"1.25, " * 100_000 + b"0]}"  # ~600 KB, ~100x: under the caps
+    upstream.replies["/quote/G"] = Reply(
+        body=gzip.compress(plain), headers={"Content-Encoding": "gzip"}
+    )
+    proxy = await make_proxy()
+    await proxy.client.get("/quote/G")
+    for version in (b"1.1", b"1.0"):
+        raw = await exchange(proxy, b"GET /quote/G HTTP/" + version + b"\r\nHost: x\r\n\r\n")
+        assert fields(raw)["content-length"] == str(len(plain))
+        assert raw.split(b"\r\n\r\n", 1)[1] == plain
+        assert "content-encoding" not in fields(raw)
+    head = await exchange(proxy, b"HEAD /quote/G HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert fields(head)["content-length"] == str(len(plain))
+
+
+async def test_a_gzip_bomb_is_served_as_stored_to_clients_without_gzip(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    bomb = gzip.compress(bytes(10 * 1024 * 1024))  # ~1000x: past MAX_RATIO
+    upstream.replies["/quote/B"] = Reply(body=bomb, headers={"Content-Encoding": "gzip"})
+    proxy = await make_proxy()
+    await proxy.client.get("/quote/B")
+    raw = await exchange(proxy, b"GET /quote/B HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert fields(raw)["content-encoding"] == "gzip"  # labelled: no client misreads it
+    assert raw.split(b"\r\n\r\n", 1)[1] == bomb

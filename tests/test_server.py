@@ -276,7 +276,7 @@ async def test_forwarding_headers_and_credentials(
     seen = upstream.seen[0]
     assert seen.path_qs == "/quote/AAPL?apikey=s3cret"
     assert seen.headers["User-Agent"] == "cacheproxy-test"
-    assert seen.headers["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
+    assert "X-Forwarded-For" not in seen.headers  # a cached route's fetch is everyone's
     assert "X-Forwarded-Host" not in seen.headers
     assert "X-Drop" not in seen.headers
     assert seen.headers["Host"] == upstream.url.split("//", 1)[1].rstrip("/")
@@ -453,3 +453,84 @@ async def test_credential_headers_in_keys_are_hashed(
     keys = [item["key"] for item in listing["keys"]]
     assert len(keys) == 2
     assert all("USER-TOKEN" not in key and "accept-language=ko" in key for key in keys)
+
+
+# --- invalidation after an unsafe request costs a few Redis commands (issue 11 #5) -------
+
+
+async def _redis_calls(client: Any) -> dict[str, int]:
+    stats = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()}
+
+
+async def _invalidation_commands(
+    upstream: CountingUpstream, redis_server: Any, tmp_path: Any, filler: int
+) -> tuple[dict[str, int], int]:
+    """Redis commands one PUT costs a real `cacheproxy serve` with `filler` other keys in L2;
+    and the upstream calls a key-header variant and a cached POST then make."""
+    import uuid
+
+    from conftest import base_config, eventually, layered_cache, spawn_serve
+    from redis.asyncio import Redis
+
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    routes = [
+        {"name": "q", "path": "/q/{s}", "methods": ["GET", "HEAD", "POST"], "upstream": "api",
+         "ttl_class": "long", "key_headers": ["Accept-Language"], "cache_post": True},
+        {"name": "q_put", "path": "/q/{s}", "methods": ["PUT"], "upstream": "api",
+         "pass": True},
+    ]  # fmt: skip
+    cache = layered_cache(redis_server.url, prefix, popularity_flush="0s")
+    data = base_config(upstream.url, routes=routes, cache=cache)
+    client = Redis.from_url(redis_server.url)
+    served = await spawn_serve(data, tmp_path)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for i in range(filler):
+            pipe.set(f"{prefix}e:GET api /other/{i}", b"x")
+        await pipe.execute()
+        base = f"http://127.0.0.1:{served.port}"
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):
+                try:
+                    async with http.get(f"{base}/q/A", headers={"Accept-Language": "en"}):
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)  # waiting for the process to come up
+            async with http.post(f"{base}/q/A", data=b'{"n": 1}'):
+                pass
+            await eventually(lambda: upstream.total == 2)
+            for _ in range(200):  # both L2 writes landed
+                if await client.exists(f"{prefix}e:GET api /q/A accept-language=en") and len(
+                    [k async for k in client.scan_iter(match=f"{prefix}e:POST *")]
+                ):
+                    break
+                await asyncio.sleep(0.05)  # waiting for the other process's writes
+            before = await _redis_calls(client)
+            async with http.put(f"{base}/q/A", data=b"new") as put:
+                assert put.status == 200
+            after = await _redis_calls(client)
+            spent = {n: c - before.get(n, 0) for n, c in after.items() if c > before.get(n, 0)}
+            calls = upstream.total
+            async with http.get(f"{base}/q/A", headers={"Accept-Language": "en"}) as again:
+                assert "fwd=miss" in again.headers["Cache-Status"]
+            async with http.post(f"{base}/q/A", data=b'{"n": 1}') as again:
+                assert "fwd=miss" in again.headers["Cache-Status"]
+            return spent, upstream.total - calls
+    finally:
+        served.process.kill()
+        await served.process.wait()
+        await client.aclose()
+
+
+@pytest.mark.parametrize("filler", [1000, 8000])
+async def test_an_unsafe_request_costs_a_few_redis_commands_however_large_l2_is(
+    upstream: CountingUpstream, redis_proc: Any, tmp_path: Any, filler: int
+) -> None:
+    spent, refetched = await _invalidation_commands(upstream, redis_proc, tmp_path, filler)
+    # Was a SCAN of all of L2 per purge (two per POST): 1,200 SCANs over 300k keys.
+    spent.pop("info", None)  # ours
+    spent.pop("ping", None)  # the backplane's liveness pings
+    assert "scan" not in spent
+    assert sum(spent.values()) <= 6, spent  # UNLINK, HSET, two PUBLISH: whatever `filler`
+    assert refetched == 2  # the key-header variant and the cached POST went upstream again

@@ -10,28 +10,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from proxy.backplane import CHANNEL, Event
-from proxy.bans import Bans, entry_tags
+from proxy.bans import FLOOR, URL_FLOOR, Bans, entry_tags, is_url_ban, url_subject
 from proxy.breaker import CircuitBreaker
 from proxy.clock import Clock, system_clock
 from proxy.entry import CachedResponse
 from proxy.errors import StoreUnavailable
 from proxy.glob import MAX_EVENT_LENGTH, Glob
+from proxy.popularity import Popularity
 from proxy.store.base import StoreStats
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from proxy.tasks import Tasks
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 Layer = Literal["l1", "l2"]
 _POPULAR_BATCH = 1000  # keys per popularity flush
-_LOCAL_POPULAR_MAX = 10_000  # keys counted in-process without an L2
 _POLL = 0.05  # fallback poll while waiting for another instance's fetch to land in L2
 _RECENT = 1.0  # seconds: after a failed L2 read, a lease is not even tried
 
@@ -56,6 +55,7 @@ class LayeredStore:
         tasks: Tasks,
         instance: str,
         clock: Clock = system_clock,
+        bans: Bans | None = None,
     ) -> None:
         if l1 is None and l2 is None:
             raise ValueError("a layered store needs at least one layer")
@@ -68,9 +68,10 @@ class LayeredStore:
         self._clock = clock
         self._watchers: dict[str, asyncio.Event] = {}
         self._writes: dict[str, asyncio.Task[None]] = {}  # L2 writes in flight, by key
-        self._popular: Counter[str] = Counter()  # requests per key since the last flush
+        # Requests per key: since the last flush, or (without an L2) for good, aging.
+        self._popular = Popularity(aging=l2 is None)
         self._generation = 0  # bumped by every invalidation of L1
-        self.bans = Bans()  # purges by tag and route, applied at lookup
+        self.bans = bans or Bans(clock=clock)  # purges by tag, route and URL, applied at lookup
         self._last_failure = -1e9  # monotonic time of the last failed L2 read
         # L1 keys held when the backplane was lost: they may have missed a purge, so they
         # are not hits until L2 vouches for them or they are fetched again (see resync).
@@ -90,7 +91,7 @@ class LayeredStore:
                 # L2 no longer has it (a purge we missed, or Redis lost it): our copy may
                 # only stand in if the upstream fails, as a soft-purged entry does.
                 found = Found(entry, "l1", soft_purged=True)
-        if found is not None and (ban := self.bans.verdict(found.entry)) is not None:
+        if found is not None and (ban := self.bans.verdict(found.entry, key)) is not None:
             if ban == "hard":
                 if self.l1 is not None:
                     self.l1.drop(key)
@@ -222,9 +223,14 @@ class LayeredStore:
             watcher.set()
         if event.op in ("ban", "softban"):  # recorded even without an L1: lookups apply it
             soft = event.op == "softban"
-            self.bans.add(event.arg, event.stamp, soft)
+            if self.bans.add(event.arg, event.stamp, soft) is None:
+                log.warning("ignoring a ban stamped %r (not a time)", event.stamp)
+                return
             self._generation += 1
             self._apply_ban(event.arg, soft)
+            return
+        if event.op == "unban":
+            self.bans.lift(event.arg)
             return
         if self.l1 is None:
             return
@@ -239,8 +245,8 @@ class LayeredStore:
                 self.l1.drop_matching(Glob.parse(event.arg, MAX_EVENT_LENGTH))
             except ValueError as e:
                 # Never matched: the cap bounds what anyone who can publish makes us do. Admin
-                # caps globs, but server.py's escaped long URL + ` *` may be longer, so our L1
-                # is not trusted until L2 vouches for each key, as after a resync.
+                # caps globs, but its URL purge (a long URL's escaped key + ` *`) may be
+                # longer, so our L1 is not trusted until L2 vouches for each key (as resync).
                 log.warning("not matching a backplane purge pattern: %s", e)
                 self._suspect = {key for key, _ in self.l1.items()}
         else:
@@ -261,31 +267,67 @@ class LayeredStore:
             self._tasks.spawn(self.load_bans(), "load-bans")
 
     async def load_bans(self) -> None:
-        """Read the tag purges on record in L2 (at start, and after a resync)."""
+        """Read the purges on record in L2 (at start, and after a resync), and put right
+        what the load refused, clamped or forgot there."""
         with contextlib.suppress(StoreUnavailable):
-            self.bans.load(await self._l2(lambda l2: l2.load_bans()))
+            loaded = self.bans.load(await self._l2(lambda l2: l2.load_bans()))
+            if loaded.rewrite or loaded.delete:
+                await self._l2(lambda l2: l2.save_bans(loaded.rewrite, loaded.delete))
 
     async def purge_tag(self, tag: str, soft: bool) -> tuple[int, bool]:
         """Purge every entry carrying `tag` (symbol=AAPL, route=chart), in every layer and
         instance, lazily. Returns the L1 entries it applies to here, and whether L2 (so the
         other instances) got it. Soft: entries stay, served only on upstream error."""
         await self.flush()
+        return await self._ban(tag, soft)
+
+    async def purge_url(self, resource: str) -> bool:
+        """Purge every variant of one URL (`api /quote/AAPL`: key-header variants, cached
+        POST bodies), lazily: one record in L2 and one message, whatever L2 holds. Whether
+        L2 (so the other instances) got it."""
+        _applied, reached = await self._ban(url_subject(resource), soft=False)
+        return reached
+
+    async def _ban(self, subject: str, soft: bool) -> tuple[int, bool]:
         now = self._clock()
-        self.bans.add(tag, now, soft)
+        recorded = self.bans.add(subject, now, soft)
+        assert recorded is not None  # our own clock's time
         self._generation += 1
-        applied = self._apply_ban(tag, soft)
+        applied = self._apply_ban(subject, soft)
+        records = {subject: self.bans.encode(subject)}
+        forgotten = set(recorded.forgotten)
+        for floor in (FLOOR, URL_FLOOR) if forgotten else ():  # the floors may have moved
+            if self.bans.holds(floor):
+                records[floor] = self.bans.encode(floor)
+            else:
+                forgotten.add(floor)
         reached = True
         try:
-            await self._l2(lambda l2: l2.save_ban(tag, self.bans.encode(tag)))
+            await self._l2(lambda l2: l2.save_bans(records, tuple(forgotten - set(records))))
         except StoreUnavailable:
             reached = False
         if self.l2 is not None:
-            await self._publish(Event("softban" if soft else "ban", tag, self.instance, now))
+            await self._publish(Event("softban" if soft else "ban", subject, self.instance, now))
         return applied, reached and self.l2 is not None
 
+    async def lift_ban(self, subject: str) -> tuple[bool, bool]:
+        """Lift a ban here, in L2 and (by message) on every instance: whether there was
+        one here, and whether L2 got it."""
+        lifted = self.bans.lift(subject)
+        reached = True
+        try:
+            await self._l2(lambda l2: l2.save_bans({}, (subject,)))
+        except StoreUnavailable:
+            reached = False
+        if self.l2 is not None:
+            await self._publish(Event("unban", subject, self.instance, self._clock()))
+        return lifted, reached and self.l2 is not None
+
     def _apply_ban(self, tag: str, soft: bool) -> int:
-        """L1 entries the tag names: dropped (hard) or left for lookup to mark (soft)."""
-        if self.l1 is None:
+        """L1 entries the tag names: dropped (hard) or left for lookup to mark (soft). URL
+        bans are not looked for here (that would scan L1 on every POST): lookup applies
+        them."""
+        if self.l1 is None or is_url_ban(tag):
             return 0
         doomed = [k for k, e in self.l1.items() if tag in entry_tags(e)]
         if not soft:
@@ -359,29 +401,24 @@ class LayeredStore:
             found is not None
             and found.entry.stored_at > newer_than
             and found.entry.expires_at > self._clock()
-            and self.bans.verdict(found.entry) is None
+            and self.bans.verdict(found.entry, key) is None
         ):
             return found
         return None
 
     def count_request(self, key: str) -> None:
-        """Count a request toward key's popularity: in-process, flushed to L2 periodically;
-        without an L2 the counts stay here, trimmed (and halved, so they age) when large."""
-        if self.l2 is None:
-            self._popular[key] += 1
-            if len(self._popular) > _LOCAL_POPULAR_MAX:
-                top = self._popular.most_common(_LOCAL_POPULAR_MAX // 10)
-                self._popular = Counter({k: n // 2 + 1 for k, n in top})
-        elif self.l2.config.popularity_flush > 0:
-            self._popular[key] += 1
+        """Count a request toward key's popularity: in-process (bounded), flushed to L2
+        periodically; without an L2 the counts stay here. Callers count only requests
+        answered with a stored entry, never upstream errors."""
+        if self.l2 is None or self.l2.config.popularity_flush > 0:
+            self._popular.count(key)
 
     async def flush_popularity(self) -> None:
         """Send the counts gathered since the last flush to L2, in one round trip."""
         if self.l2 is None or not self._popular:
             return
-        counts, self._popular = self._popular, Counter()
         # A bounded batch: the busiest keys, which are the ones warm-up will want.
-        batch = dict(counts.most_common(_POPULAR_BATCH))
+        batch = self._popular.take(_POPULAR_BATCH)
         await self._quietly(lambda l2: l2.add_popularity(batch))
 
     async def run_popularity(self, every: float) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -19,6 +19,7 @@ from proxy.config import RedisConfig
 from proxy.entry import CachedResponse, decode, encode
 from proxy.errors import CorruptEntry, StoreUnavailable
 from proxy.keys import escape_glob
+from proxy.popularity import POPULAR_KEEP, countable
 from proxy.store.base import StoreStats
 from proxy.tasks import Tasks
 
@@ -27,7 +28,6 @@ T = TypeVar("T")
 _SCAN_BATCH = 500
 _MGET_BATCH = 100  # keys per batched read
 POOL_SIZE = 8  # connections to Redis at most (the backplane has one more of its own)
-_POPULAR_KEEP = 10_000  # the popularity set keeps this many keys
 # Compare-and-delete: remove a key only if it still holds the given value (a lease we
 # own, a corrupt value we read).
 _DROP_IF_SAME = (
@@ -89,7 +89,6 @@ class RedisStore:
         self._clock = clock
         self._pending: dict[str, list[asyncio.Future[_Read]]] = {}
         self._flush_scheduled = False
-        self._popular_writes = 0
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
         """Run one Redis command under the command timeout; failures become StoreUnavailable."""
@@ -250,13 +249,17 @@ class RedisStore:
         await self._call(self.client.eval(_DROP_IF_SAME, 1, self.leases + key, owner))
 
     async def add_popularity(self, counts: Mapping[str, int]) -> None:
-        """Add request counts to the popularity set: one pipeline, one round trip."""
+        """Add request counts to the popularity set and trim it back to its bound, the least
+        requested going first: one pipeline, one round trip. The set never holds more than
+        POPULAR_KEEP keys after a flush, nor a key longer than MAX_KEY_LENGTH."""
+        counted = {key: n for key, n in counts.items() if countable(key)}
+        if not counted:
+            return
         pipe = self.client.pipeline(transaction=False)
-        for key, count in counts.items():
+        for key, count in counted.items():
             pipe.zincrby(self.popular, count, key)
-        self._popular_writes += 1
-        if self._popular_writes % 100 == 0:  # keep the set bounded
-            pipe.zremrangebyrank(self.popular, 0, -_POPULAR_KEEP - 1)
+        # O(log n + removed): at most one flush's worth of keys goes at a time.
+        pipe.zremrangebyrank(self.popular, 0, -POPULAR_KEEP - 1)
         await self._call(pipe.execute())
 
     async def hottest(self, n: int) -> list[tuple[str, float]]:
@@ -267,9 +270,15 @@ class RedisStore:
         )
         return [(k.decode(), float(score)) for k, score in rows]
 
-    async def save_ban(self, tag: str, record: bytes) -> None:
-        """Keep a tag purge where new and reconnecting instances will find it."""
-        await self._call(self.client.hset(self.bans, tag, record))
+    async def save_bans(self, records: Mapping[str, bytes], forget: Sequence[str]) -> None:
+        """Keep purges where new and reconnecting instances will find them, and drop those
+        no longer needed: one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        if records:
+            pipe.hset(self.bans, mapping=cast(Any, records))  # redis' Mapping is invariant
+        if forget:
+            pipe.hdel(self.bans, *forget)
+        await self._call(pipe.execute())
 
     async def load_bans(self) -> dict[bytes, bytes]:
         """Every tag purge on record."""
