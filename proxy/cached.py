@@ -108,7 +108,7 @@ class CachedPath:
         # Popularity counts only answers from a stored entry (a miss that stored counted
         # itself in _fetch): a flood of failing or unstorable keys must not fill the set.
         if served[1] in SAVED_OUTCOMES:
-            store.count_request(key)
+            store.popularity.count(key)
         return served
 
     async def _answer(
@@ -291,7 +291,7 @@ class CachedPath:
                 status = f"{NAME}; {fwd}; detail={verdict.reason}"
             else:
                 await self.deps.store.set(attempt.key, entry)
-                self.deps.store.count_request(attempt.key)
+                self.deps.store.popularity.count(attempt.key)
                 status = f"{NAME}; {fwd}; stored"
             # What is not stored is shared with waiters only when they would have sent the
             # same request: nothing unkeyed went upstream. Else they fetch for themselves.

@@ -300,16 +300,16 @@ async def test_request_counts_reach_l2_on_flush(
     store = layered(l2, tasks, clock)
     for key, n in {"cold": 1, "hot": 5, "warm": 3}.items():
         for _ in range(n):
-            store.count_request(key)
-    assert await store.hottest(3) == []  # counted in-process until the flush
-    await store.flush_popularity()
-    assert await store.hottest(2) == [("hot", 5.0), ("warm", 3.0)]
-    store.count_request("cold")
-    store.count_request("cold")
-    store.count_request("cold")
-    await store.flush_popularity()
-    await store.flush_popularity()  # nothing new: adds nothing
-    assert await store.hottest(3) == [("hot", 5.0), ("cold", 4.0), ("warm", 3.0)]
+            store.popularity.count(key)
+    assert await store.popularity.hottest(3) == []  # counted in-process until the flush
+    await store.popularity.flush()
+    assert await store.popularity.hottest(2) == [("hot", 5.0), ("warm", 3.0)]
+    store.popularity.count("cold")
+    store.popularity.count("cold")
+    store.popularity.count("cold")
+    await store.popularity.flush()
+    await store.popularity.flush()  # nothing new: adds nothing
+    assert await store.popularity.hottest(3) == [("hot", 5.0), ("cold", 4.0), ("warm", 3.0)]
 
 
 # --- L2 down ------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ async def test_dead_l2_never_raises_l1_serves_and_breaker_opens(
         assert await store.delete_matching("*") == 1
         assert await store.clear() == 0
         assert await store.leases.acquire("k", 1.0) is True  # fetch yourself
-        assert await store.hottest(3) == []
+        assert await store.popularity.hottest(3) == []
         assert [k async for k, _ in store.scan()] == []
         assert l2.stats.errors == 3
 

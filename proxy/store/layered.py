@@ -20,17 +20,16 @@ from proxy.clock import Clock, system_clock
 from proxy.entry import CachedResponse
 from proxy.errors import StoreUnavailable
 from proxy.glob import MAX_EVENT_LENGTH, Glob
-from proxy.popularity import Popularity
 from proxy.store.base import StoreStats
 from proxy.store.leases import Leases
 from proxy.store.memory import MemoryStore
+from proxy.store.popular import Popular
 from proxy.store.redis import RedisStore
 from proxy.tasks import Tasks
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 Layer = Literal["l1", "l2"]
-_POPULAR_BATCH = 1000  # keys per popularity flush
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +64,13 @@ class LayeredStore:
         self.tasks = tasks
         self.clock = clock
         self._writes: dict[str, asyncio.Task[None]] = {}  # L2 writes in flight, by key
-        # Requests per key: since the last flush, or (without an L2) for good, aging.
-        self._popular = Popularity(aging=l2 is None)
         self._generation = 0  # bumped by every invalidation of L1
         self.bans = bans or Bans(clock=clock)  # purges by tag, route and URL, applied at lookup
         # L1 keys held when the backplane was lost: they may have missed a purge, so they
         # are not hits until L2 vouches for them or they are fetched again (see resync).
         self._suspect: set[str] = set()
         self.leases = Leases(self)  # cross-instance coalescing
+        self.popularity = Popular(self)  # requests per key, for /hottest and warm start
 
     # --- reads -------------------------------------------------------------------------
 
@@ -336,38 +334,6 @@ class LayeredStore:
             for key in doomed:
                 self.l1.drop(key)
         return len(doomed)
-
-    # --- popularity --------------------------------------------------------------------
-
-    def count_request(self, key: str) -> None:
-        """Count a request toward key's popularity: in-process (bounded), flushed to L2
-        periodically; without an L2 the counts stay here. Callers count only requests
-        answered with a stored entry, never upstream errors."""
-        if self.l2 is None or self.l2.config.popularity_flush > 0:
-            self._popular.count(key)
-
-    async def flush_popularity(self) -> None:
-        """Send the counts gathered since the last flush to L2, in one round trip."""
-        if self.l2 is None or not self._popular:
-            return
-        # A bounded batch: the busiest keys, which are the ones warm-up will want.
-        batch = self._popular.take(_POPULAR_BATCH)
-        await self.quietly(lambda l2: l2.add_popularity(batch))
-
-    async def run_popularity(self, every: float) -> None:
-        """Flush popularity counts every `every` seconds, forever."""
-        while True:
-            await asyncio.sleep(every)
-            await self.flush_popularity()
-
-    async def hottest(self, n: int) -> list[tuple[str, float]]:
-        """The most requested keys: L2's counts, or this instance's without an L2."""
-        if self.l2 is None:
-            return [(key, float(count)) for key, count in self._popular.most_common(n)]
-        try:
-            return await self.call_l2(lambda l2: l2.hottest(n))
-        except StoreUnavailable:
-            return []
 
     # --- inspection --------------------------------------------------------------------
 
