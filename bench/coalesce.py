@@ -331,7 +331,7 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, l2: dict[str, A
         extra = [i for i, r in enumerate(rows) if r["upstream_calls"] > 1]
         if not extra:
             continue
-        # A failed L2 read makes an instance skip the lease for the next second (layered.py
+        # A failed L2 read makes an instance skip the lease for the next second (leases.py
         # _RECENT), which covers this key's burst and the next key's (0.3 s apart).
         after_error = [
             i for i in extra if rows[i]["l2_errors"] or (i > 0 and rows[i - 1]["l2_errors"])

@@ -331,7 +331,7 @@ async def hottest(request: web.Request) -> web.Response:
         return _bad("limit must be an integer")
     if not 1 <= limit <= _MAX_KEYS:
         return _bad(f"limit must be between 1 and {_MAX_KEYS}")
-    rows = await _deps(request).store.hottest(limit)
+    rows = await _deps(request).store.popularity.hottest(limit)
     return web.json_response({"keys": [{"key": k, "requests": n} for k, n in rows]})
 
 

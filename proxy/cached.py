@@ -108,7 +108,7 @@ class CachedPath:
         # Popularity counts only answers from a stored entry (a miss that stored counted
         # itself in _fetch): a flood of failing or unstorable keys must not fill the set.
         if served[1] in SAVED_OUTCOMES:
-            store.count_request(key)
+            store.popularity.count(key)
         return served
 
     async def _answer(
@@ -167,20 +167,20 @@ class CachedPath:
             return await self._fetch(request, attempt, flight)
         redis = self.deps.config.cache.redis
         seen = attempt.previous.stored_at if attempt.previous else float("-inf")
-        if not await store.acquire_lease(key, redis.lease_ttl):
+        if not await store.leases.acquire(key, redis.lease_ttl):
             # Another instance is fetching it: wait (bounded) for its answer to reach L2.
-            found = await store.wait_for_l2(key, redis.lease_wait, newer_than=seen)
+            found = await store.leases.wait_for_l2(key, redis.lease_wait, newer_than=seen)
             if found is None or not fits(found.entry, attempt.unkeyed):
                 return await self._fetch(request, attempt, flight)
         else:
             try:
                 # Another instance may have fetched, stored and let go of the lease between
                 # our L2 read and our taking it: look again before fetching a second time.
-                found = await store.fetched_since(key, seen)
+                found = await store.leases.fetched_since(key, seen)
                 if found is None or not fits(found.entry, attempt.unkeyed):
                     return await self._fetch(request, attempt, flight)
             finally:
-                store.release_lease(key)
+                store.leases.release(key)
         flight.result = found.entry
         status = f"{NAME}; fwd=miss; collapsed; detail=l2"
         return serve_entry(request, found.entry, status, _miss_age(found.entry)), "coalesced"
@@ -291,7 +291,7 @@ class CachedPath:
                 status = f"{NAME}; {fwd}; detail={verdict.reason}"
             else:
                 await self.deps.store.set(attempt.key, entry)
-                self.deps.store.count_request(attempt.key)
+                self.deps.store.popularity.count(attempt.key)
                 status = f"{NAME}; {fwd}; stored"
             # What is not stored is shared with waiters only when they would have sent the
             # same request: nothing unkeyed went upstream. Else they fetch for themselves.
@@ -355,7 +355,7 @@ class CachedPath:
         leased = False
         try:
             if store.l2 is not None:
-                leased = await store.acquire_lease(key, self.deps.config.cache.redis.lease_ttl)
+                leased = await store.leases.acquire(key, self.deps.config.cache.redis.lease_ttl)
                 if not leased:
                     return  # another instance refreshes it; its write reaches us by backplane
             with self.deps.coalescer.lead(key) as flight:
@@ -384,7 +384,7 @@ class CachedPath:
         finally:
             self._refreshing.discard(key)
             if leased:
-                store.release_lease(key)
+                store.leases.release(key)
 
 
 def _miss_age(entry: CachedResponse) -> int | None:

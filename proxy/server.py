@@ -148,7 +148,7 @@ class ProxyHandler:
         warm, store = self.deps.config.warm, self.deps.store
         started = time.perf_counter()
         if warm.hottest and store.l1 is not None and store.l2 is not None:
-            keys = [key for key, _count in await store.hottest(warm.hottest)]
+            keys = [key for key, _count in await store.popularity.hottest(warm.hottest)]
 
             async def fill(key: str) -> bool:
                 return await store.lookup(key) is not None  # an L2 hit fills L1
@@ -315,7 +315,7 @@ class ProxyApp:
             deps.tasks.spawn(deps.backplane.run(), "backplane")
         every = deps.config.cache.redis.popularity_flush
         if deps.store.l2 is not None and every > 0:
-            deps.tasks.spawn(deps.store.run_popularity(every), "popularity")
+            deps.tasks.spawn(deps.store.popularity.run(every), "popularity")
         if deps.config.warm.urls or deps.config.warm.hottest:
             deps.tasks.spawn(self.handler.warm_up(), "warm-start")
 

@@ -96,7 +96,7 @@ async def test_three_instances_fifty_requests_each_one_upstream_call(
     ]
     # One instance holds the lease and is at the upstream; the other two wait for L2.
     await eventually(
-        lambda: upstream.total == 1 and sum(p.deps.store.waiting for p in instances) == 2
+        lambda: upstream.total == 1 and sum(p.deps.store.leases.waiting for p in instances) == 2
     )
     upstream.gate.set()
     responses = await asyncio.gather(*requests)

@@ -90,9 +90,9 @@ async def test_a_layered_store_flush_is_bounded_in_keys_and_length(
 ) -> None:
     store = LayeredStore(MemoryStore(100, 1 << 20), l2, CircuitBreaker(3, 0.5, 30.0), tasks, "a")
     for i in range(30_000):  # between two flushes
-        store.count_request(f"GET api /q/{i:05}" + "x" * (i % 2) * MAX_KEY_LENGTH)
-    assert len(store._popular) <= POPULAR_KEEP
-    await store.flush_popularity()
+        store.popularity.count(f"GET api /q/{i:05}" + "x" * (i % 2) * MAX_KEY_LENGTH)
+    assert len(store.popularity._counts) <= POPULAR_KEEP
+    await store.popularity.flush()
     assert 0 < await l2.client.zcard(l2.popular) <= POPULAR_KEEP
     assert all(len(k) <= MAX_KEY_LENGTH for k, _ in await l2.hottest(POPULAR_KEEP))
 
@@ -158,4 +158,4 @@ async def test_hits_and_stored_misses_are_counted_errors_are_not(
     assert (await proxy.client.get("/quote/A")).status == 200  # a miss that stored
     assert (await proxy.client.get("/quote/A")).status == 200  # a hit
     assert (await proxy.client.get("/dead/B")).status == 502
-    assert await proxy.deps.store.hottest(10) == [("GET api /quote/A", 2.0)]
+    assert await proxy.deps.store.popularity.hottest(10) == [("GET api /quote/A", 2.0)]

@@ -300,16 +300,16 @@ async def test_request_counts_reach_l2_on_flush(
     store = layered(l2, tasks, clock)
     for key, n in {"cold": 1, "hot": 5, "warm": 3}.items():
         for _ in range(n):
-            store.count_request(key)
-    assert await store.hottest(3) == []  # counted in-process until the flush
-    await store.flush_popularity()
-    assert await store.hottest(2) == [("hot", 5.0), ("warm", 3.0)]
-    store.count_request("cold")
-    store.count_request("cold")
-    store.count_request("cold")
-    await store.flush_popularity()
-    await store.flush_popularity()  # nothing new: adds nothing
-    assert await store.hottest(3) == [("hot", 5.0), ("cold", 4.0), ("warm", 3.0)]
+            store.popularity.count(key)
+    assert await store.popularity.hottest(3) == []  # counted in-process until the flush
+    await store.popularity.flush()
+    assert await store.popularity.hottest(2) == [("hot", 5.0), ("warm", 3.0)]
+    store.popularity.count("cold")
+    store.popularity.count("cold")
+    store.popularity.count("cold")
+    await store.popularity.flush()
+    await store.popularity.flush()  # nothing new: adds nothing
+    assert await store.popularity.hottest(3) == [("hot", 5.0), ("cold", 4.0), ("warm", 3.0)]
 
 
 # --- L2 down ------------------------------------------------------------------------------
@@ -343,8 +343,8 @@ async def test_dead_l2_never_raises_l1_serves_and_breaker_opens(
         await store.flush()
         assert await store.delete_matching("*") == 1
         assert await store.clear() == 0
-        assert await store.acquire_lease("k", 1.0) is True  # fetch yourself
-        assert await store.hottest(3) == []
+        assert await store.leases.acquire("k", 1.0) is True  # fetch yourself
+        assert await store.popularity.hottest(3) == []
         assert [k async for k, _ in store.scan()] == []
         assert l2.stats.errors == 3
 
@@ -461,7 +461,7 @@ async def test_wait_for_l2_returns_the_entry_once_another_store_writes_it(
     try:
         assert await other.acquire_lease("k", "other", 10)  # another instance is fetching k
         started = time.monotonic()
-        waiting = asyncio.ensure_future(waiter.wait_for_l2("k", 5.0, float("-inf")))
+        waiting = asyncio.ensure_future(waiter.leases.wait_for_l2("k", 5.0, float("-inf")))
         await eventually(lambda: l2.stats.misses >= 1)  # it has looked once and found nothing
         assert not waiting.done()
         await other.set("k", entry(clock))
@@ -478,7 +478,7 @@ async def test_wait_for_l2_gives_up_after_the_bound(
     store = layered(l2, tasks, clock)
     assert await l2.acquire_lease("slow", "other", 10)  # held, and nothing ever lands
     started = time.monotonic()
-    assert await store.wait_for_l2("slow", 0.2, float("-inf")) is None
+    assert await store.leases.wait_for_l2("slow", 0.2, float("-inf")) is None
     assert 0.19 <= time.monotonic() - started < 2
     assert l2.stats.misses >= 2  # it looked more than once meanwhile
 
@@ -488,7 +488,7 @@ async def test_wait_for_l2_stops_when_the_lease_is_freed_without_a_value(
 ) -> None:
     store = layered(l2, tasks, clock)
     assert await l2.acquire_lease("k", "other", 10)
-    waiting = asyncio.ensure_future(store.wait_for_l2("k", 5.0, float("-inf")))
+    waiting = asyncio.ensure_future(store.leases.wait_for_l2("k", 5.0, float("-inf")))
     await eventually(lambda: l2.stats.misses >= 1)
     started = time.monotonic()
     await l2.release_lease("k", "other")  # the fetch failed: nothing will be written
@@ -503,7 +503,7 @@ async def test_wait_for_l2_ignores_the_stale_copy_it_already_has(
     old = replace(entry(clock, ttl=1.0), keep=600.0)  # expired, kept for stale-if-error
     await l2.set("k", old)
     assert await l2.acquire_lease("k", "other", 10)
-    assert await store.wait_for_l2("k", 0.2, newer_than=old.stored_at) is None
+    assert await store.leases.wait_for_l2("k", 0.2, newer_than=old.stored_at) is None
 
 
 async def test_wait_for_l2_with_l2_down_returns_promptly(clock: ManualClock, tasks: Tasks) -> None:
@@ -515,7 +515,7 @@ async def test_wait_for_l2_with_l2_down_returns_promptly(clock: ManualClock, tas
         for _ in range(3):
             await store.get("x")
         started = time.monotonic()
-        assert await store.wait_for_l2("k", 5.0, float("-inf")) is None
+        assert await store.leases.wait_for_l2("k", 5.0, float("-inf")) is None
         assert time.monotonic() - started < 2  # not the full 5 s bound
     finally:
         await store.close()

@@ -32,7 +32,7 @@ async def test_a_new_instance_warms_l1_from_the_hottest_keys_in_l2(
         for _ in range(hits):
             await busy.client.get(f"/quote/{symbol}")
     await busy.deps.store.flush()
-    await busy.deps.store.flush_popularity()
+    await busy.deps.store.popularity.flush()
     fresh = await make_proxy(cache=cache, warm={"hottest": 2})
     await eventually(lambda: len(fresh.l1) == 2)
     assert {"GET api /quote/HOT", "GET api /quote/WARM"} == {k for k in ("GET api /quote/HOT",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -21,18 +20,16 @@ from proxy.clock import Clock, system_clock
 from proxy.entry import CachedResponse
 from proxy.errors import StoreUnavailable
 from proxy.glob import MAX_EVENT_LENGTH, Glob
-from proxy.popularity import Popularity
 from proxy.store.base import StoreStats
+from proxy.store.leases import Leases
 from proxy.store.memory import MemoryStore
+from proxy.store.popular import Popular
 from proxy.store.redis import RedisStore
 from proxy.tasks import Tasks
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 Layer = Literal["l1", "l2"]
-_POPULAR_BATCH = 1000  # keys per popularity flush
-_POLL = 0.05  # fallback poll while waiting for another instance's fetch to land in L2
-_RECENT = 1.0  # seconds: after a failed L2 read, a lease is not even tried
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,18 +61,16 @@ class LayeredStore:
         self.breaker = breaker
         self.instance = instance
         self.stats = StoreStats()  # lookups through both layers
-        self._tasks = tasks
-        self._clock = clock
-        self._watchers: dict[str, asyncio.Event] = {}
+        self.tasks = tasks
+        self.clock = clock
         self._writes: dict[str, asyncio.Task[None]] = {}  # L2 writes in flight, by key
-        # Requests per key: since the last flush, or (without an L2) for good, aging.
-        self._popular = Popularity(aging=l2 is None)
         self._generation = 0  # bumped by every invalidation of L1
         self.bans = bans or Bans(clock=clock)  # purges by tag, route and URL, applied at lookup
-        self._last_failure = -1e9  # monotonic time of the last failed L2 read
         # L1 keys held when the backplane was lost: they may have missed a purge, so they
         # are not hits until L2 vouches for them or they are fetched again (see resync).
         self._suspect: set[str] = set()
+        self.leases = Leases(self)  # cross-instance coalescing
+        self.popularity = Popular(self)  # requests per key, for /hottest and warm start
 
     # --- reads -------------------------------------------------------------------------
 
@@ -86,7 +81,7 @@ class LayeredStore:
         if entry is not None and not (self._suspect and key in self._suspect):
             found = Found(entry, "l1")
         else:
-            found = await self._lookup_l2(key)
+            found = await self.lookup_l2(key)
             if found is None and entry is not None:
                 # L2 no longer has it (a purge we missed, or Redis lost it): our copy may
                 # only stand in if the upstream fails, as a soft-purged entry does.
@@ -104,12 +99,13 @@ class LayeredStore:
             self.stats.hits += 1
         return found
 
-    async def _lookup_l2(self, key: str) -> Found | None:
+    async def lookup_l2(self, key: str) -> Found | None:
+        """Key's entry in L2 (a hit fills L1), bans not applied; None on a miss or error."""
         generation = self._generation
         try:
-            entry = await self._l2(lambda l2: l2.get(key))
+            entry = await self.call_l2(lambda l2: l2.get(key))
         except StoreUnavailable:
-            self._last_failure = time.monotonic()
+            self.leases.read_failed()
             return None
         if entry is None:
             return None
@@ -132,7 +128,7 @@ class LayeredStore:
         found = await self.lookup(key)
         return found.entry if found else None
 
-    async def _l2(self, call: Callable[[RedisStore], Awaitable[T]]) -> T:
+    async def call_l2(self, call: Callable[[RedisStore], Awaitable[T]]) -> T:
         """Run one L2 operation through the breaker; StoreUnavailable if it cannot run."""
         if self.l2 is None:
             raise StoreUnavailable("no L2 configured")
@@ -154,11 +150,15 @@ class LayeredStore:
             await self.l1.set(key, entry)
             self._trust(key)
         if self.l2 is not None:
-            self._writes[key] = self._tasks.spawn(self._write_l2(key, entry), "l2-write")
+            self._writes[key] = self.tasks.spawn(self._write_l2(key, entry), "l2-write")
+
+    def write_in_flight(self, key: str) -> asyncio.Task[None] | None:
+        """Key's L2 write, if one is still in flight."""
+        return self._writes.get(key)
 
     async def _write_l2(self, key: str, entry: CachedResponse) -> None:
         try:
-            await self._l2(lambda l2: l2.set(key, entry))
+            await self.call_l2(lambda l2: l2.set(key, entry))
         except StoreUnavailable:
             return
         finally:
@@ -200,27 +200,27 @@ class LayeredStore:
             counts["l1"] = int(await op(self.l1))
         if self.l2 is not None:
             try:
-                counts["l2"] = int(await self._l2(op))
+                counts["l2"] = int(await self.call_l2(op))
             except StoreUnavailable:
                 counts["l2"] = None
             await self._publish(event)
         return counts
 
-    async def _quietly(self, call: Callable[[RedisStore], Awaitable[object]]) -> None:
+    async def quietly(self, call: Callable[[RedisStore], Awaitable[object]]) -> None:
         """An L2 call whose failure needs no answer (the breaker has counted it)."""
         with contextlib.suppress(StoreUnavailable):
-            await self._l2(call)
+            await self.call_l2(call)
 
     async def _publish(self, event: Event) -> None:
         # If this fails, other instances resync when they notice the outage themselves.
-        await self._quietly(lambda l2: l2.publish(CHANNEL, event.encode()))
+        await self.quietly(lambda l2: l2.publish(CHANNEL, event.encode()))
 
     # --- the backplane's side ----------------------------------------------------------
 
     def apply(self, event: Event) -> None:
         """Another instance changed something: drop our L1 copies, wake anyone waiting."""
-        if event.op == "set" and (watcher := self._watchers.get(event.arg)) is not None:
-            watcher.set()
+        if event.op == "set":
+            self.leases.wake(event.arg)
         if event.op in ("ban", "softban"):  # recorded even without an L1: lookups apply it
             soft = event.op == "softban"
             if self.bans.add(event.arg, event.stamp, soft) is None:
@@ -264,15 +264,15 @@ class LayeredStore:
         if self.l1 is not None:
             self._suspect = {key for key, _ in self.l1.items()}
         if self.l2 is not None:
-            self._tasks.spawn(self.load_bans(), "load-bans")
+            self.tasks.spawn(self.load_bans(), "load-bans")
 
     async def load_bans(self) -> None:
         """Read the purges on record in L2 (at start, and after a resync), and put right
         what the load refused, clamped or forgot there."""
         with contextlib.suppress(StoreUnavailable):
-            loaded = self.bans.load(await self._l2(lambda l2: l2.load_bans()))
+            loaded = self.bans.load(await self.call_l2(lambda l2: l2.load_bans()))
             if loaded.rewrite or loaded.delete:
-                await self._l2(lambda l2: l2.save_bans(loaded.rewrite, loaded.delete))
+                await self.call_l2(lambda l2: l2.save_bans(loaded.rewrite, loaded.delete))
 
     async def purge_tag(self, tag: str, soft: bool) -> tuple[int, bool]:
         """Purge every entry carrying `tag` (symbol=AAPL, route=chart), in every layer and
@@ -289,7 +289,7 @@ class LayeredStore:
         return reached
 
     async def _ban(self, subject: str, soft: bool) -> tuple[int, bool]:
-        now = self._clock()
+        now = self.clock()
         recorded = self.bans.add(subject, now, soft)
         assert recorded is not None  # our own clock's time
         self._generation += 1
@@ -303,7 +303,7 @@ class LayeredStore:
                 forgotten.add(floor)
         reached = True
         try:
-            await self._l2(lambda l2: l2.save_bans(records, tuple(forgotten - set(records))))
+            await self.call_l2(lambda l2: l2.save_bans(records, tuple(forgotten - set(records))))
         except StoreUnavailable:
             reached = False
         if self.l2 is not None:
@@ -316,11 +316,11 @@ class LayeredStore:
         lifted = self.bans.lift(subject)
         reached = True
         try:
-            await self._l2(lambda l2: l2.save_bans({}, (subject,)))
+            await self.call_l2(lambda l2: l2.save_bans({}, (subject,)))
         except StoreUnavailable:
             reached = False
         if self.l2 is not None:
-            await self._publish(Event("unban", subject, self.instance, self._clock()))
+            await self._publish(Event("unban", subject, self.instance, self.clock()))
         return lifted, reached and self.l2 is not None
 
     def _apply_ban(self, tag: str, soft: bool) -> int:
@@ -334,107 +334,6 @@ class LayeredStore:
             for key in doomed:
                 self.l1.drop(key)
         return len(doomed)
-
-    # --- cross-instance coalescing and popularity --------------------------------------
-
-    async def acquire_lease(self, key: str, seconds: float) -> bool:
-        """True if this instance should fetch key (it holds the lease, or L2 is unusable)."""
-        if time.monotonic() - self._last_failure < _RECENT:
-            return True  # L2 just failed this key's read: do not spend a second timeout
-        try:
-            return await self._l2(lambda l2: l2.acquire_lease(key, self.instance, seconds))
-        except StoreUnavailable:
-            return True
-
-    def release_lease(self, key: str) -> None:
-        """Give the lease back once key's L2 write has landed, so no other instance takes
-        the lease and fetches again in between (if the release fails, the lease expires)."""
-        if self.l2 is not None:
-            self._tasks.spawn(self._release(key, self._writes.get(key)), "l2-lease-release")
-
-    async def _release(self, key: str, write: asyncio.Task[None] | None) -> None:
-        if write is not None:
-            await asyncio.wait([write])
-        await self._quietly(lambda l2: l2.release_lease(key, self.instance))
-
-    @property
-    def waiting(self) -> int:
-        """Keys this instance is waiting on another instance to fetch."""
-        return len(self._watchers)
-
-    async def wait_for_l2(self, key: str, seconds: float, newer_than: float) -> Found | None:
-        """Wait up to `seconds` for another instance's fetch of key to appear in L2: an entry
-        stored after `newer_than` and still fresh (not the stale copy we already have).
-
-        Woken by that instance's backplane "set" event; polls as well, so a lost message
-        costs at most one poll interval. Stops early when the lease is gone with no value
-        (the fetch failed or was not storable): then the caller fetches itself.
-        """
-        watcher = self._watchers.setdefault(key, asyncio.Event())
-        deadline = asyncio.get_running_loop().time() + seconds
-        try:
-            while (left := deadline - asyncio.get_running_loop().time()) > 0:
-                if (found := await self.fetched_since(key, newer_than)) is not None:
-                    return found
-                if self.breaker.is_open:
-                    return None
-                try:
-                    if not await self._l2(lambda l2: l2.lease_held(key)):
-                        return None
-                except StoreUnavailable:
-                    return None
-                watcher.clear()
-                try:
-                    async with asyncio.timeout(min(_POLL, left)):
-                        await watcher.wait()
-                except TimeoutError:
-                    pass
-            return None
-        finally:
-            self._watchers.pop(key, None)
-
-    async def fetched_since(self, key: str, newer_than: float) -> Found | None:
-        """Key's L2 entry if it was stored after `newer_than` and is still fresh: what another
-        instance fetched (not the stale copy we already have, nor what a purge removed)."""
-        found = await self._lookup_l2(key)
-        if (
-            found is not None
-            and found.entry.stored_at > newer_than
-            and found.entry.expires_at > self._clock()
-            and self.bans.verdict(found.entry, key) is None
-        ):
-            return found
-        return None
-
-    def count_request(self, key: str) -> None:
-        """Count a request toward key's popularity: in-process (bounded), flushed to L2
-        periodically; without an L2 the counts stay here. Callers count only requests
-        answered with a stored entry, never upstream errors."""
-        if self.l2 is None or self.l2.config.popularity_flush > 0:
-            self._popular.count(key)
-
-    async def flush_popularity(self) -> None:
-        """Send the counts gathered since the last flush to L2, in one round trip."""
-        if self.l2 is None or not self._popular:
-            return
-        # A bounded batch: the busiest keys, which are the ones warm-up will want.
-        batch = self._popular.take(_POPULAR_BATCH)
-        await self._quietly(lambda l2: l2.add_popularity(batch))
-
-    async def run_popularity(self, every: float) -> None:
-        """Flush popularity counts every `every` seconds, forever."""
-        while True:
-            await asyncio.sleep(every)
-            await self.flush_popularity()
-
-    async def hottest(self, n: int) -> list[tuple[str, float]]:
-        """The most requested keys: L2's counts, or this instance's without an L2."""
-        if self.l2 is None:
-            return [(key, float(count)) for key, count in self._popular.most_common(n)]
-        try:
-            return await self._l2(lambda l2: l2.hottest(n))
-        except StoreUnavailable:
-            return []
 
     # --- inspection --------------------------------------------------------------------
 
