@@ -425,6 +425,9 @@ async def test_apply_drops_the_right_l1_entries(
         await store.set(key, entry(clock))
     store.apply(event)
     assert store.l1 is not None
+    gone = {"a:1", "a:2", "a:10", "b:1"} - left
+    assert all(store.l1.peek(key) is None for key in gone)  # at once, before any walk
+    await tasks.wait()  # a pattern's walk through L1 runs as a task, in slices
     assert {k async for k, _ in store.l1.scan()} == left
     assert store.l1.bytes == sum(cost(key, entry(clock)) for key in left)
 

@@ -11,6 +11,7 @@ from conftest import CountingUpstream, ProxyFactory, Reply
 
 from proxy.clock import ManualClock
 from proxy.entry import ENTRY_OVERHEAD, CachedResponse
+from proxy.glob import Glob
 from proxy.store.base import StoreStats
 from proxy.store.memory import MemoryStore, cost
 
@@ -299,3 +300,50 @@ def test_cost_counts_each_header_tag_and_key_character(clock: ManualClock) -> No
     tagged = CachedResponse(200, (), b"x" * 100, clock(), 60.0, tags=("symbol=AAPL",))
     assert cost("k", tagged) > cost("k", plain) + len("symbol=AAPL")
     assert cost("k" * 11, plain) == cost("k", plain) + 10
+
+
+# --- pattern purges walk L1 in slices (issue 11, finding 1) -----------------------------
+
+
+async def test_a_pattern_purge_lets_the_loop_run_while_it_walks(clock: ManualClock) -> None:
+    # A glob costs up to len(key) * len(glob) per key: over 1000 keys of 8 KB a dense
+    # pattern took seconds in one go. The walk now yields between slices of CPU time; with
+    # a slice of 0 it yields after every key, so another task runs in the middle of it.
+    store = MemoryStore(max_entries=1000, max_bytes=BIG, clock=clock)
+    for i in range(100):
+        await store.set(f"GET api /q/{i}", entry(clock))
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while len(store):
+            seen.append(len(store))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    removed = await store.sweep(Glob.parse("GET api /q/*"), slice_seconds=0.0)
+    await watcher
+    assert removed == 100 and len(store) == 0
+    assert any(0 < n < 100 for n in seen), seen  # it ran while the walk was half done
+
+
+async def test_while_a_pattern_purge_walks_its_entries_are_already_gone(
+    clock: ManualClock,
+) -> None:
+    store = MemoryStore(max_entries=1000, max_bytes=BIG, clock=clock)
+    for key in ("GET api /q/a", "GET api /q/b", "GET api /other"):
+        await store.set(key, entry(clock))
+    walk = store.sweep(Glob.parse("GET api /q/*"))  # asked for, not yet walked
+    assert store.peek("GET api /q/a") is None  # what the purge removes is gone at once
+    assert store.peek("GET api /other") is not None
+    await store.set("GET api /q/b", entry(clock, body=b"new"))  # stored after the purge
+    assert await walk == 1  # /q/a went at lookup, /q/b's old entry was replaced
+    assert store.peek("GET api /q/b") == entry(clock, body=b"new")  # the new one stays
+    assert sorted(k for k, _ in store.items()) == ["GET api /other", "GET api /q/b"]
+
+
+async def test_delete_matching_walks_in_slices_too(clock: ManualClock) -> None:
+    store = MemoryStore(max_entries=1000, max_bytes=BIG, clock=clock)
+    for i in range(3):
+        await store.set(f"k{i}", entry(clock))
+    assert await store.delete_matching("k*") == 3
+    assert store.stats.deletes == 3 and len(store) == 0

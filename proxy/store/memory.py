@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from typing import Final
 
 from proxy.clock import Clock, system_clock
@@ -44,6 +47,10 @@ _FIXED: Final = (
 # header. Not the name: aiohttp's parser hands out one shared object per header name.
 _PER_HEADER: Final = _block(sys.getsizeof(("", ""))) + 8 + _STR + _ROUND
 _PER_TAG: Final = 8 + _STR + _ROUND  # pointer and str header; the text is added per tag
+# A pattern purge walks L1 in slices of at most this much CPU time, then lets the loop run:
+# a glob costs up to len(key) * len(glob) per key, so over long keys one walk could
+# otherwise hold the loop for seconds (issue 11, finding 1).
+SWEEP_SLICE: Final = 0.005
 
 
 def cost(key: str, entry: CachedResponse) -> int:
@@ -61,6 +68,16 @@ def cost(key: str, entry: CachedResponse) -> int:
     )
 
 
+@dataclass(slots=True)
+class _Sweep:
+    """A pattern purge walking L1: its glob, the entries held when it was asked for, and how
+    many of them it has removed (by its walk, or at their lookup meanwhile)."""
+
+    glob: Glob
+    held: dict[str, CachedResponse]
+    removed: int = 0
+
+
 class MemoryStore:
     """LRU over an OrderedDict. Expired entries go when touched or when evicted."""
 
@@ -71,6 +88,9 @@ class MemoryStore:
         self.stats = StoreStats()
         self._clock = clock
         self._entries: OrderedDict[str, CachedResponse] = OrderedDict()
+        # Pattern purges still walking L1: a lookup meanwhile treats an entry one of them
+        # doomed as already gone.
+        self._sweeps: list[_Sweep] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -87,6 +107,10 @@ class MemoryStore:
         if entry.keep_until <= self._clock():
             self._remove(key)
             self.stats.expirations += 1
+            self.stats.misses += 1
+            return None
+        if self._sweeps and self._swept(key, entry):
+            self._remove(key)
             self.stats.misses += 1
             return None
         self._entries.move_to_end(key)
@@ -122,12 +146,40 @@ class MemoryStore:
 
     async def delete_matching(self, pattern: str) -> int:
         """Remove every key matching the glob."""
-        glob = Glob.parse(pattern, max_length=None)  # bounded where it came in
-        doomed = [key for key in self._entries if glob.matches(key)]
-        for key in doomed:
-            self._remove(key)
-        self.stats.deletes += len(doomed)
-        return len(doomed)
+        removed = await self.sweep(Glob.parse(pattern, max_length=None))  # bounded upstream
+        self.stats.deletes += removed
+        return removed
+
+    def sweep(self, glob: Glob, slice_seconds: float = SWEEP_SLICE) -> Coroutine[None, None, int]:
+        """Forget every entry held now whose key the glob matches. From this call on, lookups
+        miss those entries (an entry stored later under such a key stays); the walk that
+        removes them is the coroutine returned (await or spawn it: it resolves to how many
+        it removed), and lets the event loop run every `slice_seconds` of CPU."""
+        sweep = _Sweep(glob, dict(self._entries))  # a copy of pointers: cheap beside matching
+        self._sweeps.append(sweep)
+        return self._walk(sweep, slice_seconds)
+
+    async def _walk(self, sweep: _Sweep, slice_seconds: float) -> int:
+        try:
+            deadline = time.perf_counter() + slice_seconds
+            for key, held in sweep.held.items():
+                if self._entries.get(key) is held and sweep.glob.matches(key):
+                    self._remove(key)
+                    sweep.removed += 1
+                if time.perf_counter() >= deadline:
+                    await asyncio.sleep(0)
+                    deadline = time.perf_counter() + slice_seconds
+        finally:
+            self._sweeps.remove(sweep)
+        return sweep.removed
+
+    def _swept(self, key: str, entry: CachedResponse) -> bool:
+        """Whether a pattern purge still walking L1 has doomed this entry (it counts it)."""
+        for sweep in self._sweeps:
+            if sweep.held.get(key) is entry and sweep.glob.matches(key):
+                sweep.removed += 1
+                return True
+        return False
 
     async def clear(self) -> int:
         """Remove everything."""
@@ -142,11 +194,6 @@ class MemoryStore:
         `older_than`, only if our copy was stored before that time."""
         entry = self._entries.get(key)
         if entry is not None and (older_than is None or entry.stored_at < older_than):
-            self._remove(key)
-
-    def drop_matching(self, glob: Glob) -> None:
-        """Forget every key the glob matches."""
-        for key in [k for k in self._entries if glob.matches(k)]:
             self._remove(key)
 
     def live_items(self) -> dict[str, CachedResponse]:
