@@ -243,7 +243,7 @@ class LayeredStore:
         elif event.op == "match":
             try:
                 sweep = self.l1.sweep(Glob.parse(event.arg, MAX_EVENT_LENGTH))
-                self._tasks.spawn(sweep, "l1-sweep")  # lookups miss its entries from now
+                self.tasks.spawn(sweep, "l1-sweep")  # lookups miss its entries from now
             except ValueError as e:
                 # Never matched: the cap bounds what anyone who can publish makes us do. Admin
                 # caps globs, but its URL purge (a long URL's escaped key + ` *`) may be
