@@ -13,7 +13,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import CountingUpstream, Reply, ServeProcess, base_config, spawn_serve
+from conftest import (
+    CountingUpstream,
+    Reply,
+    ServeProcess,
+    base_config,
+    spawn_serve,
+    wait_listening,
+)
 
 from proxy.bodies import CHUNK, MAX_RATIO, RATIO_FLOOR, Inflated, gunzip, inflate_limit, measure
 
@@ -64,15 +71,6 @@ def _rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def _connects(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    return True
-
-
 @pytest.fixture
 async def serving(upstream: CountingUpstream, tmp_path: Path) -> AsyncIterator[ServeProcess]:
     rng = random.Random(3)
@@ -88,10 +86,7 @@ async def serving(upstream: CountingUpstream, tmp_path: Path) -> AsyncIterator[S
     data = base_config(upstream.url, cache={"max_object_size": "32MB"})
     served = await spawn_serve(data, tmp_path)
     try:
-        for _ in range(1000):  # waiting for another process to come up
-            if await _connects(served.port):
-                break
-            await asyncio.sleep(0.02)
+        await wait_listening(served.port)
         yield served
     finally:
         served.process.kill()

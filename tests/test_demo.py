@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import yaml
-from conftest import CountingUpstream, RedisServer, base_config
+from conftest import CountingUpstream, RedisServer, base_config, wait_listening
 
 from proxy.demo import Workload, demo
 
@@ -63,17 +63,6 @@ def test_workload_mix_and_busters() -> None:
     assert symbols.count("AAPL") > symbols.count("SYM0100") * 10  # Zipf: rank 1 dominates
 
 
-async def _wait_listening(port: int) -> None:
-    for _ in range(200):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
 @asynccontextmanager
 async def serving(
     upstream_url: str, directory: Path, env: dict[str, str]
@@ -89,8 +78,8 @@ async def serving(
         env={**os.environ, **env}, cwd=ROOT,
     )  # fmt: skip
     try:
-        await _wait_listening(port)
-        await _wait_listening(port + 1)
+        await wait_listening(port)
+        await wait_listening(port + 1)
         yield process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"
     finally:
         if process.returncode is None:

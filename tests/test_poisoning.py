@@ -214,13 +214,8 @@ async def test_a_shared_route_serves_a_public_answer_to_everyone_as_configured(
     assert upstream.total == 1
 
 
-async def test_set_cookie_is_never_handed_to_waiting_clients(
-    proxy: Proxy, upstream: CountingUpstream
-) -> None:
-    """Concurrent misses share one fetch, except when its answer sets a cookie: a waiter
-    then makes its own call and gets only its own cookie."""
-    upstream.replies["/quote/P"] = Reply(headers={"Set-Cookie": "session=FIRST"})
-    upstream.gate = asyncio.Event()
+def joins(proxy: Proxy) -> asyncio.Event:
+    """An event set when a request starts waiting on another one's fetch (coalesced)."""
     coalescer, joined = proxy.deps.coalescer, asyncio.Event()
     original_wait = coalescer.wait
 
@@ -229,6 +224,17 @@ async def test_set_cookie_is_never_handed_to_waiting_clients(
         return await original_wait(future, seconds)
 
     coalescer.wait = wait  # type: ignore[method-assign]
+    return joined
+
+
+async def test_set_cookie_is_never_handed_to_waiting_clients(
+    proxy: Proxy, upstream: CountingUpstream
+) -> None:
+    """Concurrent misses share one fetch, except when its answer sets a cookie: a waiter
+    then makes its own call and gets only its own cookie."""
+    upstream.replies["/quote/P"] = Reply(headers={"Set-Cookie": "session=FIRST"})
+    upstream.gate = asyncio.Event()
+    joined = joins(proxy)
     first = asyncio.create_task(proxy.client.get("/quote/P"))
     await upstream.arrived.wait()
     second = asyncio.create_task(proxy.client.get("/quote/P"))
@@ -447,14 +453,7 @@ async def test_a_waiter_never_gets_an_answer_that_varies_on_another_cookie(
     up = await reflecting(per_cookie)
     proxy = await _shared_proxy(make_proxy, up)
     up.gate = asyncio.Event()
-    coalescer, joined = proxy.deps.coalescer, asyncio.Event()
-    original_wait = coalescer.wait
-
-    async def wait(future: Any, seconds: float) -> Any:
-        joined.set()
-        return await original_wait(future, seconds)
-
-    coalescer.wait = wait  # type: ignore[method-assign]
+    joined = joins(proxy)
     leader = asyncio.create_task(_page(proxy, first))
     await asyncio.wait_for(up.arrived.wait(), 10)
     waiter = asyncio.create_task(_page(proxy, second))

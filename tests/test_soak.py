@@ -19,7 +19,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import RedisServer, _free_port, base_config, layered_cache, spawn_serve
+from conftest import (
+    RedisServer,
+    _free_port,
+    base_config,
+    layered_cache,
+    spawn_serve,
+    wait_listening,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -106,25 +113,16 @@ class Soak:
         return s
 
 
-async def _listening(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    return True
-
-
 async def start_proxy(upstream_url: str, directory: Path, **overrides: Any) -> Soak:
     started = await spawn_serve(base_config(upstream_url, **overrides), directory)
     process, port, admin_port = started.process, started.port, started.admin_port
-    soak = Soak(process, port, admin_port, started.log)
-    for _ in range(500):
-        if await _listening(port) and await _listening(admin_port):
-            return soak
-        await asyncio.sleep(0.02)  # waiting for the process to come up
-    process.kill()
-    raise AssertionError("the proxy did not start")
+    try:
+        await wait_listening(port)
+        await wait_listening(admin_port)
+    except AssertionError:
+        process.kill()
+        raise
+    return Soak(process, port, admin_port, started.log)
 
 
 @pytest.fixture
