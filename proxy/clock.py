@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Final, Protocol
+
+# How far apart instances' wall clocks may be (NTP keeps them far closer): a time another
+# instance or Redis gives us may lie this far ahead of ours, and no further.
+CLOCK_SKEW: Final = 60.0
 
 
 class Clock(Protocol):

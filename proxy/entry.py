@@ -8,8 +8,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+from proxy.clock import CLOCK_SKEW
 from proxy.errors import CorruptEntry
 from proxy.headers import end_to_end
+from proxy.origin import MAX_DELTA
 from proxy.policy import STORABLE_STATUS
 
 if TYPE_CHECKING:
@@ -26,6 +28,7 @@ LINE_BREAK: Final = re.compile(r"[\r\n\x00]")
 # RFC 9110 5.1: a field name is a token; anything else (a space before the colon) is read
 # differently by different parsers.
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_LATEST: Final = 2.0**34  # seconds since the epoch: the year 2514
 # Per-entry bookkeeping that is neither body nor header text (object headers, dict slot).
 ENTRY_OVERHEAD: Final = 200
 
@@ -93,8 +96,9 @@ def encode(entry: CachedResponse) -> bytes:
     return head + meta + entry.body
 
 
-def decode(data: bytes) -> CachedResponse:
-    """Inverse of encode; anything else (corrupt, truncated, foreign, old) is CorruptEntry."""
+def decode(data: bytes, now: float | None = None) -> CachedResponse:
+    """Inverse of encode; anything else (corrupt, truncated, foreign, old) is CorruptEntry.
+    With `now`, an entry stored later than another instance's clock could say is one too."""
     if len(data) < _HEAD.size:
         raise CorruptEntry("truncated header")
     (magic, version, status, stored_at, ttl, grace, keep, revalidate, initial_age, meta_len,
@@ -116,6 +120,13 @@ def decode(data: bytes) -> CachedResponse:
     # this proxy never stores, and never take framing from them.
     if status not in STORABLE_STATUS:
         raise CorruptEntry(f"status {status} is never stored")
+    # Times: finite, and no longer than RFC 9111's delta-seconds allow (an infinite ttl
+    # would never leave L1, a huge one overflows Age and Date); never from the future,
+    # where no purge could reach it.
+    if not all(0.0 <= d <= MAX_DELTA for d in (ttl, grace, keep, revalidate, initial_age)):
+        raise CorruptEntry("a lifetime that is not a number of seconds")
+    if not 0.0 <= stored_at <= _LATEST or (now is not None and stored_at > now + CLOCK_SKEW):
+        raise CorruptEntry(f"stored at an impossible time ({stored_at!r})")
     if status == 204 and body_len:  # RFC 9110 15.3.5: no content, so no body to smuggle
         raise CorruptEntry("a 204 with a body")
     if any(LINE_BREAK.search(name) or LINE_BREAK.search(value) for name, value in headers):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import struct
 from dataclasses import replace
@@ -54,7 +55,17 @@ SAMPLE = CachedResponse(
             route="big",
             tags=tuple(f"t{i}={i}" for i in range(20)),
         ),
-        CachedResponse(status=410, headers=(("X", ""),), body=b"\x00" * 3, stored_at=-1.0, ttl=1e9),
+        CachedResponse(
+            status=410,
+            headers=(("X", ""),),
+            body=b"\x00" * 3,
+            stored_at=0.0,
+            ttl=2.0**31,
+            initial_age=2.0**31,
+            grace=2.0**31,
+            keep=2.0**31,
+            revalidate=2.0**31,
+        ),
     ],
     ids=["sample", "empty", "unicode", "large", "edges"],
 )
@@ -126,6 +137,13 @@ CORRUPT = {
     # protocols, 5xx, out of range.
     **{f"status-{n}": _with_head(GOOD, status=n) for n in (0, 100, 101, 206, 304, 500, 599, 999)},
     "no-content-with-body": _with_head(GOOD, status=204),
+    # Times no proxy writes (review of issue 11): an infinite ttl never leaves L1, a huge one
+    # overflows Age and Date on every hit, NaN compares false with everything.
+    **{
+        f"{name}-{value!r}": _with_head(GOOD, **{name: value})
+        for name in ("stored_at", "ttl", "grace", "keep", "revalidate", "initial_age")
+        for value in (math.inf, -math.inf, math.nan, -1.0, 2.0**40)
+    },
 }
 
 
@@ -193,14 +211,16 @@ INJECTED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nSet-Cookie: session=evil\r\
 async def _served_from_crafted(
     make_proxy: ProxyFactory, redis_proc: RedisServer, crafted: CachedResponse
 ) -> tuple[Proxy, bytes, bytes | None]:
-    """Write `crafted` into L2 under the key GET /quote/X looks up, ask for it on a raw
+    """Write `crafted` (its stored_at counted from the proxy's now) into L2 under the key
+    GET /quote/X looks up, ask for it on a raw
     connection; the proxy, every byte that came back, and what L2 holds afterwards."""
     cache = layered_cache(redis_proc.url)
     entry_key = f"{cache['redis']['key_prefix']}e:GET api /quote/X"
     proxy = await make_proxy(cache=cache)
     redis = Redis.from_url(redis_proc.url)
     try:
-        await redis.set(entry_key, encode(replace(crafted, stored_at=proxy.clock())), px=60_000)
+        stored_at = proxy.clock() + crafted.stored_at  # crafted: how far from now
+        await redis.set(entry_key, encode(replace(crafted, stored_at=stored_at)), px=60_000)
         server = proxy.client.server
         reader, writer = await asyncio.open_connection(server.host, server.port)
         writer.write(b"GET /quote/X HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -266,6 +286,26 @@ async def test_crafted_framing_headers_are_dropped(
         assert name not in fields
 
 
+@pytest.mark.parametrize(
+    "times",
+    [{"stored_at": 3600.0}, {"ttl": math.inf}, {"initial_age": math.inf}, {"grace": math.nan},
+     {"ttl": 1e300}],
+    ids=["stored-in-an-hour", "ttl-inf", "age-inf", "grace-nan", "ttl-huge"],
+)  # fmt: skip
+async def test_crafted_times_are_corrupt_counted_and_replaced(
+    make_proxy: ProxyFactory, redis_proc: RedisServer, times: dict[str, float]
+) -> None:
+    # A time no proxy writes: a 500 on every hit (Age, Date overflow), an entry that never
+    # leaves L1, or one stored after any purge could be (review of issue 11).
+    proxy, raw, after = await _served_from_crafted(make_proxy, redis_proc, _crafted(**times))
+    status_line, _, served = _one_response(raw)
+    assert status_line == b"HTTP/1.1 200 OK"
+    assert served == b'{"ok": true}'  # the upstream's answer: the crafted entry was a miss
+    assert proxy.deps.store.l2 is not None
+    assert proxy.deps.store.l2.stats.corrupt == 1
+    assert after is not None and decode(after).body == b'{"ok": true}'  # deleted, refetched
+
+
 @pytest.mark.parametrize("status", [0, 101, 999, 500, 206])
 async def test_a_crafted_status_is_corrupt_counted_and_replaced(
     make_proxy: ProxyFactory, redis_proc: RedisServer, status: int
@@ -277,3 +317,13 @@ async def test_a_crafted_status_is_corrupt_counted_and_replaced(
     assert proxy.deps.store.l2 is not None
     assert proxy.deps.store.l2.stats.corrupt == 1
     assert after is not None and decode(after).body == b'{"ok": true}'  # deleted, refetched
+
+
+def test_an_entry_stored_in_the_future_is_corrupt_for_a_reader_with_a_clock() -> None:
+    # A stored_at ahead of every clock makes an entry immune to every purge by time (bans).
+    now = 1_700_000_000.0
+    ahead = _with_head(GOOD, stored_at=now + 3600)
+    assert decode(ahead).stored_at == now + 3600  # the pure decoder has no clock
+    with pytest.raises(CorruptEntry):
+        decode(ahead, now)
+    assert decode(_with_head(GOOD, stored_at=now + 30), now).stored_at == now + 30  # skew

@@ -394,7 +394,8 @@ def redis_glob_match(pattern: str, string: str) -> bool:
 # --- entry: the one serializer --------------------------------------------------------------
 
 HEAD = struct.Struct(">2sBHddddddII")  # entry.py's fixed header
-_times = st.floats(allow_nan=False, allow_infinity=False, width=64)
+# Mostly times a proxy writes, sometimes any float (refused unless in range).
+_times = st.floats(0, 2.0**31) | st.floats(width=64)
 _latin1 = st.text(st.characters(max_codepoint=0xFF), max_size=12)
 _names = (
     _latin1
@@ -425,6 +426,11 @@ def _servable(entry: CachedResponse) -> bool:
         and not (entry.status == 204 and entry.body)
         and all(_TOKEN.fullmatch(name) for name, _ in entry.headers)
         and not any(re.search("[\r\n\x00]", name + value) for name, value in entry.headers)
+        and 0 <= entry.stored_at <= 2.0**34
+        and all(
+            0 <= d <= 2.0**31
+            for d in (entry.ttl, entry.grace, entry.keep, entry.revalidate, entry.initial_age)
+        )
     )
 
 

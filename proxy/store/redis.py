@@ -44,11 +44,11 @@ class _Corrupt:
 _Read = CachedResponse | _Corrupt | None
 
 
-def _decode(raw: bytes | None) -> _Read:
+def _decode(raw: bytes | None, now: float | None = None) -> _Read:
     if raw is None:
         return None
     try:
-        return decode(raw)
+        return decode(raw, now)
     except CorruptEntry as e:
         return _Corrupt(raw, str(e))
 
@@ -144,8 +144,9 @@ class RedisStore:
                     if not future.done():
                         future.set_exception(e)
             return
+        now = self._clock()
         for key, raw in zip(keys, values, strict=True):
-            read = _decode(raw)  # once per key, however many requests wait for it
+            read = _decode(raw, now)  # once per key, however many requests wait for it
             for future in pending[key]:
                 if not future.done():
                     future.set_result(read)
