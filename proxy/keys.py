@@ -17,11 +17,13 @@ _PATH_SAFE = "!$&'()*+,;=:@"
 # In a query component, "&", "=" and "+" are structure (form encoding), so they stay encoded.
 _QUERY_SAFE = "!$'()*,;:@/?"
 _FORBIDDEN_BYTES = re.compile(rb"[\x00-\x1f\x7f\\]")
-_SENSITIVE_HEADER = re.compile(r"auth|cookie|key|token|secret|session|passw", re.IGNORECASE)
-# Query parameter names that look like credentials (apikey, api_token, access_key, APIKEY,
-# X-Amz-Signature, sig, passwd, auth): their values are hashed in keys. A false positive
-# (`monkey`, `design`) only hides a value from the admin listing: the hash still keys it.
-_SECRET_PARAM = re.compile(r"key|token|secret|sig|passw|pwd|auth|session|cred", re.IGNORECASE)
+# Names of query parameters and key headers that look like credentials (apikey, api_token,
+# access_key, X-Amz-Signature, passwd, pw, jwt, otp, Authorization, Cookie): their values
+# are hashed in keys, which the admin API shows. A false positive (`monkey`, `compass`) only
+# hides a value from the listing: the hash still keys it apart.
+_SECRET_NAME = re.compile(
+    r"key|token|secret|sig|pass|pw|jwt|otp|bearer|auth|session|cred|cookie", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +112,7 @@ def _secret_names(names: frozenset[str]) -> frozenset[str]:
 def is_secret_param(name: str, configured: frozenset[str]) -> bool:
     """Whether a parameter (named as a normalised query spells it) carries a credential: its
     name looks like one, or is configured (`cache.keys.secret_params`); case-insensitive."""
-    return _SECRET_PARAM.search(name) is not None or name.lower() in _secret_names(configured)
+    return _SECRET_NAME.search(name) is not None or name.lower() in _secret_names(configured)
 
 
 def key_query(target: Target, ignore: frozenset[str], secret: frozenset[str]) -> str:
@@ -150,7 +152,7 @@ def header_suffix(headers: Iterable[tuple[str, str]]) -> str:
     for credential-like headers (Authorization, Cookie, X-Api-Key, ...): keys are shown by
     the admin API and must never carry a secret."""
     return "".join(
-        f" {name}={_redact(value) if _SENSITIVE_HEADER.search(name) else quote(_utf8(value), '')}"
+        f" {name}={_redact(value) if _SECRET_NAME.search(name) else quote(_utf8(value), '')}"
         for name, value in headers
     )
 

@@ -372,10 +372,12 @@ def test_utf8_paths_and_any_query_bytes_are_accepted(raw: str) -> None:
         ("signature", True), ("X-Amz-Signature", True), ("sig", True), ("hmac_sig", True),
         ("auth", True), ("oauth_nonce", True), ("Authorization", True), ("session_id", True),
         ("credentials", True), ("X-Goog-Credential", True),
+        # review of issue 11: these stayed in clear too
+        ("pass", True), ("pw", True), ("jwt", True), ("otp", True), ("bearer", True),
         ("Client_ID", True),  # configured below, in another case
         ("api%5Btoken%5D", True),  # `api[token]`, as a normalised query spells it
         # harmless false positives: only hidden from listings, still keyed
-        ("monkey", True), ("design", True), ("author", True),
+        ("monkey", True), ("design", True), ("author", True), ("compass", True),
         # everyday names stay readable
         ("range", False), ("interval", False), ("symbol", False), ("symbols", False),
         ("q", False), ("lang", False), ("region", False), ("fields", False),
