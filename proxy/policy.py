@@ -123,17 +123,21 @@ def classify_request(
     shared: bool,
     cache_post: bool = False,
     body_size: int | None = None,
+    content_type: str = "",
 ) -> RequestVerdict:
     """Whether a request may use the shared cache (DESIGN.md, Freshness and cost).
 
     POST only on routes that opt in (`cache_post`), keyed on the body, and only with a
-    declared body of at most MAX_POST_KEY_BODY bytes.
+    declared body of at most MAX_POST_KEY_BODY bytes. Never a multipart body: its boundary
+    is random per request, so each would be stored and none ever hit again (RFC 2046 5.1.1).
     """
     if ttl_class is None:
         return Bypass("route-pass")
     if method == "POST" and cache_post:
         if body_size is None or body_size > MAX_POST_KEY_BODY:
             return Bypass("post-body")
+        if "boundary=" in content_type.lower():
+            return Bypass("post-multipart")
     elif method not in CACHEABLE_METHODS:
         return Bypass("method")
     # RFC 9111 3.5: a shared cache must not reuse a response to an authenticated request

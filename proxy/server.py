@@ -126,7 +126,7 @@ class ProxyHandler:
         has_credentials = "Authorization" in request.headers or "Cookie" in request.headers
         verdict = classify_request(
             request.method, route.ttl_class, has_credentials, route.shared,
-            route.cache_post, request.content_length,
+            route.cache_post, request.content_length, request.headers.get("Content-Type", ""),
         )  # fmt: skip
         body: bytes | None = None
         if request.method == "POST" or (isinstance(verdict, Bypass) and request.body_exists):

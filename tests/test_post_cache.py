@@ -73,6 +73,23 @@ async def test_large_or_unsized_post_bodies_are_forwarded_uncached(
     assert upstream.calls["/xhr/ncp"] == 3
 
 
+async def test_multipart_posts_are_forwarded_uncached(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    # Each multipart body has its own random boundary: keyed, each would be stored and
+    # never hit, pushing useful entries out (review of issue 11).
+    proxy = await make_proxy(**NEWS)
+    upstream.replies["/xhr/ncp"] = Reply(body=b"<echo>")
+    body = b'--b1\r\nContent-Disposition: form-data; name="s"\r\n\r\nAAPL\r\n--b1--\r\n'
+    headers = {"Content-Type": "multipart/form-data; boundary=b1"}
+    for _ in range(2):
+        response = await proxy.client.post("/xhr/ncp", data=body, headers=headers)
+        assert response.headers["Cache-Status"] == "cacheproxy; fwd=bypass; detail=post-multipart"
+        assert await response.read() == body
+    assert upstream.calls["/xhr/ncp"] == 2
+    assert len(proxy.l1) == 0
+
+
 async def test_posts_on_routes_without_cache_post_still_pass_through(
     make_proxy: ProxyFactory, upstream: CountingUpstream
 ) -> None:
