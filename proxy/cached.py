@@ -22,6 +22,7 @@ from proxy.entry import CachedResponse
 from proxy.errors import UpstreamError
 from proxy.headers import (
     NOT_STORED,
+    end_to_end,
     fold,
     has_validators,
     joined,
@@ -52,7 +53,7 @@ from proxy.respond import (
     upstream_error,
 )
 from proxy.store.layered import Found
-from proxy.upstream import end_to_end, read_limited
+from proxy.upstream import read_limited
 
 log = logging.getLogger(__name__)
 

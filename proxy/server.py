@@ -19,7 +19,7 @@ from proxy.cached import CachedPath
 from proxy.config import Config
 from proxy.deps import Deps
 from proxy.errors import BadRequest, UpstreamError
-from proxy.headers import forwarded_for
+from proxy.headers import end_to_end, forwarded_for
 from proxy.keys import cache_key, key_resource, parse_target, upstream_target
 from proxy.metrics import UNMATCHED
 from proxy.policy import (
@@ -27,7 +27,7 @@ from proxy.policy import (
     classify_request,
 )
 from proxy.respond import json_error, relay, upstream_error
-from proxy.upstream import BodyBroke, end_to_end
+from proxy.upstream import BodyBroke
 from proxy.warm import bounded
 
 log = logging.getLogger(__name__)

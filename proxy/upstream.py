@@ -20,8 +20,6 @@ from proxy.breaker import CircuitBreaker
 from proxy.config import Upstream
 from proxy.errors import UpstreamError
 from proxy.guard import UpstreamGuard
-from proxy.headers import HOP_BY_HOP as HOP_BY_HOP
-from proxy.headers import end_to_end as end_to_end
 from proxy.metrics import Metrics
 
 CHUNK = 64 * 1024  # bytes read or written at a time when streaming bodies
