@@ -15,7 +15,7 @@ from proxy.bans import valid_tag
 from proxy.deps import DEPS, Deps
 from proxy.errors import BadRequest, StoreUnavailable
 from proxy.glob import bounded
-from proxy.keys import cache_key, escape_glob, key_url, parse_target
+from proxy.keys import cache_key, key_resource, key_url, parse_target
 from proxy.listing import page
 from proxy.openapi import document
 from proxy.reload import reload
@@ -272,17 +272,19 @@ def _purged(deps: Deps, kind: str, value: str, counts: dict[str, int | None]) ->
 
 
 async def _purge_url(deps: Deps, url: str) -> dict[str, int | None]:
-    """Every entry for this URL: all upstreams' routes and all key-header variants."""
+    """Every entry for this URL: all upstreams' routes, and its variants (key-header
+    variants, cached POST bodies) by a URL ban: a few commands, never a SCAN."""
     config = deps.config
     target = parse_target(url)
     rules = config.cache.keys
-    variants = bool(rules.headers) or any(r.key_headers for r in config.routes)
+    variants = bool(rules.headers) or any(r.key_headers or r.cache_post for r in config.routes)
     totals: dict[str, int | None] = {}
     for upstream in sorted({r.upstream for r in config.routes}):
         exact = cache_key("GET", upstream, target, rules.ignore_params, rules.secret_params)
         _add(totals, await deps.store.purge_key(exact))
-        if variants:  # a SCAN, so only when some key carries headers
-            _add(totals, await deps.store.purge(escape_glob(exact) + " *"))
+        banned = not variants or await deps.store.purge_url(key_resource(exact))
+        if not banned and deps.store.l2 is not None:
+            totals["l2"] = None  # only this instance knows of the variants' ban
     return totals
 
 

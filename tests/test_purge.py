@@ -172,3 +172,40 @@ async def test_purged_entries_are_not_listed_and_not_handed_to_waiters(
     assert store.l2 is not None
     assert await store.l2.acquire_lease("GET api /quote/AAPL", "other", 10)
     assert await store.leases.wait_for_l2("GET api /quote/AAPL", 0.2, float("-inf")) is None
+
+
+async def test_a_url_purge_reaches_every_variant_without_scanning_l2(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_proc: RedisServer
+) -> None:
+    # The variants (key-header variants, cached POST bodies) used to be purged by a glob: a
+    # SCAN of all of L2 per URL purge, and a glob too long for other instances to match when
+    # the URL was long. Now a URL ban, as an unsafe request makes (review of issue 11).
+    from redis.asyncio import Redis
+
+    routes = [{"name": "quote", "path": "/quote/{symbol}", "upstream": "api",
+               "ttl_class": "long", "key_headers": ["Accept-Language"]}]  # fmt: skip
+    proxy = await make_proxy(cache=layered_cache(redis_proc.url), routes=routes)
+    languages = ("en", "de", None)
+    for language in languages:
+        headers = {"Accept-Language": language} if language else {}
+        await proxy.client.get("/quote/AAPL", headers=headers)
+        await proxy.client.get("/quote/MSFT", headers=headers)
+    await proxy.deps.store.flush()
+    client = Redis.from_url(redis_proc.url)
+    try:
+        before = (await client.info("commandstats")).get("cmdstat_scan", {}).get("calls", 0)
+        proxy.clock.advance(1)
+        answer = await (await proxy.admin.post("/purge", json={"url": "/quote/AAPL"})).json()
+        after = (await client.info("commandstats")).get("cmdstat_scan", {}).get("calls", 0)
+    finally:
+        await client.aclose()
+    assert answer["layers"] == {"l1": 1, "l2": 1}  # the plain GET at once; variants lazily
+    assert after == before  # no SCAN
+    calls = upstream.total
+    for language in languages:
+        headers = {"Accept-Language": language} if language else {}
+        aapl = await proxy.client.get("/quote/AAPL", headers=headers)
+        assert aapl.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored", language
+        msft = await proxy.client.get("/quote/MSFT", headers=headers)
+        assert msft.headers["Cache-Status"].startswith("cacheproxy; hit"), language
+    assert upstream.total == calls + 3
