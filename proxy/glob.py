@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 # The longest glob a client may send to the admin API: far longer than any glob a person
 # writes, and it bounds the work of matching one (see Glob).
@@ -37,6 +37,9 @@ class Glob:
     """
 
     text: str
+    # What every matching key starts with: the characters before the first `*`, `?` or
+    # class, unescaped. Redis is only ever asked to SCAN for this prefix (see RedisStore).
+    literal_prefix: str = field(repr=False, compare=False)
     _head: re.Pattern[str] = field(repr=False, compare=False)  # up to the last star
     _tail: re.Pattern[str] = field(repr=False, compare=False)  # after it: the key's end
     _tail_width: int = field(repr=False, compare=False)
@@ -48,15 +51,21 @@ class Glob:
         the proxy built itself, such as an escaped key and ` *`)."""
         if max_length is not None:
             bounded(text, max_length)
+        atoms = _atoms(text)
+        prefix = ""
+        for atom in atoms:
+            if atom is None or atom.literal is None:
+                break
+            prefix += atom.literal
         pieces: list[list[str]] = [[]]
         star = False
-        for atom in _atoms(text):
+        for atom in atoms:
             if atom is None:
                 star = True
-            elif atom == "." or not star:
-                pieces[-1].append(atom)  # `*?` matches what `?*` does: the ? joins the piece
+            elif atom.regex == "." or not star:
+                pieces[-1].append(atom.regex)  # `*?` matches what `?*` does: ? joins the piece
             else:
-                pieces.append([atom])  # the piece after a run of stars starts here
+                pieces.append([atom.regex])  # the piece after a run of stars starts here
                 star = False
         if star:
             pieces.append([])  # a trailing star: nothing to match at the end
@@ -65,6 +74,7 @@ class Glob:
         head = texts[0] + "".join(f"(?>.*?{t})" for t in texts[1:-1]) if starred else ""
         return cls(
             text,
+            prefix,
             re.compile(head, re.DOTALL),
             re.compile(texts[-1], re.DOTALL),
             len(pieces[-1]),
@@ -86,26 +96,33 @@ class Glob:
         return self.text
 
 
-def _atoms(pattern: str) -> list[str | None]:
+class _Atom(NamedTuple):
+    """One character of a glob: its regex, and the character itself if it is literal."""
+
+    regex: str
+    literal: str | None = None
+
+
+def _atoms(pattern: str) -> list[_Atom | None]:
     """The glob as one-character regexes, None for a star."""
-    atoms: list[str | None] = []
+    atoms: list[_Atom | None] = []
     i = 0
     while i < len(pattern):
         c = pattern[i]
         if c == "\\" and i + 1 < len(pattern):
-            atoms.append(re.escape(pattern[i + 1]))
+            atoms.append(_Atom(re.escape(pattern[i + 1]), pattern[i + 1]))
             i += 2
             continue
         if c == "*":
             atoms.append(None)
         elif c == "?":
-            atoms.append(".")
+            atoms.append(_Atom("."))
         elif c == "[" and (end := pattern.find("]", i + 2)) != -1:
-            atoms.append(_class(pattern[i + 1 : end]))
+            atoms.append(_Atom(_class(pattern[i + 1 : end])))
             i = end + 1
             continue
         else:
-            atoms.append(re.escape(c))
+            atoms.append(_Atom(re.escape(c), c))
         i += 1
     return atoms
 

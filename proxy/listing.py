@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -12,8 +11,7 @@ from proxy.entry import CachedResponse
 from proxy.errors import StoreUnavailable
 from proxy.glob import Glob
 from proxy.store.layered import LayeredStore
-
-_WALK = 1000  # L1 keys matched between two turns of the event loop
+from proxy.walk import SLICE, sliced
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +53,12 @@ def _wanted(store: LayeredStore, key: str, entry: CachedResponse, route: str | N
 
 
 async def page(
-    store: LayeredStore, glob: str, route: str | None, cursor: str | None, limit: int
+    store: LayeredStore,
+    glob: str,
+    route: str | None,
+    cursor: str | None,
+    limit: int,
+    slice_seconds: float = SLICE,
 ) -> tuple[list[Listed], str | None]:
     """Up to `limit` live keys matching the glob (and route), and the next page's cursor.
 
@@ -63,11 +66,12 @@ async def page(
     then every key L2 holds, by SCAN (the cursor is a SCAN cursor and an offset into its
     batch). A key is in exactly one of the two walks, whichever layer it moves to between
     pages. A page may hold fewer keys than asked; only a null cursor means the end.
-    Entries a purge removed are left out.
+    Entries a purge removed are left out. Matching lets the event loop run every
+    `slice_seconds`.
     """
     phase, position = decode_cursor(cursor) if cursor else ("l1", "")
     if phase == "l1" and store.l1 is not None:
-        listed, last = await _l1_page(store, glob, route, str(position), limit)
+        listed, last = await _l1_page(store, glob, route, str(position), limit, slice_seconds)
         if last is not None:
             return listed, encode_cursor("l1", last)
         return listed, (encode_cursor("l2", [0, 0]) if store.l2 is not None else None)
@@ -88,22 +92,19 @@ async def page(
 
 
 async def _l1_page(
-    store: LayeredStore, glob: str, route: str | None, after: str, limit: int
+    store: LayeredStore, glob: str, route: str | None, after: str, limit: int, slice_seconds: float
 ) -> tuple[list[Listed], str | None]:
     """Keys only L1 holds, after `after`; the last key looked at when the page filled up."""
     assert store.l1 is not None
     matcher = Glob.parse(glob, max_length=None)  # admin bounded it
     live = store.l1.live_items()
     candidates = [k for k in live if k > after]
-    keys: list[str] = []
-    for start in range(0, len(candidates), _WALK):
-        if start:
-            await asyncio.sleep(0)  # however long the walk, hits are served meanwhile
-        keys += (
-            k
-            for k in candidates[start : start + _WALK]
-            if matcher.matches(k) and _wanted(store, k, live[k], route)
-        )
+    # However costly the matching (long keys, a dense glob), hits are served meanwhile.
+    keys = [
+        k
+        async for k in sliced(candidates, slice_seconds)
+        if matcher.matches(k) and _wanted(store, k, live[k], route)
+    ]
     keys.sort()
     listed: list[Listed] = []
     for start in range(0, len(keys), limit):

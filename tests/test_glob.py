@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 
 from proxy.backplane import CHANNEL, Event
 from proxy.glob import MAX_EVENT_LENGTH, MAX_LENGTH, Glob, bounded
+from proxy.keys import escape_glob
 
 # --- what a glob means (tests/test_fuzz.py checks it against Redis's own matcher) -----------
 
@@ -234,6 +235,33 @@ _keys = st.text("ab*?[]^!-\\\n", max_size=10)
 @example("\\**\\*", "**")
 def test_glob_agrees_with_the_regex_it_replaces(pattern: str, text: str) -> None:
     assert Glob.parse(pattern).matches(text) == bool(_reference(pattern).fullmatch(text))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "prefix"),
+    [
+        ("GET api /q/*", "GET api /q/"),
+        ("abc", "abc"),
+        ("*abc", ""),
+        ("a?c", "a"),
+        ("ab[cd]e", "ab"),
+        ("ab[c", "ab[c"),  # an unclosed [ is literal
+        ("a\\*b*", "a*b"),  # unescaped
+        ("a\\", "a\\"),  # a trailing backslash is itself
+        ("* * /v8/" + "a" * 1020 + "b*", ""),
+    ],
+)
+def test_literal_prefix(pattern: str, prefix: str) -> None:
+    assert Glob.parse(pattern, max_length=None).literal_prefix == prefix
+
+
+@settings(max_examples=1000, deadline=None, database=None, derandomize=True)
+@given(_globs, _keys)
+def test_every_key_a_glob_matches_starts_with_its_literal_prefix(pattern: str, text: str) -> None:
+    glob = Glob.parse(pattern)
+    assert not glob.matches(text) or text.startswith(glob.literal_prefix)
+    literal = glob.literal_prefix + text
+    assert Glob.parse(escape_glob(glob.literal_prefix) + "*").matches(literal)
 
 
 # --- backplane events -----------------------------------------------------------------

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
 import pytest
 from conftest import CountingUpstream, Proxy, ProxyFactory, RedisServer, layered_cache
+
+from proxy.breaker import CircuitBreaker
+from proxy.clock import ManualClock
+from proxy.entry import CachedResponse
+from proxy.glob import Glob
+from proxy.listing import page
+from proxy.store.layered import LayeredStore
+from proxy.store.memory import MemoryStore
+from proxy.tasks import Tasks
 
 
 async def all_pages(proxy: Proxy, limit: int, **params: str) -> tuple[list[dict[str, Any]], int]:
@@ -110,3 +120,35 @@ async def test_l2_pages_respect_the_limit_and_keys_moving_between_layers_still_l
         assert pages < 100
     assert sorted(seen) == sorted(urls)
     assert pages >= 10
+
+
+async def test_an_l1_page_lets_the_loop_run_while_it_matches(
+    monkeypatch: pytest.MonkeyPatch, clock: ManualClock, tasks: Tasks
+) -> None:
+    # It yielded every 1000 keys: 1000 keys of 8 KB and a dense pattern held the loop 8 s
+    # (issue 11 review, finding 7). It yields by time now; with a slice of 0, after each key.
+    breaker = CircuitBreaker(3, 0.05, 1, clock=clock)
+    store = LayeredStore(MemoryStore(1000, 10**9, clock), None, breaker, tasks, "i", clock)
+    for i in range(100):
+        await store.set(f"GET api /q/{i}", CachedResponse(200, (), b"x", clock(), 60.0))
+    turns = 0
+    at_match: list[int] = []
+    matches = Glob.matches
+
+    def counted(glob: Glob, key: str) -> bool:
+        at_match.append(turns)
+        return matches(glob, key)
+
+    async def turn() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(Glob, "matches", counted)
+    turning = asyncio.ensure_future(turn())
+    await asyncio.sleep(0)
+    listed, cursor = await page(store, "GET api /q/*", None, None, 1000, slice_seconds=0.0)
+    turning.cancel()
+    assert len(listed) == 100 and cursor is None
+    assert len(set(at_match)) > 50  # other tasks ran between the matches

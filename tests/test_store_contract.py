@@ -19,6 +19,7 @@ from proxy.breaker import CircuitBreaker
 from proxy.clock import ManualClock
 from proxy.config import RedisConfig
 from proxy.entry import CachedResponse
+from proxy.store import memory
 from proxy.store.layered import Found, LayeredStore
 from proxy.store.memory import MemoryStore, cost
 from proxy.store.redis import RedisStore
@@ -432,6 +433,42 @@ async def test_apply_drops_the_right_l1_entries(
     assert store.l1.bytes == sum(cost(key, entry(clock)) for key in left)
 
 
+async def test_a_flood_of_pattern_purges_walks_at_most_max_sweeps_copies_of_l1(
+    monkeypatch: pytest.MonkeyPatch, clock: ManualClock, tasks: Tasks
+) -> None:
+    # Each walk copied L1's index and every lookup matched against every walk: 200 purge
+    # messages over 50k entries held the loop 4.4 s and took 368 MB (issue 11 review,
+    # finding 6). Beyond MAX_SWEEPS walks, a message distrusts L1 instead, as after a resync.
+    copies: list[int] = []
+
+    class CountedSweep(memory._Sweep):
+        __slots__ = ()
+
+        def __init__(self, glob: Any, held: dict[str, CachedResponse]) -> None:
+            super().__init__(glob, held)
+            copies.append(len(held))
+
+    monkeypatch.setattr(memory, "_Sweep", CountedSweep)
+    store = layered(None, tasks, clock)
+    store.l1 = MemoryStore(10_000, BIG, clock)
+    for i in range(200):
+        for j in range(25):
+            await store.set(f"/k/{i}/{j}", entry(clock))
+    for i in range(200):
+        store.apply(Event("match", f"/k/{i}/*", "other"))
+    assert len(copies) == memory.MAX_SWEEPS  # not 200 copies of 5,000 pointers
+    for i in range(200):  # every purge took effect: no purged entry is a hit
+        found = await store.lookup(f"/k/{i}/{i % 25}")
+        assert found is None or found.soft_purged
+    await store.set("/k/7/0", entry(clock))  # fetched again: a hit ...
+    assert (found := await store.lookup("/k/7/0")) is not None and not found.soft_purged
+    store.apply(Event("match", "/k/7/*", "other"))  # ... until the next purge beyond the cap
+    assert (found := await store.lookup("/k/7/0")) is not None and found.soft_purged
+    await tasks.wait()
+    assert len(copies) == memory.MAX_SWEEPS
+    assert len(store.l1) == 5000 - memory.MAX_SWEEPS * 25
+
+
 async def test_after_a_resync_l1_entries_are_no_longer_hits(
     clock: ManualClock, tasks: Tasks
 ) -> None:
@@ -535,3 +572,74 @@ async def test_a_purge_during_an_l2_read_is_not_undone_by_the_l1_fill(
     found = await reading
     assert found is not None and found.layer == "l2"  # this request still gets its answer
     assert store.l1 is not None and "k" not in store.l1  # but L1 does not keep it
+
+
+# --- a lookup during a purge does not undo it (issue 11 review, finding 5) ---------------
+
+
+async def test_a_lookup_during_a_pattern_purge_does_not_bring_the_entry_back(
+    monkeypatch: pytest.MonkeyPatch, l2: RedisStore, clock: ManualClock, tasks: Tasks
+) -> None:
+    # The reviewer's case: a lookup during the (sliced) L1 walk missed L1, read L2 (not
+    # purged yet) and put the purged entry back in L1, where the walk left it.
+    monkeypatch.setattr(memory, "SLICE", 0.0)  # the L1 walk lets the loop run after each key
+    store = layered(l2, tasks, clock)
+    store.l1 = MemoryStore(10_000, BIG, clock)
+    for i in range(2000):
+        await store.set(f"/doomed/{i}", entry(clock, body=b"old"))
+    await store.flush()
+    looked: list[Found | None] = []
+    done = False
+
+    async def look() -> None:
+        while not done:
+            looked.append(await store.lookup("/doomed/0"))
+            await asyncio.sleep(0)
+
+    looking = asyncio.ensure_future(look())
+    await asyncio.sleep(0)
+    assert (await store.purge("/doomed/*"))["l2"] == 2000
+    done = True
+    await looking
+    assert len(looked) > 5  # lookups ran while the purge did
+    assert "/doomed/0" not in store.l1
+    assert await store.lookup("/doomed/0") is None
+
+
+@pytest.mark.parametrize(
+    "remove",
+    [
+        pytest.param(lambda s: s.purge_key("k"), id="purge_key"),
+        pytest.param(lambda s: s.purge("k*"), id="purge"),
+        pytest.param(lambda s: s.clear(), id="clear"),
+    ],
+)
+async def test_a_lookup_reading_l2_before_its_purge_does_not_refill_l1(
+    monkeypatch: pytest.MonkeyPatch,
+    l2: RedisStore,
+    clock: ManualClock,
+    tasks: Tasks,
+    remove: Callable[[LayeredStore], Awaitable[Any]],
+) -> None:
+    # Another request's GET reaches Redis before the purge's UNLINK: it must not leave
+    # the value in L1 once the purge is done.
+    store = layered(l2, tasks, clock)
+    await store.set("k", entry(clock, body=b"old"))
+    await store.flush()
+    looked: list[Found | None] = []
+
+    def reading_first(name: str) -> None:
+        original = getattr(l2, name)
+
+        async def purge(*args: Any) -> Any:
+            looked.append(await store.lookup("k"))  # read before the purge reaches L2
+            return await original(*args)
+
+        monkeypatch.setattr(l2, name, purge)
+
+    reading_first("delete")
+    reading_first("delete_matching")
+    await remove(store)
+    assert looked and looked[0] is not None  # the lookup did find the old value
+    assert store.l1 is not None and "k" not in store.l1
+    assert await store.lookup("k") is None

@@ -13,7 +13,7 @@ from proxy.clock import ManualClock
 from proxy.entry import ENTRY_OVERHEAD, CachedResponse
 from proxy.glob import Glob
 from proxy.store.base import StoreStats
-from proxy.store.memory import MemoryStore, cost
+from proxy.store.memory import MAX_SWEEPS, MemoryStore, cost
 
 BIG = 10**9
 
@@ -347,3 +347,33 @@ async def test_delete_matching_walks_in_slices_too(clock: ManualClock) -> None:
         await store.set(f"k{i}", entry(clock))
     assert await store.delete_matching("k*") == 3
     assert store.stats.deletes == 3 and len(store) == 0
+
+
+# --- at most MAX_SWEEPS walks at once (issue 11 review, finding 6) ----------------------
+
+
+async def test_beyond_max_sweeps_a_sweep_is_refused_and_a_purge_waits_its_turn(
+    clock: ManualClock,
+) -> None:
+    # Each walk holds a copy of L1's index and costs every lookup a match: 200 at once over
+    # 50k entries held the loop 4.4 s and 368 MB. Beyond the cap, sweep() says None (the
+    # backplane then distrusts L1) and delete_matching waits for a walk to end.
+    store = MemoryStore(max_entries=1000, max_bytes=BIG, clock=clock)
+    for i in range(10):
+        await store.set(f"k{i}", entry(clock))
+    walks = [store.sweep(Glob.parse(f"k{i}"), slice_seconds=0.0) for i in range(MAX_SWEEPS)]
+    assert all(walk is not None for walk in walks)
+    assert store.sweep(Glob.parse("k8")) is None  # refused: nothing forgotten
+    assert store.peek("k8") is not None
+
+    purge = asyncio.ensure_future(store.delete_matching("k9"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not purge.done() and store.peek("k9") is not None  # waiting for a place
+    first = walks.pop()
+    assert first is not None
+    assert await first == 1  # one walk ends: its place goes to the waiting purge ...
+    assert store.sweep(Glob.parse("k7")) is None  # ... not to a sweep asked for meanwhile
+    assert await purge == 1 and store.peek("k9") is None
+    assert [await walk for walk in walks if walk is not None] == [1] * (MAX_SWEEPS - 1)
+    assert sorted(k for k, _ in store.items()) == ["k4", "k5", "k6", "k7", "k8"]

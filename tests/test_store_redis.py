@@ -509,3 +509,52 @@ async def test_a_burst_of_commands_opens_a_bounded_number_of_connections(
     finally:
         await store.close()
         await probe.close()
+
+
+# --- Redis is never handed a costly glob (issue 11 review, finding 8) ---------------------
+
+
+def scan_matches(monkeypatch: pytest.MonkeyPatch, store: RedisStore) -> list[str]:
+    """Wrap store.client.scan; the returned list gets each call's MATCH argument."""
+    matches: list[str] = []
+    original = store.client.scan
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        matches.append(kwargs["match"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(store.client, "scan", spy)
+    return matches
+
+
+async def test_scan_match_is_only_the_literal_prefix_and_the_glob_is_matched_here(
+    monkeypatch: pytest.MonkeyPatch, redis_proc: Any, clock: ManualClock, tasks: Tasks
+) -> None:
+    # Redis matched the client's glob itself, in its one thread: 200 keys of 8 KB and a
+    # dense glob held it 2.75 s per SCAN, and every instance with it. Now it gets the glob's
+    # literal prefix (escaped) and `*`, and the glob is matched in Python, in slices.
+    store = await proc_store(redis_proc, clock, tasks)
+    dense = "q\\*/" + "?*" * 50 + "z"  # `\*`: a literal star, so the prefix is `q*/`
+    hits = [f"q*/{'a' * 60}z", f"q*/{'b' * 99}z"]
+    misses = [f"q*/{'a' * 10}z", f"q*/{'a' * 60}", f"qq/{'a' * 60}z", f"r*/{'a' * 60}z"]
+    try:
+        await plant(store, clock, hits + misses)
+        matches = scan_matches(monkeypatch, store)
+
+        assert {k async for k, _ in store.scan(dense)} == set(hits)
+        cursor, paged = 0, set()
+        while True:  # pages may be empty; only cursor 0 ends
+            cursor, found = await store.scan_page(dense, cursor, 2)
+            paged |= {k for k, _ in found}
+            if cursor == 0:
+                break
+        assert paged == set(hits)
+        assert await store.delete_matching(dense) == 2
+        sent = list(matches)
+        assert await keys_under(store) == {store.entries + k for k in misses}
+
+        assert len(sent) > 3
+        assert set(sent) == {escape_glob(store.entries + "q*/") + "*"}
+    finally:
+        await store.clear()
+        await store.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -69,6 +69,7 @@ class LayeredStore:
         # L1 keys held when the backplane was lost: they may have missed a purge, so they
         # are not hits until L2 vouches for them or they are fetched again (see resync).
         self._suspect: set[str] = set()
+        self._distrusted = False  # every L1 key is suspect (nothing vouched for since)
         self.leases = Leases(self)  # cross-instance coalescing
         self.popularity = Popular(self)  # requests per key, for /hottest and warm start
 
@@ -118,6 +119,7 @@ class LayeredStore:
 
     def _trust(self, key: str) -> None:
         """Key's L1 copy is vouched for (by L2, or fetched anew): a hit again."""
+        self._distrusted = False
         if self._suspect:
             self._suspect.discard(key)
             if not self._suspect:
@@ -194,15 +196,21 @@ class LayeredStore:
     ) -> dict[str, int | None]:
         # An L2 write still in flight would land after the purge and bring the entry back.
         await self.flush()
+        # L2 first, then L1, the generation moving before each: a lookup reading L2 while
+        # L2 is purged does not fill L1 (the generation moved while it read, or L1's own
+        # purge follows), and one reading it later finds the entry gone. L1 first, a lookup
+        # during its (sliced) walk refilled it from L2 (issue 11 review, finding 5).
+        self._generation += 1
+        l2: int | None = None
+        if self.l2 is not None:
+            with contextlib.suppress(StoreUnavailable):  # then L2 keeps them: said by None
+                l2 = int(await self.call_l2(op))
         self._generation += 1
         counts: dict[str, int | None] = {}
         if self.l1 is not None:
             counts["l1"] = int(await op(self.l1))
         if self.l2 is not None:
-            try:
-                counts["l2"] = int(await self.call_l2(op))
-            except StoreUnavailable:
-                counts["l2"] = None
+            counts["l2"] = l2
             await self._publish(event)
         return counts
 
@@ -241,17 +249,36 @@ class LayeredStore:
         if event.op == "del":
             self.l1.drop(event.arg)
         elif event.op == "match":
-            try:
-                sweep = self.l1.sweep(Glob.parse(event.arg, MAX_EVENT_LENGTH))
-                self.tasks.spawn(sweep, "l1-sweep")  # lookups miss its entries from now
-            except ValueError as e:
-                # Never matched: the cap bounds what anyone who can publish makes us do. Admin
-                # caps globs, but its URL purge (a long URL's escaped key + ` *`) may be
-                # longer, so our L1 is not trusted until L2 vouches for each key (as resync).
-                log.warning("not matching a backplane purge pattern: %s", e)
-                self._suspect = {key for key, _ in self.l1.items()}
+            walk = self._sweep(event.arg)
+            if walk is not None:
+                self.tasks.spawn(walk, "l1-sweep")  # lookups miss its entries from now
+            else:
+                self._distrust_l1()
         else:
             self.l1.drop_all()
+
+    def _sweep(self, pattern: str) -> Coroutine[None, None, int] | None:
+        """L1's walk for another instance's pattern purge; None if it is not matched."""
+        assert self.l1 is not None
+        try:
+            glob = Glob.parse(pattern, MAX_EVENT_LENGTH)
+        except ValueError as e:
+            # The cap bounds what anyone who can publish makes us do. Admin caps globs, but
+            # its URL purge (a long URL's escaped key + ` *`) may be longer.
+            log.warning("not matching a backplane purge pattern: %s", e)
+            return None
+        walk = self.l1.sweep(glob)
+        if walk is None and not self._distrusted:  # as many walks as L1 allows are under way
+            log.warning("too many pattern purges at once: not trusting L1 until L2 vouches")
+        return walk
+
+    def _distrust_l1(self) -> None:
+        """Our L1 may have missed a purge: its entries are not hits until L2 vouches for each
+        (or it is fetched again). Once per flood of purges: until something is vouched for,
+        the keys already suspect are all of L1."""
+        if self.l1 is not None and not self._distrusted:
+            self._suspect = set(self.l1.keys())
+            self._distrusted = True
 
     def resync(self) -> None:
         """After a lost subscription our L1 may have missed purges: do not trust it, and read
@@ -262,8 +289,7 @@ class LayeredStore:
         is down, they can still stand in within their stale-if-error window.
         """
         self._generation += 1
-        if self.l1 is not None:
-            self._suspect = {key for key, _ in self.l1.items()}
+        self._distrust_l1()
         if self.l2 is not None:
             self.tasks.spawn(self.load_bans(), "load-bans")
 
