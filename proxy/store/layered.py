@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from proxy.backplane import CHANNEL, Event
-from proxy.bans import FLOOR, URL_FLOOR, Bans, entry_tags, is_url_ban, url_subject
+from proxy.bans import FLOOR, URL_FLOOR, Bans, entry_tags, url_subject, valid_subject
 from proxy.breaker import CircuitBreaker
 from proxy.clock import Clock, system_clock
 from proxy.entry import CachedResponse
@@ -22,7 +23,7 @@ from proxy.errors import StoreUnavailable
 from proxy.glob import MAX_EVENT_LENGTH, Glob
 from proxy.store.base import StoreStats
 from proxy.store.leases import Leases
-from proxy.store.memory import MemoryStore
+from proxy.store.memory import SWEEP_SLICE, MemoryStore
 from proxy.store.popular import Popular
 from proxy.store.redis import RedisStore
 from proxy.tasks import Tasks
@@ -69,6 +70,7 @@ class LayeredStore:
         # L1 keys held when the backplane was lost: they may have missed a purge, so they
         # are not hits until L2 vouches for them or they are fetched again (see resync).
         self._suspect: set[str] = set()
+        self._counting = asyncio.Lock()  # one tag purge's L1 walk at a time: one snapshot
         self.leases = Leases(self)  # cross-instance coalescing
         self.popularity = Popular(self)  # requests per key, for /hottest and warm start
 
@@ -222,12 +224,15 @@ class LayeredStore:
         if event.op == "set":
             self.leases.wake(event.arg)
         if event.op in ("ban", "softban"):  # recorded even without an L1: lookups apply it
-            soft = event.op == "softban"
-            if self.bans.add(event.arg, event.stamp, soft) is None:
+            # Not looked for in L1 (that would cost a walk per message): lookups apply bans,
+            # and the entries a ban dooms go when next looked up or evicted.
+            if not valid_subject(event.arg):
+                log.warning("ignoring a ban of %.80r: not a tag or URL subject", event.arg)
+                return
+            if self.bans.add(event.arg, event.stamp, event.op == "softban") is None:
                 log.warning("ignoring a ban stamped %r (not a time)", event.stamp)
                 return
             self._generation += 1
-            self._apply_ban(event.arg, soft)
             return
         if event.op == "unban":
             self.bans.lift(event.arg)
@@ -280,21 +285,23 @@ class LayeredStore:
         instance, lazily. Returns the L1 entries it applies to here, and whether L2 (so the
         other instances) got it. Soft: entries stay, served only on upstream error."""
         await self.flush()
-        return await self._ban(tag, soft)
+        at, reached = await self._ban(tag, soft)
+        return await self._apply_ban(tag, at, soft), reached
 
     async def purge_url(self, resource: str) -> bool:
         """Purge every variant of one URL (`api /quote/AAPL`: key-header variants, cached
         POST bodies), lazily: one record in L2 and one message, whatever L2 holds. Whether
         L2 (so the other instances) got it."""
-        _applied, reached = await self._ban(url_subject(resource), soft=False)
+        _at, reached = await self._ban(url_subject(resource), soft=False)
         return reached
 
-    async def _ban(self, subject: str, soft: bool) -> tuple[int, bool]:
+    async def _ban(self, subject: str, soft: bool) -> tuple[float, bool]:
+        """Record a ban here, in L2 and (by message) on every instance: when, and whether
+        L2 got it."""
         now = self.clock()
         recorded = self.bans.add(subject, now, soft)
         assert recorded is not None  # our own clock's time
         self._generation += 1
-        applied = self._apply_ban(subject, soft)
         records = {subject: self.bans.encode(subject)}
         forgotten = set(recorded.forgotten)
         for floor in (FLOOR, URL_FLOOR) if forgotten else ():  # the floors may have moved
@@ -309,7 +316,7 @@ class LayeredStore:
             reached = False
         if self.l2 is not None:
             await self._publish(Event("softban" if soft else "ban", subject, self.instance, now))
-        return applied, reached and self.l2 is not None
+        return recorded.at, reached and self.l2 is not None
 
     async def lift_ban(self, subject: str) -> tuple[bool, bool]:
         """Lift a ban here, in L2 and (by message) on every instance: whether there was
@@ -324,17 +331,26 @@ class LayeredStore:
             await self._publish(Event("unban", subject, self.instance, self.clock()))
         return lifted, reached and self.l2 is not None
 
-    def _apply_ban(self, tag: str, soft: bool) -> int:
-        """L1 entries the tag names: dropped (hard) or left for lookup to mark (soft). URL
-        bans are not looked for here (that would scan L1 on every POST): lookup applies
-        them."""
-        if self.l1 is None or is_url_ban(tag):
+    async def _apply_ban(self, tag: str, at: float, soft: bool) -> int:
+        """For the answer to an admin's tag purge: the L1 entries stored before `at` that
+        carry the tag, dropped (hard) or left for lookup to mark (soft). Lookups apply the
+        ban anyway; this walk is only for the count (and frees memory early), so it runs
+        once per admin request, never per backplane message or URL ban, one at a time, and
+        lets the event loop run every few milliseconds."""
+        if self.l1 is None:
             return 0
-        doomed = [k for k, e in self.l1.items() if tag in entry_tags(e)]
-        if not soft:
-            for key in doomed:
-                self.l1.drop(key)
-        return len(doomed)
+        applied = 0
+        async with self._counting:
+            deadline = time.perf_counter() + SWEEP_SLICE
+            for key, entry in self.l1.items():  # a snapshot: the dict may change meanwhile
+                if entry.stored_at < at and tag in entry_tags(entry):
+                    applied += 1
+                    if not soft:
+                        self.l1.drop(key, older_than=at)  # a copy stored since stays
+                if time.perf_counter() >= deadline:
+                    await asyncio.sleep(0)
+                    deadline = time.perf_counter() + SWEEP_SLICE
+        return applied
 
     # --- inspection --------------------------------------------------------------------
 
