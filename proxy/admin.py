@@ -242,7 +242,7 @@ async def _purge_tag(deps: Deps, kind: str, value: str, soft: bool) -> web.Respo
         return _bad("tag must look like name=value, e.g. symbol=AAPL")
     if kind == "route" and value not in {r.name for r in deps.config.routes}:
         return _bad(f"no route named {value!r}")
-    applied, reached = await deps.store.purge_tag(tag, soft)
+    applied, reached = await deps.store.banning.tag(tag, soft)
     label = f"{kind}-soft" if soft else kind
     deps.metrics.purges.labels(label).inc()
     deps.metrics.purged_entries.labels(label).inc(applied)
@@ -282,7 +282,7 @@ async def _purge_url(deps: Deps, url: str) -> dict[str, int | None]:
     for upstream in sorted({r.upstream for r in config.routes}):
         exact = cache_key("GET", upstream, target, rules.ignore_params, rules.secret_params)
         _add(totals, await deps.store.purge_key(exact))
-        banned = not variants or await deps.store.purge_url(key_resource(exact))
+        banned = not variants or await deps.store.banning.url(key_resource(exact))
         if not banned and deps.store.l2 is not None:
             totals["l2"] = None  # only this instance knows of the variants' ban
     return totals

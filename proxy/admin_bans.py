@@ -31,7 +31,7 @@ async def lift_ban(request: web.Request) -> web.Response:
     """Lift one ban here, in Redis, and on the other instances (over the backplane)."""
     store = request.app[DEPS].store
     tag = request.match_info["tag"]
-    lifted, reached = await store.lift_ban(tag)
+    lifted, reached = await store.banning.lift(tag)
     answer: dict[str, Any] = {"lifted": lifted, "tag": tag, "l2": reached}
     if store.l2 is not None and not reached:
         answer["error"] = "l2_unavailable"

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from proxy.config import RedisConfig
+from proxy.stamp import parse_stamp
 
 log = logging.getLogger(__name__)
 CHANNEL = "events"
@@ -45,16 +45,14 @@ class Event:
         try:
             body = json.loads(data)
             op, arg, origin = body["op"], body["arg"], body["origin"]
-            stamp = body.get("stamp", 0.0)
+            stamp = parse_stamp(body.get("stamp", 0.0))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None  # RecursionError: `[[[[...` escaped, and ended the subscription
         if not all(isinstance(v, str) for v in (op, arg, origin)) or op not in _OPS:
             return None
-        if isinstance(stamp, bool) or not isinstance(stamp, int | float):
+        if stamp is None:  # not a finite time (1e999, 10**400, "1", true)
             return None
-        if not math.isfinite(stamp):  # JSON's 1e999 is infinite: no time at all
-            return None
-        return Event(op, arg, origin, float(stamp))
+        return Event(op, arg, origin, stamp)
 
 
 class Backplane:
@@ -76,6 +74,7 @@ class Backplane:
         self.on_subscribed = on_subscribed
         self.connected = False
         self.received = 0
+        self.failed = 0  # messages whose handling raised (skipped)
         self.reconnects = 0
         self.channel = config.key_prefix + CHANNEL
 
@@ -98,9 +97,15 @@ class Backplane:
                     backoff = self.config.breaker_backoff  # it worked: start over
                 elif first:
                     log.warning("backplane cannot subscribe yet: %s", e)
+            except Exception:  # a bug must not deafen the instance for good: start over
+                log.exception("backplane failed; reconnecting (and resyncing)")
             finally:
                 self.connected = False
                 await _close_quietly(client)
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                # redis-py turns our cancellation into a ConnectionError when the connection
+                # drops at the same moment: we were told to stop, so stop.
+                raise asyncio.CancelledError
             first = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.config.breaker_max_backoff)
@@ -123,12 +128,24 @@ class Backplane:
             now = time.monotonic()
             if message is not None:
                 last_seen = now
-                self._dispatch(message)
+                self._dispatch_safely(message)
             elif now - last_seen > _DEAD_AFTER:
                 raise TimeoutError("no answer on the subscription (hung or partitioned Redis)")
             if now - last_ping > _PING_EVERY:
                 await pubsub.ping()
                 last_ping = now
+
+    def _dispatch_safely(self, message: dict[str, Any]) -> None:
+        """Handle one message; whatever it raises skips that message only. Anyone who can
+        PUBLISH on Redis chooses the bytes: the traceback is logged once, then a line each."""
+        try:
+            self._dispatch(message)
+        except Exception:
+            self.failed += 1
+            if self.failed == 1:
+                log.exception("skipping a backplane message that could not be handled")
+            else:
+                log.warning("skipping a failing backplane message (%d so far)", self.failed)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if message.get("type") != "message":

@@ -6,16 +6,20 @@ reaches every layer and instance as one small message. A URL ban ("url api /quot
 does the same for the variants of one URL (key-header variants, cached POST bodies) after
 an unsafe request to it (RFC 9111 4.4).
 
-Stamps come from other instances and from Redis, so they are untrusted: one that is not a
-finite time is refused, one further ahead than clocks may disagree is clamped. Each table is
-bounded: past its bound the oldest bans fold into a floor ("everything stored before T is
-purged"), which purges more, never less. Bans that no live entry can predate are forgotten.
+Stamps and subjects come from other instances and from Redis, so they are untrusted: a stamp
+that is not a finite time is refused, one further ahead than clocks may disagree is clamped;
+a subject that is neither a tag as admin takes it nor a URL subject as url_subject makes it
+is refused. Each table is bounded, in count and (by the subjects' length) in bytes: past its
+bound the oldest bans fold into a floor ("everything stored before T is purged"), which
+purges more, never less. Bans that no live entry can predate are forgotten.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,14 +30,18 @@ from proxy.entry import CachedResponse
 from proxy.keys import key_variant_of
 from proxy.origin import MAX_DELTA
 from proxy.policy import TTLClass
+from proxy.stamp import parse_stamp
 
 Verdict = Literal["hard", "soft"] | None
 MAX_SKEW = 60.0  # seconds a stamp may lie ahead of our clock (instances' clocks differ)
 MAX_TAG_BANS = 10_000  # per table (hard, soft): purges an operator asked for
-MAX_URL_BANS = 50_000  # any client's accepted POST makes one: about 300 bytes each
+MAX_URL_BANS = 50_000  # any client's accepted POST makes one: at most ~1 KB each
 FLOOR = "*"  # the record of the tag tables' floors (not a tag: a tag holds "=")
 _URL = "url "  # URL bans' subjects: never a tag an entry carries (names are identifiers)
 URL_FLOOR = _URL + FLOOR
+MAX_TAG = 512  # characters in a tag (admin refuses longer ones)
+_READABLE = 512  # characters of a resource a URL subject keeps as is; longer ones are hashed
+log = logging.getLogger(__name__)
 
 
 def entry_tags(entry: CachedResponse) -> tuple[str, ...]:
@@ -42,13 +50,26 @@ def entry_tags(entry: CachedResponse) -> tuple[str, ...]:
 
 
 def url_subject(resource: str) -> str:
-    """The ban subject for every variant of one URL (`api /quote/AAPL?range=1d`)."""
-    return _URL + resource
+    """The ban subject for every variant of one URL: `url api /quote/AAPL?range=1d`, or for
+    a resource longer than 512 characters (keys reach 8 KB) `url #` and 32 hex digits of its
+    SHA-256, so that every subject is small. The two never meet: a resource holds a space."""
+    if len(resource) <= _READABLE:
+        return _URL + resource
+    digest = hashlib.sha256(resource.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{_URL}#{digest[:32]}"
 
 
 def is_url_ban(subject: str) -> bool:
     """Whether a subject names a URL's variants rather than a tag."""
     return subject.startswith(_URL)
+
+
+def valid_subject(subject: str) -> bool:
+    """Whether a subject from another instance or Redis is fit to record: a tag as admin
+    takes it, a URL subject no longer than url_subject makes them, or a floor."""
+    if is_url_ban(subject):
+        return len(_URL) < len(subject) <= len(_URL) + _READABLE
+    return subject == FLOOR or valid_tag(subject)
 
 
 def ban_horizon(classes: Iterable[TTLClass]) -> float:
@@ -249,12 +270,18 @@ class Bans:
         clamped ones written back (so a stamp dated 2100 does not return at each restart),
         and so are the subjects forgotten meanwhile (with the floors they moved)."""
         touched: set[str] = set()
+        refused = 0
         for raw_subject, raw in records.items():
             subject = raw_subject.decode(errors="replace")
             try:
-                record = json.loads(raw)
-                stamps = float(record["h"]), float(record["s"])
-            except (ValueError, KeyError, TypeError, RecursionError):
+                stamps = _read_record(subject, raw)
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser
+                stamps = None
+            except Exception:  # whatever else a forged record does, the rest still load
+                log.exception("unreadable ban record %.80r", subject)
+                stamps = None
+            if stamps is None:
+                refused += 1
                 touched.add(subject)
                 continue
             for at, soft in zip(stamps, (False, True), strict=True):
@@ -267,12 +294,25 @@ class Bans:
                     touched.update((*recorded.forgotten, FLOOR, URL_FLOOR))
             if not self.holds(subject):
                 touched.add(subject)  # nothing left of it (expired, or under a floor)
+        if refused:
+            log.warning("deleting %d ban records from Redis: unreadable subject or stamps", refused)
         if not touched:
             return Loaded()
         kept = {s for s in touched if self.holds(s)}
         return Loaded({s: self.encode(s) for s in kept}, tuple(sorted(touched - kept)))
 
 
+def _read_record(subject: str, raw: bytes) -> tuple[float, float] | None:
+    """A record's hard and soft stamps (0.0: none), or None if it is not one to keep."""
+    if not valid_subject(subject):
+        return None
+    record = json.loads(raw)
+    if not isinstance(record, dict):
+        return None
+    hard, soft = parse_stamp(record.get("h")), parse_stamp(record.get("s"))
+    return None if hard is None or soft is None else (hard, soft)
+
+
 def valid_tag(tag: object) -> bool:
     """A tag is name=value, such as symbol=AAPL or route=chart."""
-    return isinstance(tag, str) and "=" in tag.strip("=") and len(tag) <= 512
+    return isinstance(tag, str) and "=" in tag.strip("=") and len(tag) <= MAX_TAG

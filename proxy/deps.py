@@ -75,7 +75,7 @@ def build_deps(
     if l2 is not None:
         backplane = Backplane(
             cache.redis, instance, store.apply, store.resync,
-            on_subscribed=lambda: tasks.spawn(store.load_bans(), "load-bans"),
+            on_subscribed=lambda: tasks.spawn(store.banning.load(), "load-bans"),
         )  # fmt: skip
     return Deps(
         config=config,

@@ -203,7 +203,8 @@ PATHS: dict[str, dict[str, Any]] = {
         "responses": {"200": _json(_HOTTEST, "Busiest first"), "400": _BAD}}},
     "/bans": {"get": {
         "summary": "Purges on record: tag, route and URL bans (`url upstream path?query`, "
-                   "made by unsafe requests), and the floors `*` and `url *` that the oldest "
+                   "or `url #<sha256 prefix>` past 512 characters, made by unsafe "
+                   "requests), and the floors `*` and `url *` that the oldest "
                    "fold into past the bound; times are epoch seconds",
         "parameters": [
             {"name": "limit", "in": "query", "required": False,

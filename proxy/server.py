@@ -207,7 +207,7 @@ class ProxyHandler:
             or any(r.key_headers for r in config.routes)
             or any(r.cache_post for r in config.routes)
         ):
-            await store.purge_url(resource)
+            await store.banning.url(resource)
 
 
 async def _expect(request: web.BaseRequest) -> web.Response | None:
@@ -311,7 +311,7 @@ class ProxyApp:
         deps = self.deps
         await deps.upstreams.start()
         if deps.backplane is not None:
-            await deps.store.load_bans()
+            await deps.store.banning.load()
             deps.tasks.spawn(deps.backplane.run(), "backplane")
         every = deps.config.cache.redis.popularity_flush
         if deps.store.l2 is not None and every > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,18 @@ def payload(**fields: Any) -> bytes:
     return json.dumps(fields).encode()
 
 
+# Stamps that are no time: each was refused, or (10**400: OverflowError) ended the listener.
+HOSTILE_STAMPS: dict[str, object] = {
+    "huge-int": 10**400,  # float() raises OverflowError
+    "inf": math.inf,  # json.dumps writes Infinity, which json.loads reads back
+    "nan": math.nan,
+    "true": True,
+    "string": "1700000000",
+    "null": None,
+    "list": [1],
+}
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -65,6 +78,10 @@ def payload(**fields: Any) -> bytes:
         pytest.param(payload(op="del", arg=["k"], origin="a"), id="arg-list"),
         pytest.param(payload(op="del", arg="k", origin=7), id="origin-number"),
         pytest.param(b"[" * 100_000, id="deeply-nested"),  # RecursionError escaped
+        *(
+            pytest.param(payload(op="ban", arg="a=1", origin="z", stamp=v), id=f"stamp-{name}")
+            for name, v in HOSTILE_STAMPS.items()
+        ),
     ],
 )
 def test_malformed_payload_decodes_to_none(data: bytes) -> None:
@@ -193,6 +210,63 @@ async def test_reconnect_after_a_restart_resyncs(redis_proc: Any, tasks: Tasks) 
     store = RedisStore(config(redis_proc.url, prefix), tasks, ManualClock())
     try:
         event = Event("set", "k", "b")
+        await store.publish(CHANNEL, event.encode())
+        await eventually(lambda: bool(a.events))
+        assert a.events == [event]
+    finally:
+        await store.close()
+
+
+async def test_no_stamp_or_failing_message_ends_the_listener(
+    redis_proc: Any, tasks: Tasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review finding 1: {"stamp": 10**400} raised OverflowError out of run(), and the task
+    # ended for good on every instance. Whatever one message does, the next still arrives.
+    prefix = f"t{uuid4().hex[:8]}:"
+    a = await start(tasks, redis_proc.url, prefix, "a")
+    await eventually(lambda: a.backplane.connected)
+    decode = Event.decode
+
+    def failing(data: bytes) -> Event | None:
+        if data == b"boom":
+            raise RuntimeError("a bug in decoding one message")
+        return decode(data)
+
+    monkeypatch.setattr(Event, "decode", staticmethod(failing))
+    store = RedisStore(config(redis_proc.url, prefix), tasks, ManualClock())
+    try:
+        for stamp in HOSTILE_STAMPS.values():
+            await store.publish(CHANNEL, payload(op="ban", arg="a=1", origin="z", stamp=stamp))
+        await store.publish(CHANNEL, b"boom")
+        after = Event("del", "after", "z")
+        await store.publish(CHANNEL, after.encode())
+        await eventually(lambda: bool(a.events))
+        assert a.events == [after]
+        assert a.backplane.failed == 1
+        assert (a.backplane.reconnects, a.resyncs) == (0, 0)  # the same subscription
+    finally:
+        await store.close()
+
+
+async def test_a_failure_outside_one_message_reconnects_and_resyncs(
+    redis_proc: Any, tasks: Tasks
+) -> None:
+    prefix = f"t{uuid4().hex[:8]}:"
+    a = await start(tasks, redis_proc.url, prefix, "a")
+    await eventually(lambda: a.backplane.connected)
+    failures = [RuntimeError("a bug in the resync")]
+
+    def resync() -> None:
+        a.resyncs += 1
+        if failures:
+            raise failures.pop()
+
+    a.backplane.on_resync = resync
+    redis_proc.restart()
+    await eventually(lambda: a.resyncs == 2 and a.backplane.connected)  # failed, then again
+    store = RedisStore(config(redis_proc.url, prefix), tasks, ManualClock())
+    try:
+        event = Event("del", "k", "b")
         await store.publish(CHANNEL, event.encode())
         await eventually(lambda: bool(a.events))
         assert a.events == [event]

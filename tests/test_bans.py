@@ -14,7 +14,15 @@ from conftest import CountingUpstream, ProxyFactory, RedisServer, eventually, la
 from redis.asyncio import Redis
 from test_layered import connected
 
-from proxy.bans import FLOOR, MAX_SKEW, URL_FLOOR, Bans, ban_horizon, url_subject
+from proxy.bans import (
+    FLOOR,
+    MAX_SKEW,
+    URL_FLOOR,
+    Bans,
+    ban_horizon,
+    url_subject,
+    valid_subject,
+)
 from proxy.clock import ManualClock
 from proxy.entry import CachedResponse
 from proxy.policy import TTLClass
@@ -121,6 +129,77 @@ def test_url_bans_apply_to_that_urls_variants_only() -> None:
     assert table.verdict(old, "GET api /q/A") is None  # the plain key is deleted outright
     assert table.verdict(old, "GET api /q/AB accept-language=en") is None
     assert table.verdict(entry(NOW + 1), "GET api /q/A accept-language=en") is None
+
+
+def test_a_url_ban_on_a_very_long_url_has_a_small_subject_and_still_applies() -> None:
+    # Keys reach ~8 KB: a URL subject past 512 characters is a hash, computed alike by the
+    # ban (from the resource) and by the lookup (from the key).
+    clock = ManualClock(NOW)
+    table = bans(clock)
+    resource = "api /q/" + "a" * 8000
+    subject = url_subject(resource)
+    assert subject.startswith("url #") and len(subject) == len("url #") + 32
+    assert url_subject("api /q/A") == "url api /q/A"  # short ones stay readable
+    assert valid_subject(subject) and not valid_subject("url " + resource)
+    table.add(subject, NOW, soft=False)
+    old = entry(NOW - 1)
+    assert table.verdict(old, f"GET {resource} accept-language=en") == "hard"
+    assert table.verdict(old, f"POST {resource} body=0123") == "hard"
+    assert table.verdict(old, f"GET {resource}b accept-language=en") is None
+
+
+@pytest.mark.parametrize(
+    ("subject", "valid"),
+    [
+        ("symbol=AAPL", True),
+        ("route=chart", True),
+        (FLOOR, True),
+        (URL_FLOOR, True),
+        ("url api /q/A", True),
+        ("s=" + "x" * 510, True),  # 512: as long as admin takes
+        ("s=" + "x" * 511, False),
+        ("a=" + "x" * 100_000, False),
+        ("url " + "x" * 512, True),
+        ("url " + "x" * 513, False),  # url_subject hashes anything longer
+        ("url ", False),
+        ("AAPL", False),
+        ("=", False),
+        ("", False),
+    ],
+)
+def test_only_subjects_admin_or_url_subject_make_are_valid(subject: str, valid: bool) -> None:
+    assert valid_subject(subject) is valid
+
+
+def test_load_deletes_records_it_cannot_read_whatever_they_hold() -> None:
+    # Review finding 2: float(10**400) raised OverflowError out of load, so no later record
+    # loaded and the bad one was never deleted. Finding 4: subjects of any size were kept.
+    clock = ManualClock(NOW)
+    table = bans(clock, horizon=1000.0)
+    hostile = {
+        b"symbol=HUGE": b'{"h": 1' + b"0" * 400 + b', "s": 0}',  # 10**400
+        b"symbol=STR": json.dumps({"h": str(NOW - 1), "s": 0}).encode(),
+        b"symbol=BOOL": json.dumps({"h": True, "s": 0}).encode(),
+        b"symbol=NAN": b'{"h": NaN, "s": 0}',
+        b"symbol=SOFTHUGE": b'{"h": 0, "s": -1' + b"0" * 400 + b"}",
+        b"symbol=NOS": json.dumps({"h": NOW - 1}).encode(),
+        b"symbol=LIST": b"[1, 2]",
+        b"symbol=DIGITS": b'{"h": ' + b"9" * 5000 + b', "s": 0}',  # past int's digit limit
+        b"a=" + b"x" * 100_000: json.dumps({"h": NOW - 1, "s": 0}).encode(),
+        b"url " + b"x" * 1000: json.dumps({"h": NOW - 1, "s": 0}).encode(),
+        b"NOTATAG": json.dumps({"h": NOW - 1, "s": 0}).encode(),
+    }
+    good = {
+        b"symbol=A": json.dumps({"h": NOW - 2, "s": 0}).encode(),
+        b"symbol=B": json.dumps({"h": 0, "s": NOW - 3}).encode(),
+        b"url api /q/A": json.dumps({"h": NOW - 4, "s": 0}).encode(),
+    }
+    loaded = table.load({**hostile, **good})  # the good ones last: all still load
+    assert table.hard.times == {"symbol=A": NOW - 2}
+    assert table.soft.times == {"symbol=B": NOW - 3}
+    assert table.urls.times == {"url api /q/A": NOW - 4}
+    assert loaded.rewrite == {}
+    assert set(loaded.delete) - {FLOOR, URL_FLOOR} == {s.decode() for s in hostile}
 
 
 def test_lift_and_listing() -> None:
@@ -242,3 +321,52 @@ async def test_bans_are_listed_and_lifted_everywhere(
     hit = await b.client.get("/quote/AAPL")  # no longer soft-purged: a hit
     assert hit.headers["Cache-Status"].startswith("cacheproxy; hit")
     assert (await a.admin.get("/bans?limit=0")).status == 400
+
+
+async def test_bans_hash_records_that_cannot_be_read_are_deleted_and_the_rest_load(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_proc: RedisServer
+) -> None:
+    # Review findings 2 and 4, against the real hash: a stamp of 10**400 stopped every load
+    # (at start too), and a 100 KB subject was kept. The good records load; the bad go.
+    cache = layered_cache(redis_proc.url)
+    bans_hash = cache["redis"]["key_prefix"] + "bans"
+    huge_subject = "a=" + "x" * 100_000
+    client = Redis.from_url(redis_proc.url)
+    try:
+        now = time.time()
+        await client.hset(bans_hash, mapping={
+            "symbol=HUGE": b'{"h": 1' + b"0" * 400 + b', "s": 0}',
+            huge_subject: json.dumps({"h": now - 10, "s": 0}),
+            "route=quote": json.dumps({"h": now - 10, "s": 0}),
+            "symbol=MSFT": json.dumps({"h": 0, "s": now - 10}),
+        })  # fmt: skip
+        proxy = await make_proxy(cache=cache)  # loads the bans at start
+        bans = proxy.deps.store.bans
+        assert set(bans.hard.times) == {"route=quote"}
+        assert set(bans.soft.times) == {"symbol=MSFT"}
+        assert sorted(await client.hkeys(bans_hash)) == [b"route=quote", b"symbol=MSFT"]
+    finally:
+        await client.aclose()
+
+
+async def test_a_backplane_ban_with_a_huge_subject_is_ignored(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_proc: RedisServer
+) -> None:
+    # Review finding 4: 3,000 bans with 100 KB subjects held 286 MB.
+    cache = layered_cache(redis_proc.url)
+    proxy = await make_proxy(cache=cache)
+    await connected(proxy)
+    channel = cache["redis"]["key_prefix"] + "events"
+    stamp = proxy.clock() - 1
+    client = Redis.from_url(redis_proc.url)
+    try:
+        for subject in ("a=" + "x" * 100_000, "url " + "x" * 100_000, "no tag"):
+            ban = {"op": "ban", "arg": subject, "origin": "x", "stamp": stamp}
+            await client.publish(channel, json.dumps(ban))
+        marker = {"op": "ban", "arg": "symbol=MARK", "origin": "x", "stamp": stamp}
+        await client.publish(channel, json.dumps(marker))
+    finally:
+        await client.aclose()
+    bans = proxy.deps.store.bans
+    await eventually(lambda: "symbol=MARK" in bans.hard.times)
+    assert len(bans) == 1

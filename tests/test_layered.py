@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from conftest import (
     CountingUpstream,
     Proxy,
@@ -16,7 +17,17 @@ from conftest import (
 )
 from redis.asyncio import Redis
 
-from proxy.entry import decode
+from proxy.backplane import Event
+from proxy.bans import url_subject
+from proxy.breaker import CircuitBreaker
+from proxy.clock import ManualClock
+from proxy.entry import CachedResponse, decode
+from proxy.store import banning
+from proxy.store.layered import LayeredStore
+from proxy.store.memory import MemoryStore
+from proxy.tasks import Tasks
+
+NOW = 1_700_000_000.0
 
 
 async def connected(*proxies: Proxy) -> None:
@@ -310,3 +321,87 @@ async def test_after_a_resync_l2_vouches_for_l1_entries(
     second = await proxy.client.get("/quote/V")
     assert second.headers["Cache-Status"].endswith("detail=l1")
     assert upstream.total == 1
+
+
+# --- bans, without Redis ---------------------------------------------------------------
+
+
+def l1_only(tasks: Tasks, clock: ManualClock, entries: int) -> LayeredStore:
+    l1 = MemoryStore(entries, 1 << 40, clock)
+    breaker = CircuitBreaker(3, 0.05, 1, clock=clock)
+    return LayeredStore(l1, None, breaker, tasks, "a", clock)
+
+
+def quote(symbol: str, stored_at: float) -> CachedResponse:
+    return CachedResponse(200, (), b"x", stored_at, 3600.0, route="quote", tags=(f"s={symbol}",))
+
+
+async def test_ban_messages_do_not_walk_l1_and_banned_entries_are_never_served(
+    tasks: Tasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review finding 3: each ban message walked all of L1 (10k entries, 20k messages: 75 s of
+    # blocked loop). Now no walk at all: lookups apply bans. The time bound is generous: a
+    # walk per message misses it by orders of magnitude.
+    clock = ManualClock(NOW)
+    store = l1_only(tasks, clock, 10_000)
+    assert store.l1 is not None
+    for i in range(10_000):
+        await store.l1.set(f"GET api /quote/S{i}", quote(f"S{i}", NOW))
+    walks = 0
+    items = store.l1.items
+
+    def counted() -> list[tuple[str, CachedResponse]]:
+        nonlocal walks
+        walks += 1
+        return items()
+
+    monkeypatch.setattr(store.l1, "items", counted)
+    clock.advance(1)
+    started = time.perf_counter()
+    for i in range(20_000):
+        store.apply(Event("ban", f"s=S{i % 5000}", "b", NOW + 1))
+    store.apply(Event("softban", "s=S6000", "b", NOW + 1))
+    store.apply(Event("ban", url_subject("api /quote/S7000"), "b", NOW + 1))
+    assert time.perf_counter() - started < 5.0
+    assert walks == 0
+    assert len(store.l1) == 10_000  # nothing dropped yet ...
+    assert await store.lookup("GET api /quote/S1") is None  # ... but never served
+    assert "GET api /quote/S1" not in store.l1  # and dropped at lookup
+    soft = await store.lookup("GET api /quote/S6000")
+    assert soft is not None and soft.soft_purged
+    assert await store.lookup("GET api /quote/S7000 accept=x") is None  # a variant's key
+    unbanned = await store.lookup("GET api /quote/S9000")
+    assert unbanned is not None and not unbanned.soft_purged
+
+
+async def test_an_admin_tag_purge_counts_l1_in_slices(
+    tasks: Tasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The admin's own purge still answers how many L1 entries it applies to here: one walk
+    # per request, which lets the loop run between slices.
+    clock = ManualClock(NOW)
+    store = l1_only(tasks, clock, 1000)
+    assert store.l1 is not None
+    for i in range(1000):
+        await store.l1.set(f"GET api /quote/S{i}", quote("AAPL" if i % 2 else "MSFT", NOW))
+    clock.advance(1)
+    await store.l1.set("GET api /quote/S1", quote("AAPL", clock()))  # stored after: stays
+    monkeypatch.setattr(banning, "SLICE", 0.0)  # yield after each entry
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    running = tasks.spawn(ticker(), "ticker")
+    try:
+        assert await store.banning.tag("s=AAPL", soft=False) == (499, False)
+    finally:
+        running.cancel()
+    assert ticks >= 400  # the loop ran between slices
+    assert len(store.l1) == 501
+    assert "GET api /quote/S1" in store.l1
+    assert await store.banning.tag("s=MSFT", soft=True) == (500, False)
+    assert len(store.l1) == 501  # soft: kept, marked at lookup

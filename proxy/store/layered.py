@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from proxy.backplane import CHANNEL, Event
-from proxy.bans import FLOOR, URL_FLOOR, Bans, entry_tags, is_url_ban, url_subject
+from proxy.bans import Bans, valid_subject
 from proxy.breaker import CircuitBreaker
 from proxy.clock import Clock, system_clock
 from proxy.entry import CachedResponse
 from proxy.errors import StoreUnavailable
 from proxy.glob import MAX_EVENT_LENGTH, Glob
+from proxy.store.banning import Banning
 from proxy.store.base import StoreStats
 from proxy.store.leases import Leases
 from proxy.store.memory import MemoryStore
@@ -72,6 +73,7 @@ class LayeredStore:
         self._distrusted = False  # every L1 key is suspect (nothing vouched for since)
         self.leases = Leases(self)  # cross-instance coalescing
         self.popularity = Popular(self)  # requests per key, for /hottest and warm start
+        self.banning = Banning(self)  # purges by tag, route and URL (bans), here and in L2
 
     # --- reads -------------------------------------------------------------------------
 
@@ -166,7 +168,7 @@ class LayeredStore:
         finally:
             if self._writes.get(key) is asyncio.current_task():  # not a newer write's
                 del self._writes[key]
-        await self._publish(Event("set", key, self.instance, entry.stored_at))
+        await self.publish(Event("set", key, self.instance, entry.stored_at))
 
     async def delete(self, key: str) -> bool:
         """Remove key from every layer and every instance's L1."""
@@ -211,7 +213,7 @@ class LayeredStore:
             counts["l1"] = int(await op(self.l1))
         if self.l2 is not None:
             counts["l2"] = l2
-            await self._publish(event)
+            await self.publish(event)
         return counts
 
     async def quietly(self, call: Callable[[RedisStore], Awaitable[object]]) -> None:
@@ -219,7 +221,7 @@ class LayeredStore:
         with contextlib.suppress(StoreUnavailable):
             await self.call_l2(call)
 
-    async def _publish(self, event: Event) -> None:
+    async def publish(self, event: Event) -> None:
         # If this fails, other instances resync when they notice the outage themselves.
         await self.quietly(lambda l2: l2.publish(CHANNEL, event.encode()))
 
@@ -230,12 +232,15 @@ class LayeredStore:
         if event.op == "set":
             self.leases.wake(event.arg)
         if event.op in ("ban", "softban"):  # recorded even without an L1: lookups apply it
-            soft = event.op == "softban"
-            if self.bans.add(event.arg, event.stamp, soft) is None:
+            # Not looked for in L1 (that would cost a walk per message): lookups apply bans,
+            # and the entries a ban dooms go when next looked up or evicted.
+            if not valid_subject(event.arg):
+                log.warning("ignoring a ban of %.80r: not a tag or URL subject", event.arg)
+                return
+            if self.bans.add(event.arg, event.stamp, event.op == "softban") is None:
                 log.warning("ignoring a ban stamped %r (not a time)", event.stamp)
                 return
             self._generation += 1
-            self._apply_ban(event.arg, soft)
             return
         if event.op == "unban":
             self.bans.lift(event.arg)
@@ -272,6 +277,10 @@ class LayeredStore:
             log.warning("too many pattern purges at once: not trusting L1 until L2 vouches")
         return walk
 
+    def invalidated(self) -> None:
+        """L1 changed under a purge: an L2 read already in flight may not fill it."""
+        self._generation += 1
+
     def _distrust_l1(self) -> None:
         """Our L1 may have missed a purge: its entries are not hits until L2 vouches for each
         (or it is fetched again). Once per flood of purges: until something is vouched for,
@@ -291,76 +300,7 @@ class LayeredStore:
         self._generation += 1
         self._distrust_l1()
         if self.l2 is not None:
-            self.tasks.spawn(self.load_bans(), "load-bans")
-
-    async def load_bans(self) -> None:
-        """Read the purges on record in L2 (at start, and after a resync), and put right
-        what the load refused, clamped or forgot there."""
-        with contextlib.suppress(StoreUnavailable):
-            loaded = self.bans.load(await self.call_l2(lambda l2: l2.load_bans()))
-            if loaded.rewrite or loaded.delete:
-                await self.call_l2(lambda l2: l2.save_bans(loaded.rewrite, loaded.delete))
-
-    async def purge_tag(self, tag: str, soft: bool) -> tuple[int, bool]:
-        """Purge every entry carrying `tag` (symbol=AAPL, route=chart), in every layer and
-        instance, lazily. Returns the L1 entries it applies to here, and whether L2 (so the
-        other instances) got it. Soft: entries stay, served only on upstream error."""
-        await self.flush()
-        return await self._ban(tag, soft)
-
-    async def purge_url(self, resource: str) -> bool:
-        """Purge every variant of one URL (`api /quote/AAPL`: key-header variants, cached
-        POST bodies), lazily: one record in L2 and one message, whatever L2 holds. Whether
-        L2 (so the other instances) got it."""
-        _applied, reached = await self._ban(url_subject(resource), soft=False)
-        return reached
-
-    async def _ban(self, subject: str, soft: bool) -> tuple[int, bool]:
-        now = self.clock()
-        recorded = self.bans.add(subject, now, soft)
-        assert recorded is not None  # our own clock's time
-        self._generation += 1
-        applied = self._apply_ban(subject, soft)
-        records = {subject: self.bans.encode(subject)}
-        forgotten = set(recorded.forgotten)
-        for floor in (FLOOR, URL_FLOOR) if forgotten else ():  # the floors may have moved
-            if self.bans.holds(floor):
-                records[floor] = self.bans.encode(floor)
-            else:
-                forgotten.add(floor)
-        reached = True
-        try:
-            await self.call_l2(lambda l2: l2.save_bans(records, tuple(forgotten - set(records))))
-        except StoreUnavailable:
-            reached = False
-        if self.l2 is not None:
-            await self._publish(Event("softban" if soft else "ban", subject, self.instance, now))
-        return applied, reached and self.l2 is not None
-
-    async def lift_ban(self, subject: str) -> tuple[bool, bool]:
-        """Lift a ban here, in L2 and (by message) on every instance: whether there was
-        one here, and whether L2 got it."""
-        lifted = self.bans.lift(subject)
-        reached = True
-        try:
-            await self.call_l2(lambda l2: l2.save_bans({}, (subject,)))
-        except StoreUnavailable:
-            reached = False
-        if self.l2 is not None:
-            await self._publish(Event("unban", subject, self.instance, self.clock()))
-        return lifted, reached and self.l2 is not None
-
-    def _apply_ban(self, tag: str, soft: bool) -> int:
-        """L1 entries the tag names: dropped (hard) or left for lookup to mark (soft). URL
-        bans are not looked for here (that would scan L1 on every POST): lookup applies
-        them."""
-        if self.l1 is None or is_url_ban(tag):
-            return 0
-        doomed = [k for k, e in self.l1.items() if tag in entry_tags(e)]
-        if not soft:
-            for key in doomed:
-                self.l1.drop(key)
-        return len(doomed)
+            self.tasks.spawn(self.banning.load(), "load-bans")
 
     # --- inspection --------------------------------------------------------------------
 
