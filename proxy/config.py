@@ -100,7 +100,7 @@ class Config:
 def _upstream(name: str, node: Node) -> Upstream:
     node.mapping(tuple(Upstream.__dataclass_fields__.keys() - {"name"}))
     url_node = node.child("url")
-    url = URL(url_node.text())
+    url = url_node.url()
     if url.scheme not in ("http", "https") or not url.host:
         raise url_node.error(f"expected an absolute http(s) URL, got {url_node.value!r}")
     if url.user or url.password:
@@ -251,7 +251,7 @@ def _redis(node: Node) -> RedisConfig:
     d = RedisConfig()
     url_node = node.child("url")
     url = url_node.text(d.url)
-    if URL(url).scheme not in ("redis", "rediss", "unix"):
+    if url_node.url(d.url).scheme not in ("redis", "rediss", "unix"):
         raise url_node.error(f"expected a redis://, rediss:// or unix:// URL, got {url!r}")
     return RedisConfig(
         url=url,
@@ -341,7 +341,7 @@ def _apply_env_overrides(cache: CacheConfig, env: Mapping[str, str]) -> CacheCon
             )
         changes["backend"] = backend
     if url := env.get("CACHE_REDIS_URL"):
-        if URL(url).scheme not in ("redis", "rediss", "unix"):
+        if Node(url, "CACHE_REDIS_URL").url().scheme not in ("redis", "rediss", "unix"):
             raise ConfigError("CACHE_REDIS_URL", f"expected a redis:// URL, got {url!r}")
         changes["redis"] = replace(cache.redis, url=url)
     if entries := env.get("CACHE_L1_MAX_ENTRIES"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar, cast
 
+from yarl import URL
+
 from proxy.errors import ConfigError
 from proxy.units import expand_env, parse_duration, parse_size
 
@@ -66,6 +68,15 @@ class Node:
         if isinstance(self.value, bool) or not isinstance(self.value, str | int | float):
             raise self.error(f"expected a string, got {type(self.value).__name__}")
         return str(self.value)
+
+    def url(self, default: str | None = None) -> URL:
+        """A URL; one that does not parse (a port past 65535, a broken IPv6 literal) is an
+        error naming this field, not a ValueError from yarl."""
+        text = self.text(default)
+        try:
+            return URL(text)
+        except ValueError as e:
+            raise self.error(f"not a URL ({e}): {text!r}") from e
 
     def convert(self, parse: Callable[[object], T], default: T) -> T:
         if self.value is None:

@@ -563,3 +563,27 @@ def test_load_config_turns_every_bad_file_into_a_config_error(
     with pytest.raises(ConfigError) as caught:
         load_config(path, env={})
     assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("where", "url"),
+    [("upstreams.api.url", "http://api.example:99999"),
+     ("upstreams.api.url", "http://[::1"),
+     ("cache.redis.url", "redis://127.0.0.1:70000/0"),
+     ("cache.redis.url", "redis://[::1/0"),
+     ("CACHE_REDIS_URL", "redis://[x")],
+)  # fmt: skip
+def test_a_url_that_does_not_parse_is_a_config_error(where: str, url: str) -> None:
+    # Found by the config fuzzer: yarl's ValueError (a port past 65535, a broken IPv6
+    # literal) escaped parse_config as a traceback.
+    data = minimal()
+    env = {}
+    if where == "upstreams.api.url":
+        data["upstreams"]["api"]["url"] = url
+    elif where == "cache.redis.url":
+        data["cache"] = {"backend": "layered", "redis": {"url": url}}
+    else:
+        env = {"CACHE_REDIS_URL": url}
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, env=env)
+    assert e.value.path == where
