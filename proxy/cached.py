@@ -239,7 +239,7 @@ class CachedPath:
             self.deps.config.cache.max_object_size, now, asked_at,
             authorized="Authorization" in attempt.headers, unkeyed=attempt.unkeyed,
         )  # fmt: skip
-        lifetime = Store(0.0) if isinstance(verdict, DontStore) else verdict
+        lifetime = Store(0.0) if isinstance(verdict, DontStore) else verdict.bounded()
         entry = CachedResponse(
             status=status,
             headers=headers,

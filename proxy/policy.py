@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from proxy.market import Market
 from proxy.origin import (
+    MAX_DELTA,
     corrected_initial_age,
     freshness_lifetime,
     parse_age,
@@ -22,8 +22,6 @@ from proxy.origin import (
 # so the only ones an entry may hold: entry.decode refuses any other read from L2.
 STORABLE_STATUS: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
 _NEGATIVE_STATUS: Final = frozenset({404, 410})
-_DELTA_SECONDS: Final = re.compile(r"[0-9]+")  # ASCII digits only; \d admits others
-_MAX_DELTA: Final = 2**31
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +84,16 @@ class Store:
     grace: float = 0.0
     keep: float = 0.0
     initial_age: float = 0.0
+
+    def bounded(self) -> Store:
+        """The lifetime as an entry holds it: each part at most 2^31 s, which is what a
+        larger delta-seconds means (RFC 9111 1.2.2), so `Expires: 9999` or a huge `Age`
+        make an entry any reader takes for one this proxy wrote (entry.decode)."""
+        cap = float(MAX_DELTA)
+        return Store(
+            min(self.ttl, cap), min(self.grace, cap), min(self.keep, cap),
+            min(self.initial_age, cap),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from email.utils import formatdate
 
 import pytest
-from conftest import CountingUpstream, ProxyFactory, Reply
+from conftest import CountingUpstream, ProxyFactory, RedisServer, Reply, layered_cache
 
 from proxy.origin import (
     corrected_initial_age,
@@ -332,3 +332,31 @@ def test_a_date_with_an_enormous_year_is_invalid_not_an_error() -> None:
     assert http_date(date) is None
     headers = {"Date": date, "Last-Modified": date, "Expires": date}
     assert freshness_lifetime(200, headers, 1_700_000_000.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Expires": "Fri, 31 Dec 9999 23:59:59 GMT"},  # the "never expires" idiom
+     {"Cache-Control": "max-age=99999999999"},
+     {"Date": "Mon, 01 Jan 1900 00:00:00 GMT", "Expires": "Fri, 31 Dec 9999 23:59:59 GMT"}],
+    ids=["expires-9999", "max-age-huge", "dated-1900"],
+)  # fmt: skip
+async def test_far_lifetimes_are_stored_as_an_l2_reader_accepts_them(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_server: RedisServer,
+    headers: dict[str, str],
+) -> None:  # fmt: skip
+    # entry.decode refuses lifetimes past 2^31 s (review of issue 11); the writer caps them,
+    # as RFC 9111 1.2.2 reads larger values, so such entries live in L2 and are shared.
+    cache = layered_cache(redis_server.url)
+    writer = await make_proxy(cache=cache, ttl_classes={"short": {"ttl": "origin"}, "long": "1h"})
+    path = "/v8/finance/chart/FAR"
+    upstream.replies[path] = Reply(headers={"Date": formatdate(writer.clock(), usegmt=True),
+                                            **headers})  # fmt: skip
+    first = await writer.client.get(path)
+    assert first.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    await writer.deps.store.flush()
+    reader = await make_proxy(cache=cache, ttl_classes={"short": {"ttl": "origin"}, "long": "1h"})
+    assert reader.deps.store.l2 is not None
+    found = await reader.deps.store.l2.get("GET api " + path)
+    assert found is not None and reader.deps.store.l2.stats.corrupt == 0
+    assert max(found.ttl, found.initial_age) <= 2**31
