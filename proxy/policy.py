@@ -144,7 +144,7 @@ def classify_request(
     if method == "POST" and cache_post:
         if body_size is None or body_size > MAX_POST_KEY_BODY:
             return Bypass("post-body")
-        if "boundary=" in content_type.lower():
+        if content_type.partition(";")[0].strip().lower().startswith("multipart/"):
             return Bypass("post-multipart")
     elif method not in CACHEABLE_METHODS:
         return Bypass("method")

@@ -187,7 +187,10 @@ class ProxyHandler:
         async with self.deps.upstreams.request(
             route.upstream, request.method, upstream_target(target, upstream.query), headers, body
         ) as resp:
-            if request.method not in _SAFE and resp.status < 400:
+            # A POST on a cache_post route is a query (the route says so), even when it is
+            # too large or multipart to be cached: it changes nothing, so it purges nothing.
+            query = request.method == "POST" and route.cache_post
+            if request.method not in _SAFE and not query and resp.status < 400:
                 await self._invalidate(resolved)
             # The client's own Accept-Encoding went upstream: relay the encoding as is.
             detail = f"fwd={fwd}; detail={reason}"

@@ -90,6 +90,36 @@ async def test_multipart_posts_are_forwarded_uncached(
     assert len(proxy.l1) == 0
 
 
+async def test_uncached_posts_on_a_cache_post_route_purge_nothing(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    # The route says its POSTs are queries: one too large or multipart to cache is forwarded
+    # as it is, and must not purge the entries of that URL (anyone could empty them so).
+    proxy = await make_proxy(**NEWS)
+    upstream.replies["/xhr/ncp"] = Reply(body=b"<echo>")
+    json_type = {"Content-Type": "application/json"}
+    url = "/xhr/ncp?queryRef=latestNews"
+    await proxy.client.post(url, data=news_body("AAPL"), headers=json_type)
+    proxy.clock.advance(1)
+    multipart = {"Content-Type": "multipart/form-data; boundary=b1"}
+    await proxy.client.post(url, data=b"--b1--\r\n", headers=multipart)
+    await proxy.client.post(url, data=b"x" * (64 * 1024 + 1))
+    proxy.clock.advance(1)
+    again = await proxy.client.post(url, data=news_body("AAPL"), headers=json_type)
+    assert again.headers["Cache-Status"].startswith("cacheproxy; hit")
+    assert upstream.calls["/xhr/ncp"] == 3
+
+
+async def test_only_a_multipart_media_type_is_multipart(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(**NEWS)
+    upstream.replies["/xhr/ncp"] = Reply(body=b"<echo>")
+    odd = {"Content-Type": "application/json; boundary=x"}  # not multipart: keyed as sent
+    first = await proxy.client.post("/xhr/ncp", data=news_body("AAPL"), headers=odd)
+    assert first.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+
+
 async def test_posts_on_routes_without_cache_post_still_pass_through(
     make_proxy: ProxyFactory, upstream: CountingUpstream
 ) -> None:
