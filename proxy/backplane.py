@@ -140,12 +140,12 @@ class Backplane:
         PUBLISH on Redis chooses the bytes: the traceback is logged once, then a line each."""
         try:
             self._dispatch(message)
-        except Exception:
+        except Exception as e:
             self.failed += 1
             if self.failed == 1:
                 log.exception("skipping a backplane message that could not be handled")
             else:
-                log.warning("skipping a failing backplane message (%d so far)", self.failed)
+                log.warning("skipping a failing backplane message (%d so far): %r", self.failed, e)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if message.get("type") != "message":
