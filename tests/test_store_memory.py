@@ -389,8 +389,12 @@ async def test_a_sweep_matches_each_key_once_whether_its_walk_or_a_lookup_asks(
     calls: Counter[str] = Counter()
     matches = Glob.matches
 
+    passed = asyncio.Event()
+
     def counted(glob: Glob, key: str) -> bool:
         calls[key] += 1
+        if key == "GET api /other/0":
+            passed.set()
         return matches(glob, key)
 
     monkeypatch.setattr(Glob, "matches", counted)
@@ -404,8 +408,7 @@ async def test_a_sweep_matches_each_key_once_whether_its_walk_or_a_lookup_asks(
         assert store.peek("GET api /other/7") is not None
         assert store.peek("GET api /q/7") is None
     walking = asyncio.ensure_future(walk)
-    while not calls["GET api /other/0"]:  # the walk has passed it ...
-        await asyncio.sleep(0)
+    await passed.wait()  # the walk has matched it ...
     assert not walking.done()
     for _ in range(5):  # ... and lookups meanwhile take its verdict
         assert store.peek("GET api /other/0") is not None
