@@ -10,8 +10,8 @@ from typing import Final, NamedTuple
 # writes, and it bounds the work of matching one (see Glob).
 MAX_LENGTH: Final = 1024
 # The longest glob one instance takes from another: admin's whole-key form of a client's glob
-# (`* * /v8/*`) and then some.
-MAX_EVENT_LENGTH: Final = 2 * MAX_LENGTH
+# (`* * /v8/*`), the only pattern purge any instance publishes.
+MAX_EVENT_LENGTH: Final = MAX_LENGTH + len("* * ")
 
 
 def bounded(text: str, max_length: int = MAX_LENGTH) -> str:

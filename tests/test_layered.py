@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any, cast
 
 import pytest
 from conftest import (
@@ -22,9 +23,10 @@ from proxy.bans import url_subject
 from proxy.breaker import CircuitBreaker
 from proxy.clock import ManualClock
 from proxy.entry import CachedResponse, decode
+from proxy.glob import Glob
 from proxy.store import banning
 from proxy.store.layered import LayeredStore
-from proxy.store.memory import MemoryStore
+from proxy.store.memory import MAX_SWEEPS, MemoryStore
 from proxy.tasks import Tasks
 
 NOW = 1_700_000_000.0
@@ -405,3 +407,65 @@ async def test_an_admin_tag_purge_counts_l1_in_slices(
     assert "GET api /quote/S1" in store.l1
     assert await store.banning.tag("s=MSFT", soft=True) == (500, False)
     assert len(store.l1) == 501  # soft: kept, marked at lookup
+
+
+async def test_purges_beyond_the_sweep_cap_distrust_l1_without_copying_it_each_time(
+    tasks: Tasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each pattern purge refused a walk (MAX_SWEEPS under way) copied all of L1's keys again
+    # once anything had been stored since: 100k entries, 2000 refused purges each followed by
+    # one store took 17 s of blocked loop (issue 11 second review, finding 1). Now a distrust
+    # only re-suspects the keys trusted since the one before: O(1) amortised per message.
+    clock = ManualClock(NOW)
+    store = l1_only(tasks, clock, 20_000)
+    assert store.l1 is not None
+    for i in range(10_000):
+        await store.l1.set(f"GET api /quote/S{i}", quote(f"S{i}", NOW))
+    copied: list[int] = []
+    keys = store.l1.keys
+
+    def counted() -> Any:
+        copied.append(len(store.l1 or ()))
+        return keys()
+
+    monkeypatch.setattr(store.l1, "keys", counted)
+    for i in range(MAX_SWEEPS):  # walks under way (nothing here lets them run)
+        store.apply(Event("match", f"/busy/{i}/*", "b"))
+    for i in range(2000):
+        store.apply(Event("match", f"/refused/{i}/*", "b"))
+        await store.set(f"GET api /quote/S{i % 100}", quote("x", NOW))
+    assert sum(copied) <= 10_000  # L1 copied once, not 2000 times
+    assert len(store._suspect) <= 2 * len(store.l1)
+    trusted = await store.lookup("GET api /quote/S99")  # stored after the last purge
+    assert trusted is not None and not trusted.soft_purged
+    for before in ("GET api /quote/S98", "GET api /quote/S5000"):  # stored before it
+        found = await store.lookup(before)
+        assert found is not None and found.soft_purged  # not a hit: no L2 to vouch
+
+
+async def test_a_pattern_purge_is_published_before_l1_waits_for_a_walk(tasks: Tasks) -> None:
+    # The origin told the others only after its own L1 walk, which may first wait for up to
+    # MAX_SWEEPS other walks (issue 11 second review, finding 4). L2 is purged by then, so
+    # the message goes right after it.
+    clock = ManualClock(NOW)
+    store = l1_only(tasks, clock, 100)
+    assert store.l1 is not None
+    published: list[bytes] = []
+
+    class L2:
+        async def delete_matching(self, pattern: str) -> int:
+            return 0
+
+        async def publish(self, channel: str, message: bytes) -> None:
+            published.append(message)
+
+    store.l2 = cast(Any, L2())
+    await store.l1.set("GET api /quote/A", quote("A", NOW))
+    walks = [store.l1.sweep(Glob.parse(f"/busy/{i}")) for i in range(MAX_SWEEPS)]
+    purge = tasks.spawn(store.purge("* * /quote/*"), "purge")
+    await eventually(lambda: bool(published))
+    assert not purge.done()  # L1 still waits for a walk to end
+    for walk in walks:
+        assert walk is not None
+        await walk
+    assert await purge == {"l1": 1, "l2": 0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import tracemalloc
+from collections import Counter
 
 import pytest
 from conftest import CountingUpstream, ProxyFactory, Reply
@@ -377,3 +378,40 @@ async def test_beyond_max_sweeps_a_sweep_is_refused_and_a_purge_waits_its_turn(
     assert await purge == 1 and store.peek("k9") is None
     assert [await walk for walk in walks if walk is not None] == [1] * (MAX_SWEEPS - 1)
     assert sorted(k for k, _ in store.items()) == ["k4", "k5", "k6", "k7", "k8"]
+
+
+async def test_a_sweep_matches_each_key_once_whether_its_walk_or_a_lookup_asks(
+    clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every lookup matched its key against every walking sweep's glob: with four dense globs
+    # walking, each hit on an 8 KB key cost 63 ms (issue 11 second review, finding 2). Now a
+    # sweep remembers its verdict per key, shared by its walk and lookups.
+    calls: Counter[str] = Counter()
+    matches = Glob.matches
+
+    passed = asyncio.Event()
+
+    def counted(glob: Glob, key: str) -> bool:
+        calls[key] += 1
+        if key == "GET api /other/0":
+            passed.set()
+        return matches(glob, key)
+
+    monkeypatch.setattr(Glob, "matches", counted)
+    store = MemoryStore(max_entries=1000, max_bytes=BIG, clock=clock)
+    keys = [f"GET api /q/{i}" for i in range(50)] + [f"GET api /other/{i}" for i in range(50)]
+    for key in keys:
+        await store.set(key, entry(clock))
+    walk = store.sweep(Glob.parse("GET api /q/*"), slice_seconds=0.0)
+    assert walk is not None
+    for _ in range(5):  # looked up before the walk reaches them
+        assert store.peek("GET api /other/7") is not None
+        assert store.peek("GET api /q/7") is None
+    walking = asyncio.ensure_future(walk)
+    await passed.wait()  # the walk has matched it ...
+    assert not walking.done()
+    for _ in range(5):  # ... and lookups meanwhile take its verdict
+        assert store.peek("GET api /other/0") is not None
+    assert await walking == 50
+    assert set(calls) == set(keys)
+    assert set(calls.values()) == {1}, calls.most_common(3)

@@ -19,7 +19,7 @@ from proxy.config import RedisConfig
 from proxy.entry import MAGIC, VERSION, CachedResponse, encode
 from proxy.errors import StoreUnavailable
 from proxy.keys import escape_glob
-from proxy.store.redis import POOL_SIZE, RedisStore
+from proxy.store.redis import POOL_SIZE, REDIS_GLOB, RedisStore
 from proxy.tasks import Tasks
 
 HEAD = struct.Struct(">2sBHdddII")
@@ -555,6 +555,31 @@ async def test_scan_match_is_only_the_literal_prefix_and_the_glob_is_matched_her
 
         assert len(sent) > 3
         assert set(sent) == {escape_glob(store.entries + "q*/") + "*"}
+    finally:
+        await store.clear()
+        await store.close()
+
+
+async def test_a_short_glob_goes_to_redis_whole(
+    monkeypatch: pytest.MonkeyPatch, redis_proc: Any, clock: ManualClock, tasks: Tasks
+) -> None:
+    # Admin's globs all start `* * `, whose literal prefix is empty: handed only that, Redis
+    # sent every key to Python (100k keys: 0.50 s against 0.07 s for SCAN MATCH; second
+    # review, finding 3). A glob of at most REDIS_GLOB characters is cheap for Redis's own
+    # matcher, so it goes whole (and is matched here again on what comes back).
+    store = await proc_store(redis_proc, clock, tasks)
+    hits = ["GET api /v8/finance/chart/AAPL", "HEAD api /v8/x accept=y"]
+    misses = ["GET api /quote/AAPL", "GET api /v7/x"]
+    pattern = "* * /v8/*"
+    try:
+        await plant(store, clock, hits + misses)
+        matches = scan_matches(monkeypatch, store)
+        assert {k async for k, _ in store.scan(pattern)} == set(hits)
+        assert await store.delete_matching(pattern) == 2
+        sent = set(matches)
+        assert await keys_under(store) == {store.entries + k for k in misses}
+        assert sent == {escape_glob(store.entries) + pattern}
+        assert len(pattern) <= REDIS_GLOB
     finally:
         await store.clear()
         await store.close()

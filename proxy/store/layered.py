@@ -70,7 +70,12 @@ class LayeredStore:
         # L1 keys held when the backplane was lost: they may have missed a purge, so they
         # are not hits until L2 vouches for them or they are fetched again (see resync).
         self._suspect: set[str] = set()
-        self._distrusted = False  # every L1 key is suspect (nothing vouched for since)
+        # While distrusting: the keys vouched for since the last distrust. Every L1 key is
+        # then suspect or in here, so a new distrust moves these back instead of copying all
+        # of L1 (which cost a copy per backplane message: issue 11 second review, finding 1).
+        # None when not distrusting; once it outgrows L1, the next distrust copies L1 anew,
+        # a copy paid for by as many vouches.
+        self._trusted_since: set[str] | None = None
         self.leases = Leases(self)  # cross-instance coalescing
         self.popularity = Popular(self)  # requests per key, for /hottest and warm start
         self.banning = Banning(self)  # purges by tag, route and URL (bans), here and in L2
@@ -121,11 +126,14 @@ class LayeredStore:
 
     def _trust(self, key: str) -> None:
         """Key's L1 copy is vouched for (by L2, or fetched anew): a hit again."""
-        self._distrusted = False
         if self._suspect:
             self._suspect.discard(key)
             if not self._suspect:
                 self._suspect = set()  # a set never shrinks: let the large one go
+        if self._trusted_since is not None:
+            self._trusted_since.add(key)
+            if len(self._trusted_since) > len(self.l1 or ()):
+                self._trusted_since = None
 
     async def get(self, key: str) -> CachedResponse | None:
         """Store protocol: the live entry under key."""
@@ -208,12 +216,15 @@ class LayeredStore:
             with contextlib.suppress(StoreUnavailable):  # then L2 keeps them: said by None
                 l2 = int(await self.call_l2(op))
         self._generation += 1
+        # Other instances are told as soon as L2 is purged: what they read from L2 after the
+        # message is purged already. Not after our L1 walk, which may first wait for others.
+        if self.l2 is not None:
+            await self.publish(event)
         counts: dict[str, int | None] = {}
         if self.l1 is not None:
             counts["l1"] = int(await op(self.l1))
         if self.l2 is not None:
             counts["l2"] = l2
-            await self.publish(event)
         return counts
 
     async def quietly(self, call: Callable[[RedisStore], Awaitable[object]]) -> None:
@@ -268,12 +279,11 @@ class LayeredStore:
         try:
             glob = Glob.parse(pattern, MAX_EVENT_LENGTH)
         except ValueError as e:
-            # The cap bounds what anyone who can publish makes us do. Admin caps globs, but
-            # its URL purge (a long URL's escaped key + ` *`) may be longer.
+            # The cap bounds what anyone who can publish makes us do: admin sends no longer.
             log.warning("not matching a backplane purge pattern: %s", e)
             return None
         walk = self.l1.sweep(glob)
-        if walk is None and not self._distrusted:  # as many walks as L1 allows are under way
+        if walk is None and self._trusted_since is None:  # as many walks as L1 allows are under way
             log.warning("too many pattern purges at once: not trusting L1 until L2 vouches")
         return walk
 
@@ -283,11 +293,16 @@ class LayeredStore:
 
     def _distrust_l1(self) -> None:
         """Our L1 may have missed a purge: its entries are not hits until L2 vouches for each
-        (or it is fetched again). Once per flood of purges: until something is vouched for,
-        the keys already suspect are all of L1."""
-        if self.l1 is not None and not self._distrusted:
+        (or it is fetched again). Amortised O(1) per call: the keys vouched for since the
+        last distrust become suspect again, and L1 is copied only once more keys were vouched
+        for than it holds."""
+        if self.l1 is None:
+            return
+        if self._trusted_since is None:
             self._suspect = set(self.l1.keys())
-            self._distrusted = True
+        else:
+            self._suspect |= self._trusted_since
+        self._trusted_since = set()
 
     def resync(self) -> None:
         """After a lost subscription our L1 may have missed purges: do not trust it, and read
