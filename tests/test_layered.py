@@ -443,6 +443,26 @@ async def test_purges_beyond_the_sweep_cap_distrust_l1_without_copying_it_each_t
         assert found is not None and found.soft_purged  # not a hit: no L2 to vouch
 
 
+async def test_distrust_under_churn_keeps_the_suspects_bounded_by_l1(
+    tasks: Tasks,
+) -> None:
+    # Keys trusted since the last distrust become suspect again at the next one; keys L1
+    # evicted meanwhile must not pile up there: with new keys between purge messages the
+    # suspect set grew by a round's worth each time (found re-reading the change).
+    clock = ManualClock(NOW)
+    store = l1_only(tasks, clock, 1000)
+    assert store.l1 is not None
+    for i in range(MAX_SWEEPS):  # walks under way: each purge message below is refused
+        store.apply(Event("match", f"/busy/{i}/*", "b"))
+    for round_ in range(50):
+        store.apply(Event("match", f"/refused/{round_}/*", "b"))
+        for i in range(900):  # new keys, evicting older ones
+            await store.set(f"GET api /quote/R{round_}-{i}", quote("x", NOW))
+    store.apply(Event("match", "/last/*", "b"))
+    assert len(store.l1) == 1000
+    assert len(store._suspect) <= 2 * len(store.l1)
+
+
 async def test_a_pattern_purge_is_published_before_l1_waits_for_a_walk(tasks: Tasks) -> None:
     # The origin told the others only after its own L1 walk, which may first wait for up to
     # MAX_SWEEPS other walks (issue 11 second review, finding 4). L2 is purged by then, so

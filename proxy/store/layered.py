@@ -295,13 +295,15 @@ class LayeredStore:
         """Our L1 may have missed a purge: its entries are not hits until L2 vouches for each
         (or it is fetched again). Amortised O(1) per call: the keys vouched for since the
         last distrust become suspect again, and L1 is copied only once more keys were vouched
-        for than it holds."""
+        for than it holds, or the suspects (evicted keys among them) outgrow twice L1."""
         if self.l1 is None:
             return
-        if self._trusted_since is None:
-            self._suspect = set(self.l1.keys())
-        else:
+        if self._trusted_since is not None:
             self._suspect |= self._trusted_since
+        if self._trusted_since is None or len(self._suspect) > 2 * len(self.l1):
+            # Keys evicted since pile up in the suspects: past twice L1, start from L1 again
+            # (a copy paid for by the L1-size additions that grew it).
+            self._suspect = set(self.l1.keys())
         self._trusted_since = set()
 
     def resync(self) -> None:
