@@ -277,7 +277,7 @@ async def _purge_url(deps: Deps, url: str) -> dict[str, int | None]:
     config = deps.config
     target = parse_target(url)
     rules = config.cache.keys
-    variants = bool(rules.headers) or any(r.key_headers or r.cache_post for r in config.routes)
+    variants = config.makes_variants()
     totals: dict[str, int | None] = {}
     for upstream in sorted({r.upstream for r in config.routes}):
         exact = cache_key("GET", upstream, target, rules.ignore_params, rules.secret_params)

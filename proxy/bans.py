@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from proxy.clock import Clock, system_clock
+from proxy.clock import CLOCK_SKEW, Clock, system_clock
 from proxy.entry import CachedResponse
 from proxy.keys import key_variant_of
 from proxy.origin import MAX_DELTA
@@ -33,7 +33,7 @@ from proxy.policy import TTLClass
 from proxy.stamp import parse_stamp
 
 Verdict = Literal["hard", "soft"] | None
-MAX_SKEW = 60.0  # seconds a stamp may lie ahead of our clock (instances' clocks differ)
+MAX_SKEW = CLOCK_SKEW  # seconds a stamp may lie ahead of our clock (instances' clocks differ)
 MAX_TAG_BANS = 10_000  # per table (hard, soft): purges an operator asked for
 MAX_URL_BANS = 50_000  # any client's accepted POST makes one: at most ~1 KB each
 FLOOR = "*"  # the record of the tag tables' floors (not a tag: a tag holds "=")

@@ -96,6 +96,13 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     warm: WarmConfig = field(default_factory=WarmConfig)
 
+    def makes_variants(self) -> bool:
+        """Whether a URL can have several entries (key headers, cached POST bodies), which
+        a purge of the URL or an unsafe request to it must reach too."""
+        return bool(self.cache.keys.headers) or any(
+            r.key_headers or r.cache_post for r in self.routes
+        )
+
 
 def _upstream(name: str, node: Node) -> Upstream:
     node.mapping(tuple(Upstream.__dataclass_fields__.keys() - {"name"}))

@@ -201,15 +201,10 @@ class ProxyHandler:
         so the next GET fetches what the change produced (every key-header variant and
         cached POST body too). A few Redis commands, however much L2 holds: the plain GET
         key is deleted, its variants are banned (lazily, as a tag purge is)."""
-        store, config = self.deps.store, self.deps.config
+        store = self.deps.store
         resource = key_resource(resolved.key)
         await store.purge_key(f"GET {resource}")
-        # Only when the config makes variants: each ban is a record kept for a while.
-        if (
-            config.cache.keys.headers
-            or any(r.key_headers for r in config.routes)
-            or any(r.cache_post for r in config.routes)
-        ):
+        if self.deps.config.makes_variants():  # each ban is a record kept for a while
             await store.banning.url(resource)
 
 
