@@ -234,6 +234,42 @@ async def test_scan_yields_live_matching_entries(subject: Subject) -> None:
         assert {k: e async for k, e in view.scan("a:*")} == live
 
 
+# --- the paged contract: what a listing needs of a remote tier -----------------------------
+
+
+@pytest.fixture(params=["redis", "guarded"])
+async def paged(
+    request: pytest.FixtureRequest, redis_server: Any, clock: ManualClock, tasks: Tasks
+) -> AsyncIterator[Any]:
+    l2 = RedisStore(redis_config(redis_server.url, command_timeout=1.0), tasks, clock)
+    yield l2 if request.param == "redis" else Guarded(l2, CircuitBreaker(3, 0.05, 1, clock=clock))
+    await l2.clear()
+    await l2.close()
+
+
+async def test_scan_page_walks_every_live_match(paged: Any, clock: ManualClock) -> None:
+    live = {f"a:{i}": entry(clock, body=str(i).encode()) for i in range(25)}
+    for key, e in [*live.items(), ("b:1", entry(clock)), ("a:short", entry(clock, ttl=5))]:
+        await paged.set(key, e)
+    clock.advance(10)  # a:short is past its keep time
+    cursor, seen, steps = 0, {}, 0
+    while True:
+        cursor, found = await paged.scan_page("a:*", cursor, 5)
+        seen.update(found)
+        steps += 1
+        if cursor == 0:
+            break
+    assert seen == live
+    assert steps > 1  # bounded steps, not one sweep
+
+
+async def test_exists_many_says_which_keys_are_held(paged: Any, clock: ManualClock) -> None:
+    await paged.set("a", entry(clock))
+    await paged.set("c", entry(clock))
+    assert await paged.exists_many(["a", "b", "c", "a"]) == [True, False, True, True]
+    assert await paged.exists_many([]) == []
+
+
 # --- layered only ------------------------------------------------------------------------
 
 
@@ -286,6 +322,11 @@ async def test_l1_only_and_l2_only_layered_stores(
     await only_l1.set("k", entry(clock))
     assert await only_l1.lookup("k") == Found(entry(clock), "l1")
     assert only_l1.health() == ("ok", "")
+    # Alone, every lease is its own and no ban reaches anyone else; with Redis, they do.
+    assert (only_l1.leases.shared, only_l2.leases.shared) == (False, True)
+    assert await only_l1.leases.acquire("k", 1.0) is True
+    assert await only_l1.banning.tag("symbol=AAPL", soft=False) == (1, False)
+    assert await only_l2.banning.tag("symbol=AAPL", soft=False) == (0, True)
     with pytest.raises(ValueError):
         LayeredStore(None, [], tasks, "c", clock)
     with pytest.raises(ValueError):  # each tier's name labels its counts and listing walk

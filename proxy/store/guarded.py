@@ -63,8 +63,9 @@ class Guarded:
         return await _through(self.breaker, self._tier.clear)
 
     async def scan(self, pattern: str = "*") -> AsyncIterator[tuple[str, CachedResponse]]:
-        """Live entries matching the glob. Not a probe: an open breaker refuses it even when
-        a probe is due (a walk is too long a call to decide the breaker's state by)."""
+        """Live entries matching the glob: refused while the breaker is open and no probe is
+        due, but never the probe itself (a walk is too long a call to judge Redis by): it
+        neither takes a probe's turn nor closes the breaker."""
         if self.breaker.is_open:
             raise StoreUnavailable(f"circuit open: {self.breaker.reason}")
         try:
