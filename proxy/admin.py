@@ -52,11 +52,11 @@ def _layers(deps: Deps) -> dict[str, Any]:
             "max_bytes": l1.max_bytes,
             **vars_of(l1.stats),
         }
-    if store.l2 is not None:
-        layers["l2"] = {
-            **vars_of(store.l2.stats),
-            "breaker": store.breaker.state,
-            "breaker_reason": store.breaker.reason,
+    for tier in store.remotes:
+        layers[tier.name] = {
+            **vars_of(tier.stats),
+            "breaker": tier.breaker.state,
+            "breaker_reason": tier.breaker.reason,
             "backplane": _backplane(deps),
         }
     return layers
@@ -92,10 +92,10 @@ async def health(request: web.Request) -> web.Response:
     l1 = deps.store.l1
     if l1 is not None:
         body["l1"] = {"status": "ok", "entries": len(l1), "bytes": l1.bytes}
-    if deps.store.l2 is not None:
-        body["l2"] = {
+    for tier in deps.store.remotes:
+        body[tier.name] = {
             "status": "ok" if status == "ok" else "unavailable",
-            "breaker": deps.store.breaker.state,
+            "breaker": tier.breaker.state,
             "backplane": _backplane(deps),
         }
     body["upstreams"] = {
@@ -251,7 +251,7 @@ async def _purge_tag(deps: Deps, kind: str, value: str, soft: bool) -> web.Respo
         # L2 entries are purged lazily: each one is dropped (or marked) when next looked up.
         "l2": "lazy" if reached else None,
     }  # fmt: skip
-    if deps.store.l2 is not None and not reached:
+    if deps.store.shared.reaches_others and not reached:
         answer["error"] = "l2_unavailable"
         answer["detail"] = "Redis could not be reached: retry the purge when it is back"
         return web.json_response(answer, status=503)
@@ -283,7 +283,7 @@ async def _purge_url(deps: Deps, url: str) -> dict[str, int | None]:
         exact = cache_key("GET", upstream, target, rules.ignore_params, rules.secret_params)
         _add(totals, await deps.store.purge_key(exact))
         banned = not variants or await deps.store.banning.url(key_resource(exact))
-        if not banned and deps.store.l2 is not None:
+        if not banned and deps.store.shared.reaches_others:
             totals["l2"] = None  # only this instance knows of the variants' ban
     return totals
 

@@ -33,7 +33,7 @@ async def lift_ban(request: web.Request) -> web.Response:
     tag = request.match_info["tag"]
     lifted, reached = await store.banning.lift(tag)
     answer: dict[str, Any] = {"lifted": lifted, "tag": tag, "l2": reached}
-    if store.l2 is not None and not reached:
+    if store.shared.reaches_others and not reached:
         answer["error"] = "l2_unavailable"
         answer["detail"] = "Redis could not be reached: retry when it is back"
         return web.json_response(answer, status=503)

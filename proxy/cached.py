@@ -164,7 +164,7 @@ class CachedPath:
     async def _lead(self, request: web.BaseRequest, attempt: Attempt, flight: Flight) -> Served:
         """This instance's one fetch of key, first asking other instances (a Redis lease)."""
         store, key = self.deps.store, attempt.key
-        if store.l2 is None:
+        if not store.leases.shared:
             return await self._fetch(request, attempt, flight)
         redis = self.deps.config.cache.redis
         seen = attempt.previous.stored_at if attempt.previous else float("-inf")
@@ -355,7 +355,7 @@ class CachedPath:
         store, key = self.deps.store, attempt.key
         leased = False
         try:
-            if store.l2 is not None:
+            if store.leases.shared:
                 leased = await store.leases.acquire(key, self.deps.config.cache.redis.lease_ttl)
                 if not leased:
                     return  # another instance refreshes it; its write reaches us by backplane

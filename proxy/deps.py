@@ -16,6 +16,8 @@ from proxy.clock import Clock, system_clock
 from proxy.coalesce import Coalescer
 from proxy.config import Config
 from proxy.metrics import Metrics
+from proxy.store.base import Shared
+from proxy.store.guarded import Guarded, GuardedShared
 from proxy.store.layered import LayeredStore
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
@@ -57,22 +59,30 @@ def build_deps(
     tasks = Tasks()
     instance = instance or uuid.uuid4().hex[:12]
     cache = config.cache
-    l1 = l2 = None
+    l1 = None
     if cache.backend in ("memory", "layered"):
         l1 = MemoryStore(cache.l1_max_entries, cache.l1_max_bytes, clock)
         metrics.watch_store("l1", l1)
-    if cache.backend in ("redis", "layered"):
-        l2 = RedisStore(cache.redis, tasks, clock)
-        metrics.watch_store("l2", l2)
-    breaker = CircuitBreaker(
-        cache.redis.breaker_failures, cache.redis.breaker_backoff, cache.redis.breaker_max_backoff
-    )
-    bans = Bans(ban_horizon(config.ttl_classes.values()), clock)
-    store = LayeredStore(l1, l2, breaker, tasks, instance, clock, bans)
-    if l2 is not None:
-        metrics.watch_breaker(breaker)
+    remotes: list[Guarded] = []
+    shared: Shared | None = None  # Solo: this instance alone
     backplane = None
-    if l2 is not None:
+    bans = Bans(ban_horizon(config.ttl_classes.values()), clock)
+    if cache.backend in ("redis", "layered"):
+        redis = RedisStore(cache.redis, tasks, clock)
+        metrics.watch_store("l2", redis)
+        breaker = CircuitBreaker(
+            cache.redis.breaker_failures,
+            cache.redis.breaker_backoff,
+            cache.redis.breaker_max_backoff,
+        )
+        metrics.watch_breaker(breaker)
+        # One breaker for Redis, whichever role a call to it plays.
+        remotes.append(Guarded(redis, breaker, "l2"))
+        shared = GuardedShared(redis, breaker)
+    store = LayeredStore(
+        l1, remotes, tasks, instance, clock, bans, shared, cache.redis.popularity_flush
+    )
+    if remotes:
         backplane = Backplane(
             cache.redis, instance, store.apply, store.resync,
             on_subscribed=lambda: tasks.spawn(store.banning.load(), "load-bans"),

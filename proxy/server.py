@@ -147,7 +147,7 @@ class ProxyHandler:
         """Warm start: fill L1 from L2's hottest keys, then fetch the configured URLs."""
         warm, store = self.deps.config.warm, self.deps.store
         started = time.perf_counter()
-        if warm.hottest and store.l1 is not None and store.l2 is not None:
+        if warm.hottest and store.l1 is not None and store.remotes:
             keys = [key for key, _count in await store.popularity.hottest(warm.hottest)]
 
             async def fill(key: str) -> bool:
@@ -312,7 +312,7 @@ class ProxyApp:
             await deps.store.banning.load()
             deps.tasks.spawn(deps.backplane.run(), "backplane")
         every = deps.config.cache.redis.popularity_flush
-        if deps.store.l2 is not None and every > 0:
+        if deps.store.shared.reaches_others and every > 0:
             deps.tasks.spawn(deps.store.popularity.run(every), "popularity")
         if deps.config.warm.urls or deps.config.warm.hottest:
             deps.tasks.spawn(self.handler.warm_up(), "warm-start")

@@ -23,11 +23,16 @@ from aiohttp import DummyCookieJar, web
 from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 
 from proxy.admin import make_admin_app
-from proxy.clock import ManualClock
+from proxy.bans import Bans
+from proxy.breaker import CircuitBreaker
+from proxy.clock import Clock, ManualClock, system_clock
 from proxy.config import Config, parse_config
 from proxy.deps import Deps, build_deps
 from proxy.server import ProxyApp
+from proxy.store.guarded import Guarded, GuardedShared
+from proxy.store.layered import LayeredStore
 from proxy.store.memory import MemoryStore
+from proxy.store.redis import RedisStore
 from proxy.tasks import Tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -307,6 +312,23 @@ def layered_cache(url: str, prefix: str | None = None, **redis: Any) -> dict[str
                      "command_timeout": "500ms", "breaker_backoff": "50ms",
                      "breaker_max_backoff": "200ms", **redis}  # fmt: skip
     return {"backend": "layered", "redis": redis_section}
+
+
+def layered_store(
+    l1: MemoryStore | None,
+    l2: RedisStore | None,
+    breaker: CircuitBreaker,
+    tasks: Tasks,
+    instance: str = "inst",
+    clock: Clock = system_clock,
+    bans: Bans | None = None,
+) -> LayeredStore:
+    """A layered store as build_deps makes one: L1, and a Redis L2 (its remote tier and its
+    shared store) behind one breaker."""
+    if l2 is None:
+        return LayeredStore(l1, [], tasks, instance, clock, bans)
+    shared, flush = GuardedShared(l2, breaker), l2.config.popularity_flush
+    return LayeredStore(l1, [Guarded(l2, breaker)], tasks, instance, clock, bans, shared, flush)
 
 
 async def eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:

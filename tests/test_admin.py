@@ -122,9 +122,9 @@ async def test_keys_lists_entries_with_route_size_and_ttl_left(proxy: Proxy) -> 
     assert chart["ttl_left"] == 50
     assert chart["status"] == 200
     assert chart["tags"] == ["symbol=AAPL"]
-    stored = await proxy.deps.store.get(chart["key"])
+    stored = await proxy.deps.store.lookup(chart["key"])
     assert stored is not None
-    assert chart["size"] == stored.size
+    assert chart["size"] == stored.entry.size
     assert by_url["/quote/MSFT"]["route"] == "quote"
     assert by_url["/quote/MSFT"]["ttl_left"] == 3590
 

@@ -305,8 +305,7 @@ async def test_a_crafted_entry_is_corrupt_counted_and_replaced(
     status_line, _, served = _one_response(raw)
     assert status_line == b"HTTP/1.1 200 OK"
     assert served == b'{"ok": true}'  # the upstream's answer: the crafted entry was a miss
-    assert proxy.deps.store.l2 is not None
-    assert proxy.deps.store.l2.stats.corrupt == 1
+    assert proxy.deps.store.remotes[0].stats.corrupt == 1
     assert after is not None and decode(after).body == b'{"ok": true}'  # deleted, refetched
 
 

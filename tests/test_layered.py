@@ -25,6 +25,7 @@ from proxy.clock import ManualClock
 from proxy.entry import CachedResponse, decode
 from proxy.glob import Glob
 from proxy.store import banning
+from proxy.store.guarded import Guarded
 from proxy.store.layered import LayeredStore
 from proxy.store.memory import MAX_SWEEPS, MemoryStore
 from proxy.tasks import Tasks
@@ -108,9 +109,8 @@ async def test_three_instances_fifty_requests_each_one_upstream_call(
         for _ in range(50)
     ]
     # One instance holds the lease and is at the upstream; the other two wait for L2.
-    await eventually(
-        lambda: upstream.total == 1 and sum(p.deps.store.leases.waiting for p in instances) == 2
-    )
+    waiting = [p.deps.store.leases._watchers for p in instances]  # keys each waits for
+    await eventually(lambda: upstream.total == 1 and sum(map(len, waiting)) == 2)
     upstream.gate.set()
     responses = await asyncio.gather(*requests)
     assert all(r.status == 200 for r in responses)
@@ -130,10 +130,9 @@ async def test_a_fetch_that_lands_between_our_l2_read_and_our_lease_is_not_repea
     a, b = await make_proxy(cache=cache), await make_proxy(cache=cache)
     assert (await a.client.get("/quote/RACE")).status == 200
     await a.deps.store.flush()
-    l2 = a.deps.store.l2
-    assert l2 is not None
+    shared = a.deps.store.shared
     for _ in range(500):  # a gives the lease back in the background once its write landed
-        if not await l2.lease_held("GET api /quote/RACE"):
+        if not await shared.lease_held("GET api /quote/RACE"):
             break
         await asyncio.sleep(0.01)
     missed = b.deps.store.lookup
@@ -166,8 +165,7 @@ async def test_a_corrupt_value_in_redis_is_a_miss_and_is_rewritten(
         rewritten = await redis.get(entry_key)
         assert rewritten is not None
         assert decode(rewritten).body == b'{"ok": true}'
-        assert proxy.deps.store.l2 is not None
-        assert proxy.deps.store.l2.stats.corrupt == 1
+        assert proxy.deps.store.remotes[0].stats.corrupt == 1
     finally:
         await redis.aclose()
 
@@ -250,7 +248,7 @@ async def test_redis_killed_hung_and_restarted_every_request_succeeds(
     finally:
         redis_proc.resume()
     assert set(statuses) == {200}
-    assert proxy.deps.store.breaker.opened >= 2
+    assert proxy.deps.store.remotes[0].breaker.opened >= 2
 
 
 async def test_metrics_export_l2_counters_and_breaker_state(
@@ -330,8 +328,7 @@ async def test_after_a_resync_l2_vouches_for_l1_entries(
 
 def l1_only(tasks: Tasks, clock: ManualClock, entries: int) -> LayeredStore:
     l1 = MemoryStore(entries, 1 << 40, clock)
-    breaker = CircuitBreaker(3, 0.05, 1, clock=clock)
-    return LayeredStore(l1, None, breaker, tasks, "a", clock)
+    return LayeredStore(l1, [], tasks, "a", clock)
 
 
 def quote(symbol: str, stored_at: float) -> CachedResponse:
@@ -473,13 +470,16 @@ async def test_a_pattern_purge_is_published_before_l1_waits_for_a_walk(tasks: Ta
     published: list[bytes] = []
 
     class L2:
+        reaches_others = True
+
         async def delete_matching(self, pattern: str) -> int:
             return 0
 
         async def publish(self, channel: str, message: bytes) -> None:
             published.append(message)
 
-    store.l2 = cast(Any, L2())
+    l2, breaker = cast(Any, L2()), CircuitBreaker(3, 0.05, 1, clock=clock)
+    store = LayeredStore(store.l1, [Guarded(l2, breaker)], tasks, "a", clock, shared=l2)
     await store.l1.set("GET api /quote/A", quote("A", NOW))
     walks = [store.l1.sweep(Glob.parse(f"/busy/{i}")) for i in range(MAX_SWEEPS)]
     purge = tasks.spawn(store.purge("* * /quote/*"), "purge")

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 from typing import Any
 
 import pytest
-from conftest import CountingUpstream, Proxy, ProxyFactory, RedisServer, layered_cache
+from conftest import (
+    CountingUpstream,
+    Proxy,
+    ProxyFactory,
+    RedisServer,
+    layered_cache,
+    layered_store,
+)
 
 from proxy.breaker import CircuitBreaker
 from proxy.clock import ManualClock
+from proxy.config import RedisConfig
 from proxy.entry import CachedResponse
+from proxy.errors import StoreUnavailable
 from proxy.glob import Glob
 from proxy.listing import page
 from proxy.store.layered import LayeredStore
 from proxy.store.memory import MemoryStore
+from proxy.store.redis import RedisStore
 from proxy.tasks import Tasks
 
 
@@ -127,8 +138,7 @@ async def test_an_l1_page_lets_the_loop_run_while_it_matches(
 ) -> None:
     # It yielded every 1000 keys: 1000 keys of 8 KB and a dense pattern held the loop 8 s
     # (issue 11 review, finding 7). It yields by time now; with a slice of 0, after each key.
-    breaker = CircuitBreaker(3, 0.05, 1, clock=clock)
-    store = LayeredStore(MemoryStore(1000, 10**9, clock), None, breaker, tasks, "i", clock)
+    store = LayeredStore(MemoryStore(1000, 10**9, clock), [], tasks, "i", clock)
     for i in range(100):
         await store.set(f"GET api /q/{i}", CachedResponse(200, (), b"x", clock(), 60.0))
     turns = 0
@@ -152,3 +162,28 @@ async def test_an_l1_page_lets_the_loop_run_while_it_matches(
     turning.cancel()
     assert len(listed) == 100 and cursor is None
     assert len(set(at_match)) > 50  # other tasks ran between the matches
+
+
+async def test_listing_reaches_redis_only_through_its_breaker(
+    clock: ManualClock, tasks: Tasks
+) -> None:
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    config = RedisConfig(url=url, key_prefix="t:", command_timeout=0.1, connect_timeout=0.1)
+    l2 = RedisStore(config, tasks, clock)
+    breaker = CircuitBreaker(1, 60.0, 60.0, clock=clock)
+    store = layered_store(MemoryStore(1000, 10**9, clock), l2, breaker, tasks, "i", clock)
+    assert store.l1 is not None
+    await store.l1.set("GET api /q/1", CachedResponse(200, (), b"x", clock(), 60.0))
+    try:
+        listed, cursor = await page(store, "*", None, None, 10)  # asking L2 fails: opens
+        assert [(i.key, i.layers) for i in listed] == [("GET api /q/1", ("l1",))]
+        assert breaker.state == "open" and l2.stats.errors == 1
+        with pytest.raises(StoreUnavailable):  # the L2 walk: refused by the breaker
+            await page(store, "*", None, cursor, 10)
+        listed, _ = await page(store, "*", None, None, 10)
+        assert [(i.key, i.layers) for i in listed] == [("GET api /q/1", ("l1",))]
+        assert l2.stats.errors == 1  # Redis was not asked again
+    finally:
+        await l2.close()

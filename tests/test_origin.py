@@ -356,7 +356,7 @@ async def test_far_lifetimes_are_stored_as_an_l2_reader_accepts_them(
     assert first.headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
     await writer.deps.store.flush()
     reader = await make_proxy(cache=cache, ttl_classes={"short": {"ttl": "origin"}, "long": "1h"})
-    assert reader.deps.store.l2 is not None
-    found = await reader.deps.store.l2.get("GET api " + path)
-    assert found is not None and reader.deps.store.l2.stats.corrupt == 0
+    [l2] = reader.deps.store.remotes
+    found = await l2.get("GET api " + path)
+    assert found is not None and l2.stats.corrupt == 0
     assert max(found.ttl, found.initial_age) <= 2**31

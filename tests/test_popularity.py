@@ -16,6 +16,7 @@ from conftest import (
     _free_port,
     base_config,
     layered_cache,
+    layered_store,
     spawn_serve,
 )
 
@@ -23,7 +24,6 @@ from proxy.breaker import CircuitBreaker
 from proxy.clock import ManualClock
 from proxy.config import RedisConfig
 from proxy.popularity import MAX_KEY_LENGTH, POPULAR_KEEP, Popularity
-from proxy.store.layered import LayeredStore
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from proxy.tasks import Tasks
@@ -88,7 +88,7 @@ async def test_overlong_members_never_reach_the_set(l2: RedisStore) -> None:
 async def test_a_layered_store_flush_is_bounded_in_keys_and_length(
     l2: RedisStore, tasks: Tasks
 ) -> None:
-    store = LayeredStore(MemoryStore(100, 1 << 20), l2, CircuitBreaker(3, 0.5, 30.0), tasks, "a")
+    store = layered_store(MemoryStore(100, 1 << 20), l2, CircuitBreaker(3, 0.5, 30.0), tasks, "a")
     for i in range(30_000):  # between two flushes
         store.popularity.count(f"GET api /q/{i:05}" + "x" * (i % 2) * MAX_KEY_LENGTH)
     assert len(store.popularity._counts) <= POPULAR_KEEP

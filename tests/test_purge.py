@@ -174,8 +174,7 @@ async def test_purged_entries_are_not_listed_and_not_handed_to_waiters(
     listing = await (await proxy.admin.get("/keys")).json()
     assert listing["keys"] == []
     store = proxy.deps.store
-    assert store.l2 is not None
-    assert await store.l2.acquire_lease("GET api /quote/AAPL", "other", 10)
+    assert await store.shared.acquire_lease("GET api /quote/AAPL", "other", 10)
     assert await store.leases.wait_for_l2("GET api /quote/AAPL", 0.2, float("-inf")) is None
 
 

@@ -1,4 +1,5 @@
-"""The store contract, run over memory, Redis and layered; then what only layered does."""
+"""The store contract, run over memory, Redis, Redis behind its breaker and layered (through
+what it offers: lookup, purge_key, purge, clear, scan); then what only layered does."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from conftest import eventually
+from conftest import eventually, layered_store
 
 from proxy.backplane import Event
 from proxy.breaker import CircuitBreaker
@@ -20,6 +21,7 @@ from proxy.clock import ManualClock
 from proxy.config import RedisConfig
 from proxy.entry import CachedResponse
 from proxy.store import memory
+from proxy.store.guarded import Guarded
 from proxy.store.layered import Found, LayeredStore
 from proxy.store.memory import MemoryStore, cost
 from proxy.store.redis import RedisStore
@@ -56,7 +58,35 @@ def layered(
     l2: RedisStore | None, tasks: Tasks, clock: ManualClock, instance: str = "inst"
 ) -> LayeredStore:
     breaker = CircuitBreaker(3, 0.05, 1, clock=clock)
-    return LayeredStore(MemoryStore(1000, BIG, clock), l2, breaker, tasks, instance, clock)
+    return layered_store(MemoryStore(1000, BIG, clock), l2, breaker, tasks, instance, clock)
+
+
+class Tiers:
+    """A layered store seen as one store, through what its callers use: lookup, purge_key,
+    purge, clear and scan (it offers no get, delete or delete_matching of its own)."""
+
+    def __init__(self, store: LayeredStore) -> None:
+        self.layered = store
+
+    async def get(self, key: str) -> CachedResponse | None:
+        found = await self.layered.lookup(key)
+        return found.entry if found else None
+
+    async def set(self, key: str, e: CachedResponse) -> None:
+        await self.layered.set(key, e)
+
+    async def delete(self, key: str) -> bool:
+        return any((await self.layered.purge_key(key)).values())
+
+    async def delete_matching(self, pattern: str) -> int:
+        counts = await self.layered.purge(pattern)
+        return max((n for n in counts.values() if n is not None), default=0)
+
+    async def clear(self) -> int:
+        return await self.layered.clear()
+
+    def scan(self, pattern: str = "*") -> AsyncIterator[tuple[str, CachedResponse]]:
+        return self.layered.scan(pattern)
 
 
 @dataclass
@@ -69,8 +99,8 @@ class Subject:
 
     async def settle(self) -> None:
         """Let background L2 writes land (layered only)."""
-        if isinstance(self.store, LayeredStore):
-            await self.store.flush()
+        if isinstance(self.store, Tiers):
+            await self.store.layered.flush()
 
     async def seen(self, key: str) -> list[CachedResponse | None]:
         return [await view.get(key) for view in self.views]
@@ -79,7 +109,7 @@ class Subject:
         return [{k async for k, _ in view.scan(pattern)} for view in self.views]
 
 
-@pytest.fixture(params=["memory", "redis", "layered"])
+@pytest.fixture(params=["memory", "redis", "guarded", "layered"])
 async def subject(
     request: pytest.FixtureRequest, clock: ManualClock, tasks: Tasks
 ) -> AsyncIterator[Subject]:
@@ -91,8 +121,11 @@ async def subject(
     l2 = RedisStore(redis_config(url, command_timeout=1.0), tasks, clock)
     if request.param == "redis":
         yield Subject(l2, clock, [l2])
+    elif request.param == "guarded":
+        guarded = Guarded(l2, CircuitBreaker(3, 0.05, 1, clock=clock))
+        yield Subject(guarded, clock, [guarded, l2])
     else:
-        store = layered(l2, tasks, clock)
+        store = Tiers(layered(l2, tasks, clock))
         yield Subject(store, clock, [store, l2])
     await l2.clear()
     await l2.close()
@@ -201,6 +234,42 @@ async def test_scan_yields_live_matching_entries(subject: Subject) -> None:
         assert {k: e async for k, e in view.scan("a:*")} == live
 
 
+# --- the paged contract: what a listing needs of a remote tier -----------------------------
+
+
+@pytest.fixture(params=["redis", "guarded"])
+async def paged(
+    request: pytest.FixtureRequest, redis_server: Any, clock: ManualClock, tasks: Tasks
+) -> AsyncIterator[Any]:
+    l2 = RedisStore(redis_config(redis_server.url, command_timeout=1.0), tasks, clock)
+    yield l2 if request.param == "redis" else Guarded(l2, CircuitBreaker(3, 0.05, 1, clock=clock))
+    await l2.clear()
+    await l2.close()
+
+
+async def test_scan_page_walks_every_live_match(paged: Any, clock: ManualClock) -> None:
+    live = {f"a:{i}": entry(clock, body=str(i).encode()) for i in range(25)}
+    for key, e in [*live.items(), ("b:1", entry(clock)), ("a:short", entry(clock, ttl=5))]:
+        await paged.set(key, e)
+    clock.advance(10)  # a:short is past its keep time
+    cursor, seen, steps = 0, {}, 0
+    while True:
+        cursor, found = await paged.scan_page("a:*", cursor, 5)
+        seen.update(found)
+        steps += 1
+        if cursor == 0:
+            break
+    assert seen == live
+    assert steps > 1  # bounded steps, not one sweep
+
+
+async def test_exists_many_says_which_keys_are_held(paged: Any, clock: ManualClock) -> None:
+    await paged.set("a", entry(clock))
+    await paged.set("c", entry(clock))
+    assert await paged.exists_many(["a", "b", "c", "a"]) == [True, False, True, True]
+    assert await paged.exists_many([]) == []
+
+
 # --- layered only ------------------------------------------------------------------------
 
 
@@ -245,23 +314,30 @@ async def test_l1_only_and_l2_only_layered_stores(
     l2: RedisStore, clock: ManualClock, tasks: Tasks
 ) -> None:
     breaker = CircuitBreaker(3, 0.05, 1, clock=clock)
-    only_l2 = LayeredStore(None, l2, breaker, tasks, "a", clock)
+    only_l2 = layered_store(None, l2, breaker, tasks, "a", clock)
     await only_l2.set("k", entry(clock))
     await only_l2.flush()
     assert await only_l2.lookup("k") == Found(entry(clock), "l2")
-    only_l1 = LayeredStore(MemoryStore(10, BIG, clock), None, breaker, tasks, "b", clock)
+    only_l1 = layered_store(MemoryStore(10, BIG, clock), None, breaker, tasks, "b", clock)
     await only_l1.set("k", entry(clock))
     assert await only_l1.lookup("k") == Found(entry(clock), "l1")
     assert only_l1.health() == ("ok", "")
+    # Alone, every lease is its own and no ban reaches anyone else; with Redis, they do.
+    assert (only_l1.leases.shared, only_l2.leases.shared) == (False, True)
+    assert await only_l1.leases.acquire("k", 1.0) is True
+    assert await only_l1.banning.tag("symbol=AAPL", soft=False) == (1, False)
+    assert await only_l2.banning.tag("symbol=AAPL", soft=False) == (0, True)
     with pytest.raises(ValueError):
-        LayeredStore(None, None, breaker, tasks, "c", clock)
+        LayeredStore(None, [], tasks, "c", clock)
+    with pytest.raises(ValueError):  # each tier's name labels its counts and listing walk
+        LayeredStore(None, [Guarded(l2, breaker), Guarded(l2, breaker)], tasks, "d", clock)
 
 
 @pytest.mark.parametrize(
     "remove",
     [
-        pytest.param(lambda s: s.delete("k"), id="delete"),
-        pytest.param(lambda s: s.delete_matching("k*"), id="delete_matching"),
+        pytest.param(lambda s: s.purge_key("k"), id="purge_key"),
+        pytest.param(lambda s: s.purge("k*"), id="purge"),
         pytest.param(lambda s: s.clear(), id="clear"),
     ],
 )
@@ -292,7 +368,7 @@ async def test_purge_during_a_slow_l2_write_also_removes_from_l2(
     await store.flush()
     await tasks.wait()
     assert await l2.get("k") is None
-    assert await store.get("k") is None
+    assert await store.lookup("k") is None
 
 
 async def test_request_counts_reach_l2_on_flush(
@@ -323,26 +399,27 @@ async def test_dead_l2_never_raises_l1_serves_and_breaker_opens(
         redis_config(dead_url(), command_timeout=0.1, connect_timeout=0.1), tasks, clock
     )
     store = layered(l2, tasks, clock)
+    breaker = store.remotes[0].breaker
     try:
         assert store.health() == ("ok", "")
-        assert await store.get("missing") is None  # L2 failure 1
+        assert await store.lookup("missing") is None  # L2 failure 1
         await store.set("k", entry(clock))
         await store.flush()  # L2 failure 2: the background write
         assert await store.lookup("k") == Found(entry(clock), "l1")
-        assert store.breaker.state == "closed"
-        assert await store.delete("k") is True  # L1 had it; L2 failure 3
+        assert breaker.state == "closed"
+        assert await store.purge_key("k") == {"l1": 1, "l2": None}  # L2 failure 3
         assert l2.stats.errors == 3
-        assert store.breaker.state == "open" and store.breaker.opened == 1
+        assert breaker.state == "open" and breaker.opened == 1
 
         status, reason = store.health()
         assert status == "degraded"
         assert "open" in reason and "redis" in reason
 
         # Open: nothing more goes to Redis, and still nothing raises.
-        assert await store.get("missing") is None
+        assert await store.lookup("missing") is None
         await store.set("k2", entry(clock))
         await store.flush()
-        assert await store.delete_matching("*") == 1
+        assert await store.purge("*") == {"l1": 1, "l2": None}
         assert await store.clear() == 0
         assert await store.leases.acquire("k", 1.0) is True  # fetch yourself
         assert await store.popularity.hottest(3) == []
@@ -350,9 +427,9 @@ async def test_dead_l2_never_raises_l1_serves_and_breaker_opens(
         assert l2.stats.errors == 3
 
         clock.advance(0.05)  # one probe, which fails: open again, backing off
-        assert await store.get("missing") is None
+        assert await store.lookup("missing") is None
         assert l2.stats.errors == 4
-        assert store.breaker.state == "open" and store.breaker.opened == 1
+        assert breaker.state == "open" and breaker.opened == 1
     finally:
         await store.close()
 
@@ -367,14 +444,14 @@ async def test_breaker_closes_when_redis_answers_again(
         await l2.set("k", e)
         redis_proc.stop()
         for _ in range(3):
-            assert await store.get("k") is None
+            assert await store.lookup("k") is None
         assert store.health()[0] == "degraded"
         redis_proc.start()
         await l2.set("k", e)
-        assert await store.get("k") is None  # still open: not asked yet
+        assert await store.lookup("k") is None  # still open: not asked yet
         clock.advance(0.05)
         assert await store.lookup("k") == Found(e, "l2")  # the probe
-        assert store.breaker.state == "closed"
+        assert store.remotes[0].breaker.state == "closed"
         assert store.health() == ("ok", "")
     finally:
         await store.close()
@@ -389,7 +466,7 @@ async def test_hung_l2_does_not_delay_writes(
         redis_proc.hang()
         started = time.monotonic()
         await store.set("k", entry(clock))
-        assert await store.get("k") == entry(clock)
+        assert (found := await store.lookup("k")) is not None and found.entry == entry(clock)
         assert time.monotonic() - started < 0.25  # well inside one command timeout
         await store.flush()  # the write times out in the background
         assert l2.stats.errors == 1
@@ -553,7 +630,7 @@ async def test_wait_for_l2_with_l2_down_returns_promptly(clock: ManualClock, tas
     store = layered(l2, tasks, clock)
     try:
         for _ in range(3):
-            await store.get("x")
+            await store.lookup("x")
         started = time.monotonic()
         assert await store.leases.wait_for_l2("k", 5.0, float("-inf")) is None
         assert time.monotonic() - started < 2  # not the full 5 s bound

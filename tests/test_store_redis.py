@@ -403,7 +403,11 @@ OPS: dict[str, Callable[[RedisStore, ManualClock], Awaitable[Any]]] = {
     "add_popularity": lambda s, c: s.add_popularity({"k": 1}),
     "hottest": lambda s, c: s.hottest(3),
     "publish": lambda s, c: s.publish("events", b"x"),
-    "ping": lambda s, c: s.ping(),
+    "lease_held": lambda s, c: s.lease_held("k"),
+    "save_bans": lambda s, c: s.save_bans({"s": b"x"}, ()),
+    "load_bans": lambda s, c: s.load_bans(),
+    "scan_page": lambda s, c: s.scan_page("*", 0, 10),
+    "exists_many": lambda s, c: s.exists_many(["k"]),
 }
 
 

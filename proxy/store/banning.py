@@ -1,5 +1,6 @@
-"""Bans in the layered store: purges by tag, route and URL recorded as times, here, in L2
-(which survives restarts) and on the backplane, and applied at lookup (proxy/bans.py)."""
+"""Bans in the layered store: purges by tag, route and URL recorded as times, here, in the
+shared store (which survives restarts) and on the backplane, and applied at lookup
+(proxy/bans.py)."""
 
 from __future__ import annotations
 
@@ -24,18 +25,18 @@ class Banning:
         self._counting = asyncio.Lock()  # one tag purge's L1 walk at a time: one snapshot
 
     async def load(self) -> None:
-        """Read the purges on record in L2 (at start, and after a resync), and put right
-        what the load refused, clamped or forgot there."""
-        store = self._store
+        """Read the purges on record in the shared store (at start, and after a resync),
+        and put right what the load refused, clamped or forgot there."""
+        shared = self._store.shared
         with contextlib.suppress(StoreUnavailable):
-            loaded = store.bans.load(await store.call_l2(lambda l2: l2.load_bans()))
+            loaded = self._store.bans.load(await shared.load_bans())
             if loaded.rewrite or loaded.delete:
-                await store.call_l2(lambda l2: l2.save_bans(loaded.rewrite, loaded.delete))
+                await shared.save_bans(loaded.rewrite, loaded.delete)
 
     async def tag(self, tag: str, soft: bool) -> tuple[int, bool]:
         """Purge every entry carrying `tag` (symbol=AAPL, route=chart), in every layer and
-        instance, lazily. Returns the L1 entries it applies to here, and whether L2 (so the
-        other instances) got it. Soft: entries stay, served only on upstream error."""
+        instance, lazily. Returns the L1 entries it applies to here, and whether the shared
+        store (so the other instances) got it. Soft: entries stay, served only on upstream error."""
         store = self._store
         await store.flush()
         at, reached = await self._ban(tag, soft)
@@ -43,14 +44,14 @@ class Banning:
 
     async def url(self, resource: str) -> bool:
         """Purge every variant of one URL (`api /quote/AAPL`: key-header variants, cached
-        POST bodies), lazily: one record in L2 and one message, whatever L2 holds. Whether
-        L2 (so the other instances) got it."""
+        POST bodies), lazily: one record in the shared store and one message, whatever L2
+        holds. Whether the shared store (so the other instances) got it."""
         _at, reached = await self._ban(url_subject(resource), soft=False)
         return reached
 
     async def _ban(self, subject: str, soft: bool) -> tuple[float, bool]:
-        """Record a ban here, in L2 and (by message) on every instance: when, and whether
-        L2 got it."""
+        """Record a ban here, in the shared store and (by message) on every instance: when,
+        and whether the shared store got it."""
         store = self._store
         now = store.clock()
         recorded = store.bans.add(subject, now, soft)
@@ -63,28 +64,27 @@ class Banning:
                 records[floor] = store.bans.encode(floor)
             else:
                 forgotten.add(floor)
-        reached = True
-        try:
-            await store.call_l2(lambda l2: l2.save_bans(records, tuple(forgotten - set(records))))
-        except StoreUnavailable:
-            reached = False
-        if store.l2 is not None:
-            await store.publish(Event("softban" if soft else "ban", subject, store.instance, now))
-        return recorded.at, reached and store.l2 is not None
+        reached = await self._save(records, tuple(forgotten - set(records)))
+        await store.publish(Event("softban" if soft else "ban", subject, store.instance, now))
+        return recorded.at, reached
 
     async def lift(self, subject: str) -> tuple[bool, bool]:
-        """Lift a ban here, in L2 and (by message) on every instance: whether there was
-        one here, and whether L2 got it."""
+        """Lift a ban here, in the shared store and (by message) on every instance: whether
+        there was one here, and whether the shared store got it."""
         store = self._store
         lifted = store.bans.lift(subject)
-        reached = True
+        reached = await self._save({}, (subject,))
+        await store.publish(Event("unban", subject, store.instance, store.clock()))
+        return lifted, reached
+
+    async def _save(self, records: dict[str, bytes], forget: tuple[str, ...]) -> bool:
+        """Keep records in the shared store: whether it got them (never, alone)."""
+        shared = self._store.shared
         try:
-            await store.call_l2(lambda l2: l2.save_bans({}, (subject,)))
+            await shared.save_bans(records, forget)
         except StoreUnavailable:
-            reached = False
-        if store.l2 is not None:
-            await store.publish(Event("unban", subject, store.instance, store.clock()))
-        return lifted, reached and store.l2 is not None
+            return False
+        return shared.reaches_others
 
     async def _apply_ban(self, tag: str, at: float, soft: bool) -> int:
         """For the answer to an admin's tag purge: the L1 entries stored before `at` that

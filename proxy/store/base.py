@@ -1,12 +1,18 @@
-"""The one store protocol. Stores know keys and entries, nothing about HTTP or freshness."""
+"""The store protocols. Stores know keys and entries, nothing about HTTP or freshness.
+
+`Store` is a tier (memory, Redis); `PagedStore` is a tier a listing can walk a page at a
+time (a remote one); `Shared` is what only a store every instance shares can do.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from proxy.entry import CachedResponse
+
+Layer = Literal["l1", "l2"]  # a tier's name: in-process, or shared by every instance
 
 
 @dataclass(slots=True)
@@ -24,9 +30,13 @@ class StoreStats:
 
 
 class Store(Protocol):
-    """A handful of async methods; patterns are Redis-style globs over whole keys."""
+    """A handful of async methods; patterns are Redis-style globs over whole keys. A remote
+    store raises StoreUnavailable, and nothing else, when it cannot answer."""
 
-    stats: StoreStats
+    @property
+    def stats(self) -> StoreStats:
+        """This store's counters."""
+        ...
 
     async def get(self, key: str) -> CachedResponse | None:
         """The entry under key, or None when absent or past its keep_until."""
@@ -54,4 +64,63 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+        ...
+
+
+class PagedStore(Store, Protocol):
+    """A store too large to walk at once: a listing pages through it by cursor."""
+
+    async def scan_page(
+        self, pattern: str, cursor: int, count: int
+    ) -> tuple[int, list[tuple[str, CachedResponse]]]:
+        """One bounded step of a walk over live entries matching the glob (start at cursor
+        0): the next cursor, 0 when done. A step may find none and the walk still go on; a
+        key held throughout the walk is found at least once."""
+        ...
+
+    async def exists_many(self, keys: list[str]) -> list[bool]:
+        """Which of these keys the store holds."""
+        ...
+
+
+class Shared(Protocol):
+    """What only a store every instance shares can do: leases (who fetches a key), ban
+    records, request counts, and the channel the backplane listens on. Redis implements it;
+    a Sentinel or Cluster store would too; a lone instance has `Solo`."""
+
+    @property
+    def reaches_others(self) -> bool:
+        """Whether other instances see what goes through it (False for `Solo`)."""
+        ...
+
+    async def acquire_lease(self, key: str, owner: str, seconds: float) -> bool:
+        """True if this owner now holds the right to fetch key, for `seconds` at most."""
+        ...
+
+    async def lease_held(self, key: str) -> bool:
+        """Whether some instance holds the lease on key."""
+        ...
+
+    async def release_lease(self, key: str, owner: str) -> None:
+        """Give the lease back, if it is still this owner's."""
+        ...
+
+    async def save_bans(self, records: Mapping[str, bytes], forget: Sequence[str]) -> None:
+        """Keep ban records (subject -> encoded record) and drop the forgotten ones."""
+        ...
+
+    async def load_bans(self) -> dict[bytes, bytes]:
+        """Every ban record kept."""
+        ...
+
+    async def add_popularity(self, counts: Mapping[str, int]) -> None:
+        """Add request counts per key (bounded in keys and key length)."""
+        ...
+
+    async def hottest(self, n: int) -> list[tuple[str, float]]:
+        """The n most requested keys, busiest first, with their counts."""
+        ...
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        """Send one backplane message to every instance."""
         ...

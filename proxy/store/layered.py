@@ -1,7 +1,10 @@
-"""L1 in front of L2, behind a circuit breaker, kept coherent by the backplane.
+"""L1 in front of the remote tiers, each behind its circuit breaker, kept coherent by the
+backplane.
 
 Knows keys and entries, nothing about HTTP. Redis trouble never escapes: it is counted,
 fed to the breaker, and turned into a miss (cashews' SafeRedis, FusionCache's breaker).
+What only a shared store can do (leases, ban records, request counts, the channel) goes
+through `shared`: Redis's, or `Solo` for an instance alone.
 """
 
 from __future__ import annotations
@@ -9,28 +12,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
 
 from proxy.backplane import CHANNEL, Event
 from proxy.bans import Bans, valid_subject
-from proxy.breaker import CircuitBreaker
 from proxy.clock import Clock, system_clock
 from proxy.entry import CachedResponse
 from proxy.errors import StoreUnavailable
 from proxy.glob import MAX_EVENT_LENGTH, Glob
 from proxy.store.banning import Banning
-from proxy.store.base import StoreStats
+from proxy.store.base import Layer, Shared, Store, StoreStats
+from proxy.store.guarded import Guarded
 from proxy.store.leases import Leases
 from proxy.store.memory import MemoryStore
 from proxy.store.popular import Popular
-from proxy.store.redis import RedisStore
+from proxy.store.solo import Solo
 from proxy.tasks import Tasks
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
-Layer = Literal["l1", "l2"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,28 +43,34 @@ class Found:
 
 
 class LayeredStore:
-    """Reads L1 then L2 (an L2 hit fills L1); writes both, L2 in the background."""
+    """An ordered list of tiers: L1 (in this process, optional), then the remote tiers, each
+    behind its breaker (a deployment has one, Redis, named l2). Reads walk them in order, a
+    remote hit filling L1; writes go to L1 now and to the remote tiers in the background."""
 
     def __init__(
         self,
         l1: MemoryStore | None,
-        l2: RedisStore | None,
-        breaker: CircuitBreaker,
+        remotes: Sequence[Guarded],
         tasks: Tasks,
         instance: str,
         clock: Clock = system_clock,
         bans: Bans | None = None,
+        shared: Shared | None = None,
+        popularity_flush: float = 1.0,
     ) -> None:
-        if l1 is None and l2 is None:
-            raise ValueError("a layered store needs at least one layer")
+        names = [tier.name for tier in remotes] + (["l1"] if l1 is not None else [])
+        if not names:
+            raise ValueError("a layered store needs at least one tier")
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must differ: {names}")
         self.l1 = l1
-        self.l2 = l2
-        self.breaker = breaker
+        self.remotes = tuple(remotes)
+        self.shared: Shared = shared or Solo()
         self.instance = instance
-        self.stats = StoreStats()  # lookups through both layers
+        self.stats = StoreStats()  # lookups through every tier
         self.tasks = tasks
         self.clock = clock
-        self._writes: dict[str, asyncio.Task[None]] = {}  # L2 writes in flight, by key
+        self._writes: dict[str, asyncio.Task[None]] = {}  # remote writes in flight, by key
         self._generation = 0  # bumped by every invalidation of L1
         self.bans = bans or Bans(clock=clock)  # purges by tag, route and URL, applied at lookup
         # L1 keys held when the backplane was lost: they may have missed a purge, so they
@@ -77,8 +83,8 @@ class LayeredStore:
         # a copy paid for by as many vouches.
         self._trusted_since: set[str] | None = None
         self.leases = Leases(self)  # cross-instance coalescing
-        self.popularity = Popular(self)  # requests per key, for /hottest and warm start
-        self.banning = Banning(self)  # purges by tag, route and URL (bans), here and in L2
+        self.popularity = Popular(self, popularity_flush)  # requests per key: /hottest, warming
+        self.banning = Banning(self)  # purges by tag, route and URL (bans), here and shared
 
     # --- reads -------------------------------------------------------------------------
 
@@ -89,7 +95,7 @@ class LayeredStore:
         if entry is not None and not (self._suspect and key in self._suspect):
             found = Found(entry, "l1")
         else:
-            found = await self.lookup_l2(key)
+            found = await self.lookup_remote(key)
             if found is None and entry is not None:
                 # L2 no longer has it (a purge we missed, or Redis lost it): our copy may
                 # only stand in if the upstream fails, as a soft-purged entry does.
@@ -107,22 +113,25 @@ class LayeredStore:
             self.stats.hits += 1
         return found
 
-    async def lookup_l2(self, key: str) -> Found | None:
-        """Key's entry in L2 (a hit fills L1), bans not applied; None on a miss or error."""
+    async def lookup_remote(self, key: str) -> Found | None:
+        """Key's entry in the first remote tier holding it (a hit fills L1), bans not
+        applied; None on a miss, or when none could answer."""
         generation = self._generation
-        try:
-            entry = await self.call_l2(lambda l2: l2.get(key))
-        except StoreUnavailable:
-            self.leases.read_failed()
-            return None
-        if entry is None:
-            return None
-        # A purge that arrived while we read must not be undone by filling L1 with the
-        # value it removed: fill only if nothing was invalidated meanwhile.
-        if self.l1 is not None and generation == self._generation:
-            await self.l1.set(key, entry)  # keeps its own expiry: the remaining lifetime
-            self._trust(key)
-        return Found(entry, "l2")
+        for tier in self.remotes:
+            try:
+                entry = await tier.get(key)
+            except StoreUnavailable:
+                self.leases.read_failed()
+                continue
+            if entry is None:
+                continue
+            # A purge that arrived while we read must not be undone by filling L1 with the
+            # value it removed: fill only if nothing was invalidated meanwhile.
+            if self.l1 is not None and generation == self._generation:
+                await self.l1.set(key, entry)  # keeps its own expiry: the remaining lifetime
+                self._trust(key)
+            return Found(entry, tier.name)
+        return None
 
     def _trust(self, key: str) -> None:
         """Key's L1 copy is vouched for (by L2, or fetched anew): a hit again."""
@@ -135,106 +144,77 @@ class LayeredStore:
             if len(self._trusted_since) > len(self.l1 or ()):
                 self._trusted_since = None
 
-    async def get(self, key: str) -> CachedResponse | None:
-        """Store protocol: the live entry under key."""
-        found = await self.lookup(key)
-        return found.entry if found else None
-
-    async def call_l2(self, call: Callable[[RedisStore], Awaitable[T]]) -> T:
-        """Run one L2 operation through the breaker; StoreUnavailable if it cannot run."""
-        if self.l2 is None:
-            raise StoreUnavailable("no L2 configured")
-        if not self.breaker.allow():
-            raise StoreUnavailable(f"L2 circuit open: {self.breaker.reason}")
-        try:
-            result = await call(self.l2)
-        except StoreUnavailable as e:
-            self.breaker.failure(str(e))
-            raise
-        self.breaker.success()
-        return result
-
     # --- writes ------------------------------------------------------------------------
 
     async def set(self, key: str, entry: CachedResponse) -> None:
-        """Write L1 now and L2 in the background: a slow L2 never delays the response."""
+        """Write L1 now and the remote tiers in the background: a slow Redis never delays
+        the response."""
         if self.l1 is not None:
             await self.l1.set(key, entry)
             self._trust(key)
-        if self.l2 is not None:
-            self._writes[key] = self.tasks.spawn(self._write_l2(key, entry), "l2-write")
+        if self.remotes:
+            self._writes[key] = self.tasks.spawn(self._write_remote(key, entry), "l2-write")
 
     def write_in_flight(self, key: str) -> asyncio.Task[None] | None:
-        """Key's L2 write, if one is still in flight."""
+        """Key's remote write, if one is still in flight."""
         return self._writes.get(key)
 
-    async def _write_l2(self, key: str, entry: CachedResponse) -> None:
+    async def _write_remote(self, key: str, entry: CachedResponse) -> None:
+        written = False
         try:
-            await self.call_l2(lambda l2: l2.set(key, entry))
-        except StoreUnavailable:
-            return
+            for tier in self.remotes:
+                with contextlib.suppress(StoreUnavailable):  # the breaker has counted it
+                    await tier.set(key, entry)
+                    written = True
         finally:
             if self._writes.get(key) is asyncio.current_task():  # not a newer write's
                 del self._writes[key]
-        await self.publish(Event("set", key, self.instance, entry.stored_at))
-
-    async def delete(self, key: str) -> bool:
-        """Remove key from every layer and every instance's L1."""
-        return any((await self.purge_key(key)).values())
+        if written:
+            await self.publish(Event("set", key, self.instance, entry.stored_at))
 
     async def purge_key(self, key: str) -> dict[str, int | None]:
-        """Remove one key everywhere; per-layer counts (None: that layer was unreachable)."""
+        """Remove one key everywhere; per-tier counts (None: that tier was unreachable)."""
         return await self._remove(lambda s: s.delete(key), Event("del", key, self.instance))
 
-    async def delete_matching(self, pattern: str) -> int:
-        """Remove every key matching the glob; the larger of the per-layer counts."""
-        counts = await self.purge(pattern)
-        return max((n for n in counts.values() if n is not None), default=0)
-
     async def purge(self, pattern: str) -> dict[str, int | None]:
-        """Remove matches everywhere; per-layer counts (None: that layer was unreachable)."""
+        """Remove matches everywhere; per-tier counts (None: that tier was unreachable)."""
         event = Event("match", pattern, self.instance)
         return await self._remove(lambda s: s.delete_matching(pattern), event)
 
     async def clear(self) -> int:
-        """Remove everything from every layer and every instance's L1."""
+        """Remove everything from every tier and every instance's L1."""
         counts = await self._remove(lambda s: s.clear(), Event("clear", "*", self.instance))
         return max((n for n in counts.values() if n is not None), default=0)
 
     async def _remove(
-        self, op: Callable[[MemoryStore | RedisStore], Awaitable[int | bool]], event: Event
+        self, op: Callable[[Store], Awaitable[int | bool]], event: Event
     ) -> dict[str, int | None]:
-        # An L2 write still in flight would land after the purge and bring the entry back.
+        # A remote write still in flight would land after the purge and bring the entry back.
         await self.flush()
-        # L2 first, then L1, the generation moving before each: a lookup reading L2 while
-        # L2 is purged does not fill L1 (the generation moved while it read, or L1's own
-        # purge follows), and one reading it later finds the entry gone. L1 first, a lookup
-        # during its (sliced) walk refilled it from L2 (issue 11 review, finding 5).
+        # Remote tiers first, then L1, the generation moving before each: a lookup reading
+        # L2 while L2 is purged does not fill L1 (the generation moved while it read, or
+        # L1's own purge follows), and one reading it later finds the entry gone. L1 first,
+        # a lookup during its (sliced) walk refilled it from L2 (issue 11 review, finding 5).
         self._generation += 1
-        l2: int | None = None
-        if self.l2 is not None:
-            with contextlib.suppress(StoreUnavailable):  # then L2 keeps them: said by None
-                l2 = int(await self.call_l2(op))
+        remote: dict[str, int | None] = {}
+        for tier in self.remotes:
+            remote[tier.name] = None  # unreachable: it keeps them, and the answer says so
+            with contextlib.suppress(StoreUnavailable):
+                remote[tier.name] = int(await op(tier))
         self._generation += 1
         # Other instances are told as soon as L2 is purged: what they read from L2 after the
         # message is purged already. Not after our L1 walk, which may first wait for others.
-        if self.l2 is not None:
-            await self.publish(event)
+        await self.publish(event)
         counts: dict[str, int | None] = {}
         if self.l1 is not None:
             counts["l1"] = int(await op(self.l1))
-        if self.l2 is not None:
-            counts["l2"] = l2
-        return counts
-
-    async def quietly(self, call: Callable[[RedisStore], Awaitable[object]]) -> None:
-        """An L2 call whose failure needs no answer (the breaker has counted it)."""
-        with contextlib.suppress(StoreUnavailable):
-            await self.call_l2(call)
+        return counts | remote
 
     async def publish(self, event: Event) -> None:
+        """Tell the other instances (the shared store's channel), if it can be reached."""
         # If this fails, other instances resync when they notice the outage themselves.
-        await self.quietly(lambda l2: l2.publish(CHANNEL, event.encode()))
+        with contextlib.suppress(StoreUnavailable):
+            await self.shared.publish(CHANNEL, event.encode())
 
     # --- the backplane's side ----------------------------------------------------------
 
@@ -316,39 +296,41 @@ class LayeredStore:
         """
         self._generation += 1
         self._distrust_l1()
-        if self.l2 is not None:
-            self.tasks.spawn(self.banning.load(), "load-bans")
+        self.tasks.spawn(self.banning.load(), "load-bans")
 
     # --- inspection --------------------------------------------------------------------
 
     async def scan(self, pattern: str = "*") -> AsyncIterator[tuple[str, CachedResponse]]:
-        """Live entries from L1, then those only in L2."""
+        """Live entries from L1, then those only in the remote tiers (an unreachable one is
+        left out)."""
         seen: set[str] = set()
         if self.l1 is not None:
             async for key, entry in self.l1.scan(pattern):
                 seen.add(key)
                 yield key, entry
-        if self.l2 is not None and not self.breaker.is_open:
-            try:
-                async for key, entry in self.l2.scan(pattern):
+        for tier in self.remotes:
+            with contextlib.suppress(StoreUnavailable):  # its breaker has counted it
+                async for key, entry in tier.scan(pattern):
                     if key not in seen:
+                        seen.add(key)
                         yield key, entry
-            except StoreUnavailable as e:
-                self.breaker.failure(str(e))
 
     def health(self) -> tuple[str, str]:
         """("ok", "") or ("degraded", why)."""
-        if self.l2 is not None and self.breaker.state != "closed":
-            return "degraded", f"L2 unavailable ({self.breaker.state}): {self.breaker.reason}"
+        for tier in self.remotes:
+            breaker = tier.breaker
+            if breaker.state != "closed":
+                name = tier.name.upper()
+                return "degraded", f"{name} unavailable ({breaker.state}): {breaker.reason}"
         return "ok", ""
 
     async def flush(self) -> None:
-        """Wait for the L2 writes in flight (tests; a graceful shutdown)."""
+        """Wait for the remote writes in flight (tests; a graceful shutdown)."""
         while self._writes:
             await asyncio.gather(*self._writes.values(), return_exceptions=True)
 
     async def close(self) -> None:
-        """Finish L2 writes in flight, then close the L2 connection pool."""
-        if self.l2 is not None:
-            await self.flush()
-            await self.l2.close()
+        """Finish remote writes in flight, then close every tier's connections."""
+        await self.flush()
+        for tier in self.remotes:
+            await tier.close()

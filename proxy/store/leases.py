@@ -1,9 +1,10 @@
-"""Cross-instance coalescing: one instance fetches a key (it holds the key's lease in L2),
-the others wait for its answer to land in L2 instead of fetching it too."""
+"""Cross-instance coalescing: one instance fetches a key (it holds the key's lease in the
+shared store), the others wait for its answer to land in L2 instead of fetching it too."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,12 @@ class Leases:
         """An L2 read failed just now (see `_RECENT`)."""
         self._last_failure = time.monotonic()
 
+    @property
+    def shared(self) -> bool:
+        """Whether other instances take leases too; if not, every lease is granted and no
+        one needs to ask for it."""
+        return self._store.shared.reaches_others
+
     def wake(self, key: str) -> None:
         """Another instance stored key: whoever waits for it looks in L2 at once."""
         if (watcher := self._watchers.get(key)) is not None:
@@ -37,9 +44,8 @@ class Leases:
         """True if this instance should fetch key (it holds the lease, or L2 is unusable)."""
         if time.monotonic() - self._last_failure < _RECENT:
             return True  # L2 just failed this key's read: do not spend a second timeout
-        instance = self._store.instance
         try:
-            return await self._store.call_l2(lambda l2: l2.acquire_lease(key, instance, seconds))
+            return await self._store.shared.acquire_lease(key, self._store.instance, seconds)
         except StoreUnavailable:
             return True
 
@@ -47,19 +53,13 @@ class Leases:
         """Give the lease back once key's L2 write has landed, so no other instance takes
         the lease and fetches again in between (if the release fails, the lease expires)."""
         store = self._store
-        if store.l2 is not None:
-            store.tasks.spawn(self._release(key, store.write_in_flight(key)), "l2-lease-release")
+        store.tasks.spawn(self._release(key, store.write_in_flight(key)), "l2-lease-release")
 
     async def _release(self, key: str, write: asyncio.Task[None] | None) -> None:
         if write is not None:
             await asyncio.wait([write])
-        instance = self._store.instance
-        await self._store.quietly(lambda l2: l2.release_lease(key, instance))
-
-    @property
-    def waiting(self) -> int:
-        """Keys this instance is waiting on another instance to fetch."""
-        return len(self._watchers)
+        with contextlib.suppress(StoreUnavailable):  # then it expires
+            await self._store.shared.release_lease(key, self._store.instance)
 
     async def wait_for_l2(self, key: str, seconds: float, newer_than: float) -> Found | None:
         """Wait up to `seconds` for another instance's fetch of key to appear in L2: an entry
@@ -75,10 +75,8 @@ class Leases:
             while (left := deadline - asyncio.get_running_loop().time()) > 0:
                 if (found := await self.fetched_since(key, newer_than)) is not None:
                     return found
-                if self._store.breaker.is_open:
-                    return None
-                try:
-                    if not await self._store.call_l2(lambda l2: l2.lease_held(key)):
+                try:  # refused at once while the breaker is open
+                    if not await self._store.shared.lease_held(key):
                         return None
                 except StoreUnavailable:
                     return None
@@ -96,7 +94,7 @@ class Leases:
         """Key's L2 entry if it was stored after `newer_than` and is still fresh: what another
         instance fetched (not the stale copy we already have, nor what a purge removed)."""
         store = self._store
-        found = await store.lookup_l2(key)
+        found = await store.lookup_remote(key)
         if (
             found is not None
             and found.entry.stored_at > newer_than

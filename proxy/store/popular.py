@@ -1,9 +1,11 @@
-"""Popularity through the layered store: requests counted in this process, flushed to L2
-in batches, and read back as the hottest keys (for `/hottest` and warm start)."""
+"""Popularity through the layered store: requests counted in this process, flushed to the
+shared store in batches, and read back as the hottest keys (for `/hottest` and warm start).
+An instance alone keeps its counts here for good, aging them."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING
 
 from proxy.errors import StoreUnavailable
@@ -16,28 +18,33 @@ _POPULAR_BATCH = 1000  # keys per popularity flush
 
 
 class Popular:
-    """The layered store's request counts per key: shared through L2, else kept here."""
+    """The layered store's request counts per key: shared, or (alone) kept here."""
 
-    def __init__(self, store: LayeredStore) -> None:
+    def __init__(self, store: LayeredStore, flush_every: float) -> None:
         self._store = store
-        # Requests per key: since the last flush, or (without an L2) for good, aging.
-        self._counts = Popularity(aging=store.l2 is None)
+        # Nothing shared to flush to: the counts are kept here, and must age here.
+        self._here = not store.shared.reaches_others
+        # Requests per key: since the last flush, or (kept here) for good.
+        self._counts = Popularity(aging=self._here)
+        # Flushed never (0), counting would only fill memory.
+        self._counting = self._here or flush_every > 0
 
     def count(self, key: str) -> None:
-        """Count a request toward key's popularity: in-process (bounded), flushed to L2
-        periodically; without an L2 the counts stay here. Callers count only requests
-        answered with a stored entry, never upstream errors."""
-        l2 = self._store.l2
-        if l2 is None or l2.config.popularity_flush > 0:
+        """Count a request toward key's popularity: in-process (bounded), flushed to the
+        shared store periodically, or kept here. Callers count only requests answered with
+        a stored entry, never upstream errors."""
+        if self._counting:
             self._counts.count(key)
 
     async def flush(self) -> None:
-        """Send the counts gathered since the last flush to L2, in one round trip."""
-        if self._store.l2 is None or not self._counts:
+        """Send the counts gathered since the last flush to the shared store, in one round
+        trip."""
+        if self._here or not self._counts:
             return
         # A bounded batch: the busiest keys, which are the ones warm-up will want.
         batch = self._counts.take(_POPULAR_BATCH)
-        await self._store.quietly(lambda l2: l2.add_popularity(batch))
+        with contextlib.suppress(StoreUnavailable):  # those counts are lost: they are hints
+            await self._store.shared.add_popularity(batch)
 
     async def run(self, every: float) -> None:
         """Flush popularity counts every `every` seconds, forever."""
@@ -46,10 +53,10 @@ class Popular:
             await self.flush()
 
     async def hottest(self, n: int) -> list[tuple[str, float]]:
-        """The most requested keys: L2's counts, or this instance's without an L2."""
-        if self._store.l2 is None:
+        """The most requested keys: the shared counts, or this instance's alone."""
+        if self._here:
             return [(key, float(count)) for key, count in self._counts.most_common(n)]
         try:
-            return await self._store.call_l2(lambda l2: l2.hottest(n))
+            return await self._store.shared.hottest(n)
         except StoreUnavailable:
             return []

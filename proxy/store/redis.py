@@ -61,9 +61,11 @@ def _decode(raw: bytes | None, now: float | None = None) -> _Read:
 
 
 class RedisStore:
-    """Entries under `<prefix>e:<key>`, leases under `<prefix>lease:<key>`, a popularity
-    sorted set at `<prefix>popular`. Concurrent gets in one event-loop tick share one MGET,
-    because redis-py spends ~100 us of CPU per command (issue 3, L2 throughput)."""
+    """A `PagedStore` and the `Shared` one: entries under `<prefix>e:<key>`, leases under
+    `<prefix>lease:<key>`, a popularity sorted set at `<prefix>popular`, ban records in the
+    hash `<prefix>bans`, messages on `<prefix>events`. Concurrent gets in one event-loop tick
+    share one MGET, because redis-py spends ~100 us of CPU per command (issue 3, L2
+    throughput)."""
 
     def __init__(
         self,
@@ -96,6 +98,11 @@ class RedisStore:
         self._clock = clock
         self._pending: dict[str, list[asyncio.Future[_Read]]] = {}
         self._flush_scheduled = False
+
+    @property
+    def reaches_others(self) -> bool:
+        """Every instance with this Redis and prefix sees it."""
+        return True
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
         """Run one Redis command under the command timeout; failures become StoreUnavailable."""
@@ -311,10 +318,6 @@ class RedisStore:
     async def publish(self, channel: str, message: bytes) -> None:
         """Send one backplane message."""
         await self._call(self.client.publish(self.config.key_prefix + channel, message))
-
-    async def ping(self) -> None:
-        """Raise StoreUnavailable unless Redis answers."""
-        await self._call(self.client.ping())
 
     async def close(self) -> None:
         """Close the connection pool."""
