@@ -31,9 +31,10 @@ class Resolved:
     key_headers: tuple[str, ...]  # request headers that complete the key
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request, and a frozen __init__ costs 3x
 class Attempt:
-    """One cacheable request's state, also usable by a background refresh."""
+    """One cacheable request's state, also usable by a background refresh. Never changed
+    once built (dataclasses.replace makes the variants)."""
 
     resolved: Resolved
     key: str

@@ -21,13 +21,10 @@ from proxy.policy import (
 # What to do with a lookup's result (decide).
 
 
-@dataclass(frozen=True, slots=True)
-class Serve:
-    """Serve the entry: `ttl_left` seconds of freshness remain. `refresh`: refresh-ahead is
-    due, so fetch a new copy in the background too."""
-
-    ttl_left: float
-    refresh: bool = False
+# Serve the entry: `ttl_left` seconds of freshness remain; `refresh`: refresh-ahead is due,
+# so fetch a new copy in the background too. The freshness verdict itself, so a hit makes
+# no second value.
+Serve = Fresh
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +58,7 @@ def decide(
     if soft_purged:
         return Revalidate(not isinstance(verdict, Expired) or verdict.usable_on_error)
     if isinstance(verdict, Fresh):
-        return Serve(verdict.ttl_left, verdict.refresh)
+        return verdict
     if isinstance(verdict, Stale):
         return ServeStale()
     if isinstance(verdict, Expired):
