@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -83,7 +84,8 @@ class Procs:
 
     def spawn(self, argv: list[str], core: int | None = None, **kw: Any) -> subprocess.Popen[bytes]:
         kw.setdefault("stdout", subprocess.DEVNULL)
-        proc = subprocess.Popen(pinned(core, argv), cwd=ROOT, **kw)
+        kw.setdefault("cwd", ROOT)
+        proc = subprocess.Popen(pinned(core, argv), **kw)
         self.procs.append(proc)
         return proc
 
@@ -91,9 +93,14 @@ class Procs:
         argv = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
         return self.spawn(argv, core)
 
-    def proxy(self, config: Path, core: int | None = None) -> subprocess.Popen[bytes]:
+    def proxy(
+        self, config: Path, core: int | None = None, tree: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """cacheproxy serving `config`: this checkout's, or the one in `tree` (same venv)."""
         argv = [PYTHON, "-m", "proxy", "serve", "-c", str(config), "--log-level", "warning"]
-        return self.spawn(argv, core)
+        if tree is None:
+            return self.spawn(argv, core)
+        return self.spawn(argv, core, cwd=tree, env=tree_env(tree))
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -105,6 +112,51 @@ class Procs:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment that makes `python -m proxy` import the package in `tree`: run from
+    `tree` too, since `-m` puts the working directory first on sys.path."""
+    paths = [str(tree), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def reference_tree(ref: str) -> tuple[str, Path]:
+    """The commit `ref` names and a checkout of its tree in the temp directory, made once per
+    commit and reused after.
+
+    `git archive`, not `git worktree add`: a worktree would be registered in the repository
+    (shared with whoever else works in it) and outlive a crashed run; a plain copy of a
+    commit's tree never changes, so a finished one can be reused as it is.
+    """
+    sha = subprocess.run(
+        ["git", "rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    if sha.returncode != 0:
+        raise SystemExit(f"--against {ref}: not a commit here ({sha.stderr.strip()})")
+    commit = sha.stdout.strip()
+    tree = Path(tempfile.gettempdir()) / f"cacheproxy-ref-{commit[:12]}"
+    if not (tree / ".complete").exists():
+        # Extract beside it, then rename: a half-written tree is never found under its name.
+        part = Path(tempfile.mkdtemp(prefix=f"{tree.name}-", dir=tree.parent))
+        archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=ROOT,
+                                 capture_output=True, check=True).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(part)], input=archive, check=True)
+        (part / ".complete").write_text(commit + "\n")
+        try:
+            part.rename(tree)
+        except OSError:  # another run got there first, or a stale unfinished copy sits there
+            shutil.rmtree(part)
+            if not (tree / ".complete").exists():
+                raise SystemExit(f"{tree} exists but is incomplete: remove it") from None
+    where = subprocess.run(
+        [PYTHON, "-c", "import proxy; print(proxy.__file__)"],
+        cwd=tree, env=tree_env(tree), capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    if not Path(where).is_relative_to(tree):  # the editable install of this checkout won
+        raise SystemExit(f"{tree}: python imports proxy from {where} instead")
+    return commit, tree
 
 
 # One worker, files under {dir}; the http block is left open for what follows.
