@@ -31,13 +31,15 @@ class Resolved:
     key_headers: tuple[str, ...]  # request headers that complete the key
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request, and a frozen __init__ costs 3x
 class Attempt:
-    """One cacheable request's state, also usable by a background refresh."""
+    """One cacheable request's state, also usable by a background refresh. Never changed
+    once built (dataclasses.replace makes the variants)."""
 
     resolved: Resolved
     key: str
-    headers: dict[str, str]  # what goes upstream (validators added per fetch)
+    client: Mapping[str, str]  # the client's request headers (what goes upstream is chosen)
+    key_headers: tuple[tuple[str, str], ...] = ()  # the client's headers that are in the key
     previous: CachedResponse | None = None  # what we hold, however old (its validators)
     stale: CachedResponse | None = None  # what may stand in if the upstream fails
     body: bytes | None = None  # a cached POST's body (part of its key)
@@ -45,12 +47,23 @@ class Attempt:
     # one of them is this client's alone (policy.storability).
     unkeyed: frozenset[str] = NONE
 
+    def headers(self) -> dict[str, str]:
+        """What goes upstream (see upstream_headers), plus a cached POST's Content-Type and
+        Content-Encoding as sent (keyed with its body); built only by requests that go
+        upstream, never by a hit."""
+        headers = upstream_headers(self.client, self.key_headers, self.unkeyed)
+        if self.body is not None:
+            for name in ("Content-Type", "Content-Encoding"):
+                if value := self.client.get(name):
+                    headers[name] = value
+        return headers
+
     def validated(self) -> dict[str, str]:
         """The upstream headers plus the held entry's validators (RFC 9111 4.3.1)."""
+        headers = self.headers()
         held = self.previous
         if held is None or held.status != 200 or self.body is not None:
-            return self.headers
-        headers = dict(self.headers)
+            return headers
         if (etag := held.header("ETag")) is not None:
             headers["If-None-Match"] = etag
         if (modified := held.header("Last-Modified")) is not None:
@@ -69,7 +82,9 @@ def unkeyed_credentials(request: Mapping[str, str], resolved: Resolved) -> froze
 
 
 def upstream_headers(
-    request: Mapping[str, str], key_headers: list[tuple[str, str]], unkeyed: frozenset[str]
+    request: Mapping[str, str],
+    key_headers: tuple[tuple[str, str], ...],
+    unkeyed: frozenset[str],
 ) -> dict[str, str]:
     """Only what is in the key (and the unkeyed credentials, which storability weighs against
     the answer's Vary) travels upstream, so no other header can change what is stored for

@@ -13,9 +13,9 @@ from typing import Final
 
 from aiohttp import web
 
-from proxy.upstream import CHUNK
-
 log = logging.getLogger(__name__)
+
+CHUNK: Final = 64 * 1024  # bytes read or written at a time when streaming bodies
 
 # A gzip body is inflated for a client that refuses gzip only up to this many bytes, and only
 # up to MAX_RATIO times its compressed size (but always up to RATIO_FLOOR): past either, the

@@ -6,25 +6,21 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
+from proxy.bodies import Inflated, measure
 from proxy.clock import CLOCK_SKEW
 from proxy.errors import CorruptEntry
-from proxy.headers import end_to_end
+from proxy.headers import LINE_BREAK, end_to_end
 from proxy.origin import MAX_DELTA
 from proxy.policy import STORABLE_STATUS
-
-if TYPE_CHECKING:
-    from proxy.bodies import Inflated
-    from proxy.respond import Wire
+from proxy.wire import Wire, serialize
 
 MAGIC: Final = b"CP"
 VERSION: Final = 3  # 2: grace and keep windows; 3: revalidate window
 # magic, version, status, stored_at, ttl, grace, keep, revalidate, initial_age, metadata
 # length, body length
 _HEAD: Final = struct.Struct(">2sBHddddddII")
-# A header value or name holding one of these would split the response it is written into.
-LINE_BREAK: Final = re.compile(r"[\r\n\x00]")
 # RFC 9110 5.1: a field name is a token; anything else (a space before the colon) is read
 # differently by different parsers.
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -48,12 +44,10 @@ class CachedResponse:
     grace: float = 0.0  # after ttl: served stale while one background refresh runs
     keep: float = 0.0  # after ttl: served stale only when the upstream fails
     revalidate: float = 0.0  # after ttl: never served, kept for its validators (ETag, ...)
-    # respond.py's serialized status line and headers, made on the entry's first hit and
-    # reused by every later one; not part of the value (not compared, not encoded).
-    wire: Wire | None = field(default=None, init=False, compare=False, repr=False)
-    # What a gzip body inflates to, measured on the first request that refuses gzip, so later
-    # ones stream it with a Content-Length at once (respond.py); not part of the value either.
-    inflated: Inflated | None = field(default=None, init=False, compare=False, repr=False)
+    # Caches made on first use and kept, not part of the value (not compared, not encoded):
+    # see wire() and inflated().
+    _wire: Wire | None = field(default=None, init=False, compare=False, repr=False)
+    _inflated: Inflated | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def expires_at(self) -> float:
@@ -74,6 +68,24 @@ class CachedResponse:
             + sum(2 * (len(name) + len(value)) + 4 for name, value in self.headers)
             + ENTRY_OVERHEAD
         )
+
+    def wire(self) -> Wire:
+        """Its status line and headers serialized (wire.py): made on the entry's first hit and
+        reused by every later one."""
+        wire = self._wire
+        if wire is None:
+            wire = serialize(self.status, self.headers, len(self.body), self.stored_at)
+            object.__setattr__(self, "_wire", wire)  # frozen: a cache, not a change of value
+        return wire
+
+    def inflated(self) -> Inflated:
+        """What its gzip body inflates to: measured on the first request that refuses gzip,
+        so later ones stream it with a Content-Length at once."""
+        inflated = self._inflated
+        if inflated is None:
+            inflated = measure(self.body)
+            object.__setattr__(self, "_inflated", inflated)
+        return inflated
 
     def header(self, name: str) -> str | None:
         """The first value of a header, by case-insensitive name."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -13,6 +15,8 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
     "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "content-length",
 })  # fmt: skip
+# A header value or name holding one of these would split the response it is written into.
+LINE_BREAK: Final = re.compile(r"[\r\n\x00]")
 # Headers never stored with an entry: recomputed per response, or per client.
 NOT_STORED = frozenset({"age", "set-cookie"})
 Pairs = tuple[tuple[str, str], ...]

@@ -18,14 +18,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy.breaker import STATE_VALUES, CircuitBreaker
+from proxy.outcome import CACHEABLE_OUTCOMES, OUTCOMES, SAVED_OUTCOMES
 from proxy.store.base import StoreStats
 
-OUTCOMES: Final = (
-    "hit_l1", "hit_l2", "miss", "stale", "stale_error", "coalesced", "bypass", "error",
-)  # fmt: skip
-# Outcomes served without this request causing an upstream call of its own.
-SAVED_OUTCOMES: Final = frozenset({"hit_l1", "hit_l2", "stale", "stale_error", "coalesced"})
-CACHEABLE_OUTCOMES: Final = SAVED_OUTCOMES | {"miss"}
 UNMATCHED: Final = "unmatched"
 _LATENCY_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,

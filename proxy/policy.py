@@ -102,6 +102,15 @@ class DontStore:
 
     reason: str
 
+    @property
+    def private(self) -> bool:
+        """The answer belongs to the one client it was fetched for: not even requests waiting
+        on the same fetch may have it (RFC 9111 3.5, 4.1, 5.2.2.5, 5.2.2.7)."""
+        return self.reason in _PRIVATE_REASONS
+
+
+_PRIVATE_REASONS: Final = frozenset({"set-cookie", "private", "no-store", "vary"})
+
 
 Storability = Store | DontStore
 
@@ -268,3 +277,10 @@ def is_upstream_failure(status: int) -> bool:
 def current_age(initial_age: float, stored_at: float, now: float) -> int:
     """RFC 9111 4.2.3: the age the upstream reported plus our residence time, in seconds."""
     return int(max(0.0, initial_age) + max(0.0, now - stored_at))
+
+
+def revalidation_window(ttl: float, validators: bool) -> float:
+    """After its ttl, how long an entry with validators (ETag, Last-Modified) is kept, never
+    served, so that fetching it again is a conditional request a 304 answers cheaply (RFC 9111
+    4.3): one more ttl, at least a minute."""
+    return max(ttl, 60.0) if validators else 0.0

@@ -1,5 +1,6 @@
-"""Client responses: from entries, relayed upstream responses, and errors (the one place
-errors become HTTP). Each says what happened in Cache-Status (RFC 9211)."""
+"""Client responses: what the cached path answered with, rendered with what happened (render);
+entries, relayed upstream responses, and errors (the one place errors become HTTP). Each
+says what happened in Cache-Status (RFC 9211), as its Outcome spells it."""
 
 from __future__ import annotations
 
@@ -8,27 +9,78 @@ import logging
 import math
 import zlib
 from collections.abc import AsyncGenerator, Iterable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from email.utils import formatdate
-from http import HTTPStatus
-from typing import Any
+from typing import Any, assert_never
 
 import aiohttp
 from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
 
-from proxy.bodies import GZIP_WBITS, BodyResponse, Inflated, measure, pieces, write_pieces
+from proxy.bodies import CHUNK, GZIP_WBITS, BodyResponse, Inflated, measure, pieces, write_pieces
 from proxy.bodies import MAX_INFLATED as MAX_INFLATED
-from proxy.entry import LINE_BREAK, CachedResponse
+from proxy.clock import Clock
+from proxy.entry import CachedResponse
 from proxy.errors import UpstreamError
-from proxy.headers import HOP_BY_HOP, end_to_end, is_gzip
+from proxy.headers import end_to_end, is_gzip
 from proxy.origin import NOT_MODIFIED_FIELDS, precondition
-from proxy.upstream import CHUNK, BodyBroke, refuse_transfer_codings
+from proxy.outcome import Outcome
+from proxy.policy import current_age
+from proxy.upstream import BodyBroke, refuse_transfer_codings
 
 log = logging.getLogger(__name__)
 
-NAME = "cacheproxy"
 Headers = list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """An upstream response to stream to the client as it arrives, never stored. `exchange`
+    holds the upstream request open until the body is through (render closes it)."""
+
+    response: aiohttp.ClientResponse
+    prefix: list[bytes]  # what was read of the body already
+    inflate: bool  # gzip was asked for on the client's behalf: inflate it if it refuses gzip
+    exchange: AsyncExitStack | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unshared:
+    """One client's own response, relayed as received (Set-Cookie included), never stored
+    nor handed to another request."""
+
+    status: int
+    headers: Headers  # end to end
+    body: bytes
+
+
+# What the cached path answers with: an entry (stored or not), an upstream failure, a
+# response to relay, or one client's own response.
+Answer = CachedResponse | UpstreamError | Relayed | Unshared
+
+
+async def render(
+    request: web.BaseRequest, outcome: Outcome, answer: Answer, clock: Clock, close: bool
+) -> web.StreamResponse:
+    """The client response for what the cache did (`outcome`) and what it answers with: the
+    one place the cached path's answers become HTTP. `close`: say Connection: close (the
+    proxy is shutting down)."""
+    status = outcome.cache_status
+    if isinstance(answer, CachedResponse):
+        if outcome.from_cache:  # RFC 9111 4.2.3: what it had, plus our residence time
+            age: int | None = current_age(answer.initial_age, answer.stored_at, clock())
+        else:  # RFC 9111 5.1: from the origin just now, so only the Age it reported
+            age = int(answer.initial_age) if answer.initial_age else None
+        return serve_entry(request, answer, status, age)
+    if isinstance(answer, UpstreamError):
+        return upstream_error(answer, status)
+    if isinstance(answer, Relayed):
+        async with answer.exchange or contextlib.nullcontext():
+            return await relay(request, answer.response, answer.prefix, status,
+                               answer.inflate, close)  # fmt: skip
+    if isinstance(answer, Unshared):
+        return private_response(request, answer, status)
+    assert_never(answer)
 
 
 def json_error(
@@ -39,14 +91,9 @@ def json_error(
     return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
 
 
-def upstream_error(error: UpstreamError) -> web.Response:
+def upstream_error(error: UpstreamError, cache_status: str) -> web.Response:
     """The client response for an upstream failure with nothing stale to stand in."""
-    response = json_error(
-        error.status,
-        f"upstream_{error.kind}",
-        str(error),
-        f"{NAME}; fwd=miss; fwd-status={error.status}; detail=upstream-{error.kind}",
-    )
+    response = json_error(error.status, f"upstream_{error.kind}", str(error), cache_status)
     if error.retry_after is not None:  # RFC 9110 10.2.3, whole seconds, rounded up
         response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return response
@@ -119,20 +166,14 @@ def serve_entry(
         kept = [(n, v) for n, v in _with_status(entry, cache_status, age)
                 if n.lower() in _NOT_MODIFIED_KEEP]  # fmt: skip
         return web.Response(status=304, headers=kept)
-    wire = entry.wire or _make_wire(entry)
+    wire = entry.wire()
     inflated = _AS_STORED
     if wire.gzip and _refuses_gzip(request):
-        inflated = entry.inflated or _measure(entry)
+        inflated = entry.inflated()
     if wire.head is not None and request.version == HttpVersion11 and inflated.size is None:
         return WireResponse(request, entry, wire.head, cache_status, age)
     headers = _with_status(entry, cache_status, age)
     return _for_client(request, entry.status, headers, entry.body, inflated)
-
-
-def _measure(entry: CachedResponse) -> Inflated:
-    inflated = measure(entry.body)
-    object.__setattr__(entry, "inflated", inflated)  # a cache on the frozen entry, like wire
-    return inflated
 
 
 def _with_status(entry: CachedResponse, cache_status: str, age: int | None) -> Headers:
@@ -140,46 +181,6 @@ def _with_status(entry: CachedResponse, cache_status: str, age: int | None) -> H
     if age is not None:
         headers.append(("Age", str(age)))
     return headers
-
-
-@dataclass(frozen=True, slots=True)
-class Wire:
-    """An entry's status line and headers as bytes, made once and reused by every hit."""
-
-    head: bytes | None  # up to and including Content-Length; None: serve through aiohttp
-    gzip: bool  # the body is gzip, so clients that refuse gzip may get it inflated
-
-
-# RFC 9110 6.4.1 and 8.6: these never carry content, so no Content-Length either.
-_NO_CONTENT = frozenset({204, 304})
-
-
-def _make_wire(entry: CachedResponse) -> Wire:
-    """Serialize an entry's head once (what aiohttp would write for it on every hit)."""
-    head = None
-    names = {name.lower() for name, _ in entry.headers}
-    lines = [f"{n}: {v}\r\n" for n, v in entry.headers]
-    if (
-        entry.status >= 200
-        and entry.status not in _NO_CONTENT
-        and not names & HOP_BY_HOP  # framing is ours to write, never a stored field's
-        and not any(LINE_BREAK.search(line, 0, len(line) - 2) for line in lines)
-    ):  # a header that could split the response stays with aiohttp, which refuses it
-        try:
-            reason = HTTPStatus(entry.status).phrase
-        except ValueError:
-            reason = ""
-        if "content-type" not in names and entry.body:  # as aiohttp adds (RFC 9110 8.3)
-            lines.append("Content-Type: application/octet-stream\r\n")
-        if "date" not in names:  # RFC 9110 6.6.1: the time the response was received
-            lines.append(f"Date: {formatdate(entry.stored_at, usegmt=True)}\r\n")
-        lines.append(f"Content-Length: {len(entry.body)}\r\n")
-        text = f"HTTP/1.1 {entry.status} {reason}\r\n" + "".join(lines)
-        with contextlib.suppress(UnicodeEncodeError):
-            head = text.encode("utf-8", "surrogateescape")
-    wire = Wire(head, "content-encoding" in names and is_gzip(entry.headers))
-    object.__setattr__(entry, "wire", wire)  # a cache on the frozen entry, see entry.py
-    return wire
 
 
 class WireResponse(web.StreamResponse):
@@ -251,12 +252,13 @@ def _conditional(request: web.BaseRequest, entry: CachedResponse) -> int:
 
 
 def private_response(
-    request: web.BaseRequest, resp: aiohttp.ClientResponse, body: bytes, detail: str
+    request: web.BaseRequest, answer: Unshared, cache_status: str
 ) -> web.StreamResponse:
     """This client's own response, relayed as received (Set-Cookie included)."""
-    headers = [*end_to_end(resp.headers), ("Cache-Status", f"{NAME}; {detail}")]
+    headers = [*answer.headers, ("Cache-Status", cache_status)]
+    body = answer.body
     inflated = measure(body) if is_gzip(headers) and _refuses_gzip(request) else _AS_STORED
-    return _for_client(request, resp.status, headers, body, inflated)
+    return _for_client(request, answer.status, headers, body, inflated)
 
 
 async def _body(
@@ -299,7 +301,7 @@ async def relay(
     request: web.BaseRequest,
     resp: aiohttp.ClientResponse,
     prefix: list[bytes],
-    detail: str,
+    cache_status: str,
     inflate: bool,
     close: bool = False,
 ) -> web.StreamResponse:
@@ -310,7 +312,7 @@ async def relay(
     (the proxy is shutting down).
     """
     refuse_transfer_codings(resp)
-    headers = [*end_to_end(resp.headers), ("Cache-Status", f"{NAME}; {detail}")]
+    headers = [*end_to_end(resp.headers), ("Cache-Status", cache_status)]
     inflater = None
     if inflate and is_gzip(headers) and _refuses_gzip(request):
         inflater = zlib.decompressobj(GZIP_WBITS)

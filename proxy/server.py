@@ -22,11 +22,9 @@ from proxy.errors import BadRequest, UpstreamError
 from proxy.headers import end_to_end, forwarded_for
 from proxy.keys import cache_key, key_resource, parse_target, upstream_target
 from proxy.metrics import UNMATCHED
-from proxy.policy import (
-    Bypass,
-    classify_request,
-)
-from proxy.respond import json_error, relay, upstream_error
+from proxy.outcome import REFUSED, Outcome, failed, passed
+from proxy.policy import Bypass, classify_request
+from proxy.respond import Relayed, json_error, render
 from proxy.upstream import BodyBroke
 from proxy.warm import bounded
 
@@ -61,7 +59,7 @@ class ProxyHandler:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Answer one client request and count it by route and outcome."""
         started = time.perf_counter()
-        route_name, outcome = UNMATCHED, "error"
+        route_name, outcome = UNMATCHED, REFUSED
         logging_access = self.deps.config.server.access_log
         upstream_times: list[float] = []
         if logging_access:
@@ -75,10 +73,10 @@ class ProxyHandler:
             return response
         finally:
             elapsed = time.perf_counter() - started
-            self.deps.metrics.request(route_name, outcome, elapsed)
+            self.deps.metrics.request(route_name, outcome.label, elapsed)
             if logging_access:
                 access_log.info(access_line(
-                    request.method, request.path, route_name, outcome, status, elapsed,
+                    request.method, request.path, route_name, outcome.label, status, elapsed,
                     upstream_times, request.get(KEY),
                 ))  # fmt: skip
 
@@ -112,17 +110,17 @@ class ProxyHandler:
             self._memo[(method, raw)] = resolved
         return resolved
 
-    async def _handle(self, request: web.BaseRequest) -> tuple[web.StreamResponse, str, str]:
+    async def _handle(self, request: web.BaseRequest) -> tuple[web.StreamResponse, str, Outcome]:
         if request.method == "CONNECT":
             error = json_error(405, "method_not_allowed", "cacheproxy is not a forward proxy")
-            return error, UNMATCHED, "error"
+            return error, UNMATCHED, REFUSED
         resolved = self._resolve(request.method, request.raw_path)
         if isinstance(resolved, web.Response):
-            return resolved, UNMATCHED, "error"
+            return resolved, UNMATCHED, REFUSED
         route = resolved.match.route
         expects = request.method not in ("GET", "HEAD") and "Expect" in request.headers
         if expects and (refused := await _expect(request)) is not None:
-            return refused, route.name, "error"
+            return refused, route.name, REFUSED
         has_credentials = "Authorization" in request.headers or "Cookie" in request.headers
         verdict = classify_request(
             request.method, route.ttl_class, has_credentials, route.shared,
@@ -132,16 +130,18 @@ class ProxyHandler:
         if request.method == "POST" or (isinstance(verdict, Bypass) and request.body_exists):
             read = await read_body(request, self.deps.config.server.client_timeout)
             if isinstance(read, web.Response):
-                return read, route.name, "error"
+                return read, route.name, REFUSED
             body = read
-        try:
-            if isinstance(verdict, Bypass):
-                forwarded = await self._forward(request, resolved, verdict.reason, body)
-                return forwarded, route.name, "bypass"
+        if not isinstance(verdict, Bypass):
             served, outcome = await self.cached.serve(request, resolved, body)
             return served, route.name, outcome
+        outcome = passed(verdict.reason)
+        try:
+            forwarded = await self._forward(request, resolved, outcome, body)
         except UpstreamError as e:
-            return upstream_error(e), route.name, "error"
+            outcome = failed(e.status, e.kind)
+            forwarded = await render(request, outcome, e, self.deps.clock, self.deps.closing)
+        return forwarded, route.name, outcome
 
     async def warm_up(self) -> None:
         """Warm start: fill L1 from L2's hottest keys, then fetch the configured URLs."""
@@ -169,7 +169,7 @@ class ProxyHandler:
                      time.perf_counter() - started)  # fmt: skip
 
     async def _forward(
-        self, request: web.BaseRequest, resolved: Resolved, reason: str, body: bytes | None
+        self, request: web.BaseRequest, resolved: Resolved, outcome: Outcome, body: bytes | None
     ) -> web.StreamResponse:
         """Pass a request through uncached: its body as read_body() read it, the response
         streamed."""
@@ -183,7 +183,6 @@ class ProxyHandler:
         headers["X-Forwarded-For"] = forwarded_for(
             request.headers.get("X-Forwarded-For"), request.remote
         )
-        fwd = "method" if reason == "method" else "bypass"
         async with self.deps.upstreams.request(
             route.upstream, request.method, upstream_target(target, upstream.query), headers, body
         ) as resp:
@@ -193,8 +192,8 @@ class ProxyHandler:
             if request.method not in _SAFE and not query and resp.status < 400:
                 await self._invalidate(resolved)
             # The client's own Accept-Encoding went upstream: relay the encoding as is.
-            detail = f"fwd={fwd}; detail={reason}"
-            return await relay(request, resp, [], detail, False, close=self.deps.closing)
+            relayed = Relayed(resp, [], inflate=False, exchange=None)
+            return await render(request, outcome, relayed, self.deps.clock, self.deps.closing)
 
     async def _invalidate(self, resolved: Resolved) -> None:
         """RFC 9111 4.4: a non-error answer to an unsafe method invalidates the target URI,

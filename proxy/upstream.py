@@ -16,13 +16,12 @@ from aiohttp.http_parser import RawResponseMessage
 from yarl import URL
 
 from proxy.accesslog import record_upstream
+from proxy.bodies import CHUNK
 from proxy.breaker import CircuitBreaker
 from proxy.config import Upstream
 from proxy.errors import UpstreamError
 from proxy.guard import UpstreamGuard
 from proxy.metrics import Metrics
-
-CHUNK = 64 * 1024  # bytes read or written at a time when streaming bodies
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # RFC 9110 9.2.2
 

@@ -10,7 +10,8 @@ import pytest
 from conftest import CountingUpstream, Proxy, ProxyFactory, Reply
 
 from proxy.entry import CachedResponse
-from proxy.respond import Wire, WireResponse, _make_wire
+from proxy.respond import WireResponse
+from proxy.wire import Wire
 
 BODY = b'{"price": 1}'
 
@@ -134,14 +135,14 @@ def entry(**kw: object) -> CachedResponse:
 
 def test_the_head_is_made_once_per_entry() -> None:
     e = entry(headers=(("Content-Type", "application/json"),))
-    wire = _make_wire(e)
-    assert e.wire is wire
+    wire = e.wire()
+    assert e.wire() is wire
     assert wire.head is not None and wire.head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert e == entry(headers=(("Content-Type", "application/json"),))  # not part of the value
 
 
 def test_a_response_without_date_says_when_it_was_received() -> None:
-    head = _make_wire(entry()).head
+    head = entry().wire().head
     assert head is not None
     assert b"Date: Tue, 14 Nov 2023 22:13:20 GMT\r\n" in head  # RFC 9110 6.6.1, stored_at
     assert b"Content-Type: application/octet-stream\r\n" in head  # as aiohttp would add
@@ -159,7 +160,7 @@ def test_a_response_without_date_says_when_it_was_received() -> None:
     ],
 )
 def test_heads_that_cannot_be_written_raw_stay_with_aiohttp(kw: dict[str, object]) -> None:
-    assert _make_wire(entry(**kw)) == Wire(None, False)
+    assert entry(**kw).wire() == Wire(None, False)
 
 
 def test_wire_response_is_a_stream_response() -> None:

@@ -30,7 +30,7 @@ def _block(size: int) -> int:
 _STR: Final = sys.getsizeof("")  # a str's header (49 B on CPython 3.11); its text is extra
 _ROUND: Final = 8  # a variable-sized object wastes half a 16-byte block on average
 _SLOT: Final = 80  # OrderedDict slot: table entry, index, linked-list node (66-91 B measured)
-# The head respond.py serializes on an entry's first hit and keeps (entry.wire): a small
+# The head an entry serializes on its first hit and keeps (entry.wire(), wire.py): a small
 # object and one bytes object holding the header text again (entry.size counts it twice),
 # the status line and Content-Length (~40 B).
 _WIRE: Final = 48 + sys.getsizeof(b"") + _ROUND + 40
