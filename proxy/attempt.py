@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from proxy.entry import CachedResponse
 from proxy.headers import fold
-from proxy.keys import Target
+from proxy.keys import CacheKey, Target
 from proxy.policy import varies_on
 from proxy.routes import Match
 
@@ -27,7 +27,7 @@ class Resolved:
 
     match: Match
     target: Target
-    key: str  # the cache key without its header part
+    key: CacheKey  # without its header and body parts
     key_headers: tuple[str, ...]  # request headers that complete the key
 
 
@@ -36,7 +36,7 @@ class Attempt:
     """One cacheable request's state, also usable by a background refresh."""
 
     resolved: Resolved
-    key: str
+    key: str  # the complete key's text (CacheKey.text): what stores, leases, flights use
     headers: dict[str, str]  # what goes upstream (validators added per fetch)
     previous: CachedResponse | None = None  # what we hold, however old (its validators)
     stale: CachedResponse | None = None  # what may stand in if the upstream fails

@@ -29,7 +29,7 @@ from proxy.headers import (
     keep_gzip_vary,
     stored_headers,
 )
-from proxy.keys import body_digest, header_suffix, upstream_target
+from proxy.keys import upstream_target
 from proxy.metrics import SAVED_OUTCOMES
 from proxy.origin import updated_headers
 from proxy.policy import (
@@ -81,12 +81,13 @@ class CachedPath:
             for name in resolved.key_headers
             if name in request.headers
         ]
-        key = resolved.key + header_suffix(key_headers) if key_headers else resolved.key
+        cache_key = resolved.key.with_headers(key_headers) if key_headers else resolved.key
         content_type = coding = ""
         if body is not None:  # both go upstream as sent (the body is never inflated): keyed
             content_type = request.headers.get("Content-Type", "")
             coding = request.headers.get("Content-Encoding", "")
-            key += " body=" + body_digest(content_type, coding, body)
+            cache_key = cache_key.with_body(content_type, coding, body)
+        key = cache_key.text
         if self.deps.config.server.access_log:
             request[KEY] = key  # for the access log (hashed there)
         unkeyed = unkeyed_credentials(request.headers, resolved)
@@ -327,7 +328,7 @@ class CachedPath:
 
     async def warm(self, resolved: Resolved) -> bool:
         """Fetch and store one target unless it is already fresh (warm start)."""
-        key = resolved.key
+        key = resolved.key.text
         found = await self.deps.store.lookup(key)
         if found is not None and found.entry.expires_at > self.deps.clock():
             return True

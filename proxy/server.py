@@ -20,7 +20,7 @@ from proxy.config import Config
 from proxy.deps import Deps
 from proxy.errors import BadRequest, UpstreamError
 from proxy.headers import end_to_end, forwarded_for
-from proxy.keys import cache_key, key_resource, parse_target, upstream_target
+from proxy.keys import CacheKey, parse_target, upstream_target
 from proxy.metrics import UNMATCHED
 from proxy.policy import (
     Bypass,
@@ -104,7 +104,7 @@ class ProxyHandler:
             return json_error(404, "no_route", "no route matches this request")
         rules = config.cache.keys
         route = match.route
-        key = cache_key(method, route.upstream, target, rules.ignore_params, rules.secret_params)
+        key = CacheKey.of(method, route.upstream, target, rules.ignore_params, rules.secret_params)
         resolved = Resolved(match, target, key, (*rules.headers, *route.key_headers))
         if len(raw) <= _MEMO_TARGET:  # long targets are rare; memoising them costs memory
             if len(self._memo) >= _MEMO_SIZE:
@@ -201,11 +201,10 @@ class ProxyHandler:
         so the next GET fetches what the change produced (every key-header variant and
         cached POST body too). A few Redis commands, however much L2 holds: the plain GET
         key is deleted, its variants are banned (lazily, as a tag purge is)."""
-        store = self.deps.store
-        resource = key_resource(resolved.key)
-        await store.purge_key(f"GET {resource}")
+        store, key = self.deps.store, resolved.key
+        await store.purge_key(key.get_key().text)
         if self.deps.config.makes_variants():  # each ban is a record kept for a while
-            await store.banning.url(resource)
+            await store.banning.url(key.resource)
 
 
 async def _expect(request: web.BaseRequest) -> web.Response | None:
