@@ -589,3 +589,17 @@ def test_url_globs_cover_whole_keys_within_the_length_other_instances_take() -> 
     assert len(longest) == MAX_EVENT_LENGTH  # glob.py allows for exactly this prefix
     with pytest.raises(ValueError, match="at most"):
         CacheKey.url_glob("/" + "*" * MAX_LENGTH)
+
+
+def test_with_headers_and_with_body_replace_what_the_key_had() -> None:
+    posted = CacheKey("POST", "api", "/x", (("h", "old"),), DIGEST)
+    assert posted.with_headers([("h", "new v")]).text == f"POST api /x h=new%20v body={DIGEST}"
+    assert posted.with_headers([]).text == f"POST api /x body={DIGEST}"
+    other = posted.with_body("", "", b"other")
+    assert other.text == f"POST api /x h=old body={body_digest('', '', b'other')}"
+    # Built by appending to the text (the hit path's way) or whole, the same key.
+    appended = CacheKey("GET", "api", "/x").with_headers([("h", "v")]).with_body("", "", b"b")
+    whole = CacheKey("GET", "api", "/x", (("h", "v"),), body_digest("", "", b"b"))
+    assert (appended.method, appended.upstream, appended.url, appended.headers, appended.body,
+            appended.text) == (whole.method, whole.upstream, whole.url, whole.headers,
+            whole.body, whole.text)  # fmt: skip
