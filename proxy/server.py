@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Final
 
 from aiohttp import web
@@ -303,23 +305,27 @@ class ProxyApp:
             "keepalive_timeout": self.deps.config.server.client_timeout,
         }  # fmt: skip
 
-    async def start(self) -> None:
-        """Open upstream sessions and start the background tasks; before listening."""
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[ProxyApp]:
+        """The proxy's resources, open for the block: upstream sessions and the background
+        tasks start on entering (before listening); on leaving (after the listener has
+        stopped), L2 writes in flight land, then tasks, sessions and stores close. A failure
+        part-way through the start closes what was opened (aiohttp's cleanup_ctx pattern:
+        there is no web.Application here to hold one)."""
         deps = self.deps
-        await deps.upstreams.start()
-        if deps.backplane is not None:
-            await deps.store.banning.load()
-            deps.tasks.spawn(deps.backplane.run(), "backplane")
-        every = deps.config.cache.redis.popularity_flush
-        if deps.store.l2 is not None and every > 0:
-            deps.tasks.spawn(deps.store.popularity.run(every), "popularity")
-        if deps.config.warm.urls or deps.config.warm.hottest:
-            deps.tasks.spawn(self.handler.warm_up(), "warm-start")
-
-    async def close(self) -> None:
-        """After the listener has stopped: land L2 writes in flight, then stop the rest."""
-        deps = self.deps
-        await deps.store.flush()  # before tasks are cancelled, so no write is cut short
-        await deps.tasks.close()
-        await deps.upstreams.close()
-        await deps.store.close()
+        async with AsyncExitStack() as opened:
+            opened.push_async_callback(deps.store.close)
+            opened.push_async_callback(deps.upstreams.close)  # also sessions opened part-way
+            await deps.upstreams.start()
+            opened.push_async_callback(deps.tasks.close)
+            # Runs first: before tasks are cancelled, so no write is cut short.
+            opened.push_async_callback(deps.store.flush)
+            if deps.backplane is not None:
+                await deps.store.banning.load()
+                deps.tasks.spawn(deps.backplane.run(), "backplane")
+            every = deps.config.cache.redis.popularity_flush
+            if deps.store.l2 is not None and every > 0:
+                deps.tasks.spawn(deps.store.popularity.run(every), "popularity")
+            if deps.config.warm.urls or deps.config.warm.hottest:
+                deps.tasks.spawn(self.handler.warm_up(), "warm-start")
+            yield self
