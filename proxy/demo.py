@@ -52,7 +52,9 @@ class Zipf:
 
 @dataclass
 class Workload:
-    """Page views of a market app (reference/market-data-apis.md section 5) as request URLs."""
+    """Page views of a market app as request URLs: home, stock detail (with a chart and
+    news), briefings and search, over Zipf-popular symbols, some with a cache-buster or
+    their parameters shuffled."""
 
     rng: random.Random
     alpha: float = 1.0
