@@ -148,7 +148,7 @@ def body_digest(content_type: str, content_encoding: str, body: bytes) -> str:
 
 # Longer than any key a request can make (an 8 KB request line and 8 KB header fields, each
 # at most three times longer percent-encoded, a few key headers): parse() refuses more.
-MAX_KEY_LENGTH: Final = 256 * 1024
+MAX_KEY_TEXT: Final = 256 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2: methods, header names
 _DIGEST = re.compile(r"[0-9a-f]{32}")
 _KEYED_VALUE = re.compile(r"[0-9A-Za-z_.~%-]*|#[0-9a-f]{16}")  # quote(v, "") or _redact(v)
@@ -205,8 +205,8 @@ class CacheKey:
 
         A key header named `body` whose value looks like a digest reads back as a body
         part: the text, so the key, is the same."""
-        if len(text) > MAX_KEY_LENGTH:
-            raise ValueError(f"a cache key has at most {MAX_KEY_LENGTH} characters")
+        if len(text) > MAX_KEY_TEXT:
+            raise ValueError(f"a cache key has at most {MAX_KEY_TEXT} characters")
         if not text.isprintable():
             raise ValueError("a cache key holds no control characters")
         fields = text.split(" ")
