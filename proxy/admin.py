@@ -14,8 +14,7 @@ from proxy.adminauth import admin_guard
 from proxy.bans import valid_tag
 from proxy.deps import DEPS, Deps
 from proxy.errors import BadRequest, StoreUnavailable
-from proxy.glob import bounded
-from proxy.keys import cache_key, key_resource, key_url, parse_target
+from proxy.keys import CacheKey, parse_target
 from proxy.listing import page
 from proxy.openapi import document
 from proxy.reload import reload
@@ -120,7 +119,7 @@ async def keys(request: web.Request) -> web.Response:
     if not 1 <= limit <= _MAX_KEYS:
         return _bad(f"limit must be between 1 and {_MAX_KEYS}")
     try:
-        glob = _url_glob(pattern)
+        glob = CacheKey.url_glob(pattern)
     except ValueError as e:
         return _bad(f"pattern: {e}")
     try:
@@ -135,7 +134,7 @@ async def keys(request: web.Request) -> web.Response:
     items = [
         {
             "key": item.key,
-            "url": key_url(item.key),
+            "url": _url(item.key),
             "route": item.entry.route,
             "status": item.entry.status,
             "layers": list(item.layers),
@@ -150,10 +149,11 @@ async def keys(request: web.Request) -> web.Response:
     )
 
 
-def _url_glob(pattern: str) -> str:
-    """A user's glob over URLs (`/v8/finance/chart/*`) as a glob over whole keys;
-    ValueError for one too long to match."""
-    return "*" if pattern == "*" else f"* * {bounded(pattern)}"
+def _url(key: str) -> str:
+    try:
+        return CacheKey.parse(key).url
+    except ValueError:  # not a key this proxy wrote (Redis is shared)
+        return ""
 
 
 async def ttl(request: web.Request) -> web.Response:
@@ -212,11 +212,14 @@ async def purge(request: web.Request) -> web.Response:
         return _bad(f"{kind} must start with /")
     if kind == "pattern":
         try:
-            counts = await deps.store.purge(_url_glob(value))
+            counts = await deps.store.purge(CacheKey.url_glob(value))
         except ValueError as e:
             return _bad(f"pattern: {e}")
     elif kind == "key":
-        counts = await deps.store.purge_key(value)
+        try:
+            counts = await deps.store.purge_key(CacheKey.parse(value).text)
+        except ValueError as e:
+            return _bad(f"key: {e}")
     else:
         try:
             counts = await _purge_url(deps, value)
@@ -230,7 +233,7 @@ async def delete_keys(request: web.Request) -> web.Response:
     deps = _deps(request)
     pattern = "/" + request.match_info["pattern"]
     try:
-        glob = _url_glob(pattern)
+        glob = CacheKey.url_glob(pattern)
     except ValueError as e:
         return _bad(f"pattern: {e}")
     return _purged(deps, "pattern", pattern, await deps.store.purge(glob))
@@ -280,9 +283,9 @@ async def _purge_url(deps: Deps, url: str) -> dict[str, int | None]:
     variants = config.makes_variants()
     totals: dict[str, int | None] = {}
     for upstream in sorted({r.upstream for r in config.routes}):
-        exact = cache_key("GET", upstream, target, rules.ignore_params, rules.secret_params)
-        _add(totals, await deps.store.purge_key(exact))
-        banned = not variants or await deps.store.banning.url(key_resource(exact))
+        exact = CacheKey.of("GET", upstream, target, rules.ignore_params, rules.secret_params)
+        _add(totals, await deps.store.purge_key(exact.text))
+        banned = not variants or await deps.store.banning.url(exact.resource)
         if not banned and deps.store.shared.reaches_others:
             totals["l2"] = None  # only this instance knows of the variants' ban
     return totals

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from proxy.entry import CachedResponse
 from proxy.headers import fold
-from proxy.keys import Target
+from proxy.keys import CacheKey, Target
 from proxy.policy import varies_on
 from proxy.routes import Match
 
@@ -27,7 +27,7 @@ class Resolved:
 
     match: Match
     target: Target
-    key: str  # the cache key without its header part
+    key: CacheKey  # without its header and body parts
     key_headers: tuple[str, ...]  # request headers that complete the key
 
 
@@ -37,7 +37,7 @@ class Attempt:
     once built (dataclasses.replace makes the variants)."""
 
     resolved: Resolved
-    key: str
+    key: str  # the complete key's text (CacheKey.text): what stores, leases, flights use
     client: Mapping[str, str]  # the client's request headers (what goes upstream is chosen)
     key_headers: tuple[tuple[str, str], ...] = ()  # the client's headers that are in the key
     previous: CachedResponse | None = None  # what we hold, however old (its validators)

@@ -27,7 +27,7 @@ from typing import Literal
 
 from proxy.clock import CLOCK_SKEW, Clock, system_clock
 from proxy.entry import CachedResponse
-from proxy.keys import key_variant_of
+from proxy.keys import CacheKey
 from proxy.origin import MAX_DELTA
 from proxy.policy import TTLClass
 from proxy.stamp import parse_stamp
@@ -226,7 +226,7 @@ class Bans:
         if not (hard or soft or urls):  # the common case, on every hit
             return None
         stored = entry.stored_at
-        resource = key_variant_of(key) if urls else None
+        resource = CacheKey.variant_resource(key) if urls else None
         if resource is not None and urls.banned_at(url_subject(resource)) > stored:
             return "hard"
         if hard or soft:

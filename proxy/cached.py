@@ -46,7 +46,7 @@ from proxy.headers import (
     keep_gzip_vary,
     stored_headers,
 )
-from proxy.keys import body_digest, header_suffix, upstream_target
+from proxy.keys import upstream_target
 from proxy.origin import updated_headers
 from proxy.outcome import SAVED_OUTCOMES, Outcome
 from proxy.policy import DontStore, Store, api_error, revalidation_window, storability
@@ -90,13 +90,13 @@ class CachedPath:
         key_headers = tuple(
             (name, headers[name]) for name in resolved.key_headers if name in headers
         )
-        key = resolved.key + header_suffix(key_headers) if key_headers else resolved.key
+        key = resolved.key.with_headers(key_headers) if key_headers else resolved.key
         if body is not None:  # both go upstream as sent (the body is never inflated): keyed
             content_type = headers.get("Content-Type", "")
             coding = headers.get("Content-Encoding", "")
-            key += " body=" + body_digest(content_type, coding, body)
+            key = key.with_body(content_type, coding, body)
         unkeyed = unkeyed_credentials(headers, resolved)
-        return Attempt(resolved, key, headers, key_headers, body=body, unkeyed=unkeyed)
+        return Attempt(resolved, key.text, headers, key_headers, body=body, unkeyed=unkeyed)
 
     async def _answer(self, attempt: Attempt) -> Answered:
         """Serve what the lookup found if its freshness allows, else go upstream."""
@@ -305,7 +305,7 @@ class CachedPath:
 
     async def warm(self, resolved: Resolved) -> bool:
         """Fetch and store one target unless it is already fresh (warm start)."""
-        key = resolved.key
+        key = resolved.key.text
         found = await self.deps.store.lookup(key)
         if found is not None and found.entry.expires_at > self.deps.clock():
             return True

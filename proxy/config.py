@@ -106,6 +106,8 @@ class Config:
 
 def _upstream(name: str, node: Node) -> Upstream:
     node.mapping(tuple(Upstream.__dataclass_fields__.keys() - {"name"}))
+    if not name or " " in name or not name.isprintable():  # CacheKey splits at spaces
+        raise node.error("an upstream's name goes into cache keys: no spaces, nothing unprintable")
     url_node = node.child("url")
     url = url_node.url()
     if url.scheme not in ("http", "https") or not url.host:

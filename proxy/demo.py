@@ -9,6 +9,7 @@ import os
 import random
 import statistics
 import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +17,12 @@ import aiohttp
 from aiohttp import web
 
 from proxy.admin import make_admin_app
-from proxy.cli import start_site, wait_for_signal
 from proxy.config import load_config
 from proxy.deps import build_deps
 from proxy.server import ProxyApp
 from proxy.sim import SimConfig, make_sim_app
 from proxy.sim.app import SIM_STATS
+from proxy.sites import start_site, wait_for_signal
 from proxy.tasks import Tasks
 
 # Range switches on the detail page: half to 1mo, half to 3mo/6mo/1y/5y weighted 40/30/20/10.
@@ -51,7 +52,9 @@ class Zipf:
 
 @dataclass
 class Workload:
-    """Page views of a market app (reference/market-data-apis.md section 5) as request URLs."""
+    """Page views of a market app as request URLs: home, stock detail (with a chart and
+    news), briefings and search, over Zipf-popular symbols, some with a cache-buster or
+    their parameters shuffled."""
 
     rng: random.Random
     alpha: float = 1.0
@@ -149,20 +152,21 @@ async def demo(
     sim = SimConfig(latency_scale=latency_scale, rtt_ms=30.0)  # an API a continent away
     sim_app = make_sim_app(sim, random.Random(seed))
     deps = build_deps(config)
-    proxy = ProxyApp(deps)
-    await proxy.start()
-    runners = [
-        await start_site(sim_app, "127.0.0.1", sim_port),
-        await start_site(proxy.server(), "127.0.0.1", port),
-        await start_site(make_admin_app(deps), "127.0.0.1", admin_port),
-    ]
-    say = (lambda _: None) if quiet else print
-    say(f"demo: simulator :{sim_port}, proxy :{port}, admin :{admin_port}; "
-        f"{rate:g} page views/s for {seconds:g}s, Zipf alpha {alpha:g}")  # fmt: skip
     result = DemoResult()
-    base = f"http://127.0.0.1:{port}"
-    tasks = Tasks()
-    try:
+    async with AsyncExitStack() as stack:  # closes, in reverse, whatever opened
+        proxy = await stack.enter_async_context(ProxyApp(deps).running())
+        for app, listen in (
+            (sim_app, sim_port),
+            (proxy.server(), port),
+            (make_admin_app(deps), admin_port),
+        ):
+            stack.push_async_callback((await start_site(app, "127.0.0.1", listen)).cleanup)
+        tasks = Tasks()
+        stack.push_async_callback(tasks.close)
+        say = (lambda _: None) if quiet else print
+        say(f"demo: simulator :{sim_port}, proxy :{port}, admin :{admin_port}; "
+            f"{rate:g} page views/s for {seconds:g}s, Zipf alpha {alpha:g}")  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession(base) as session:
             async with session.get("/briefings") as r:
                 ids = [b["id"] for b in (await r.json())["briefings"]]
@@ -197,11 +201,6 @@ async def demo(
             print("\nsummary")
             _report(seconds, result, summary, sim_app)
             print(f"  see also: curl -s localhost:{admin_port}/stats (while running)")
-    finally:
-        await tasks.close()
-        for runner in reversed(runners):
-            await runner.cleanup()
-        await proxy.close()
     return result
 
 

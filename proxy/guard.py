@@ -99,7 +99,6 @@ class UpstreamGuard:
         self.bucket = RateWindow(rate, clock) if rate else None
         self.breaker = breaker
         self.paused_until = 0.0
-        self.throttled = 0  # calls refused by the bucket or a pause, for metrics
         self._clock = clock
 
     def admit(self, max_wait: float) -> float:
@@ -112,7 +111,6 @@ class UpstreamGuard:
             return 0.0
         wait = self.bucket.reserve(max_wait)
         if wait is None:
-            self.throttled += 1
             raise UpstreamError(
                 "rate-limited", f"rate limit for upstream {self.name} reached",
                 retry_after=self.bucket.next_token(),
@@ -132,7 +130,6 @@ class UpstreamGuard:
     def _refuse_if_paused(self) -> None:
         now = self._clock()
         if now < self.paused_until:
-            self.throttled += 1
             raise UpstreamError(
                 "rate-limited", f"upstream {self.name} asked us to wait (429 Retry-After)",
                 retry_after=self.paused_until - now,

@@ -6,10 +6,12 @@ import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 from urllib.parse import quote, unquote_to_bytes
 
 from proxy.errors import BadRequest
+from proxy.glob import bounded
 
 # RFC 3986 3.3: pchar = unreserved / pct-encoded / sub-delims / ":" / "@". quote() always
 # keeps ALPHA, DIGIT and "_.-~" (the unreserved set), so these are the extras.
@@ -92,6 +94,11 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+@functools.lru_cache(maxsize=256)  # key headers' names: the config's, a handful
+def _secret_header(name: str) -> bool:
+    return _SECRET_NAME.search(name) is not None
+
+
 def _redact(value: str) -> str:
     return "#" + hashlib.sha256(_utf8(value)).hexdigest()[:16]
 
@@ -127,36 +134,6 @@ def key_query(target: Target, ignore: frozenset[str], secret: frozenset[str]) ->
     return "&".join(name + value for name, value in kept)
 
 
-def cache_key(
-    method: str,
-    upstream: str,
-    target: Target,
-    ignore: frozenset[str],
-    secret: frozenset[str],
-    headers: Iterable[tuple[str, str]] = (),
-) -> str:
-    """`GET yahoo /v8/finance/chart/AAPL?range=5d [accept-language=en]`.
-
-    Space-separated fields: spaces cannot occur in a normalised path or query, and header
-    values are percent-encoded, so a key always splits back into its parts. HEAD shares
-    GET's entries.
-    """
-    method = "GET" if method == "HEAD" else method
-    query = key_query(target, ignore, secret)
-    key = f"{method} {upstream} {target.path}" + (f"?{query}" if query else "")
-    return key + header_suffix(headers)
-
-
-def header_suffix(headers: Iterable[tuple[str, str]]) -> str:
-    """The key's header part: ` name=value` per header, values percent-encoded, and hashed
-    for credential-like headers (Authorization, Cookie, X-Api-Key, ...): keys are shown by
-    the admin API and must never carry a secret."""
-    return "".join(
-        f" {name}={_redact(value) if _SECRET_NAME.search(name) else quote(_utf8(value), '')}"
-        for name, value in headers
-    )
-
-
 def body_digest(content_type: str, content_encoding: str, body: bytes) -> str:
     """A cached POST's key part: a hash of its body and of the headers that say how to read
     it, exactly as they go upstream (charset, boundary, coding: each can change the answer),
@@ -169,23 +146,150 @@ def body_digest(content_type: str, content_encoding: str, body: bytes) -> str:
     return digest.hexdigest()[:32]
 
 
-def key_url(key: str) -> str:
-    """The path?query part of a cache key."""
-    parts = key.split(" ", 3)
-    return parts[2] if len(parts) > 2 else ""
+# Longer than any key a request can make (an 8 KB request line and 8 KB header fields, each
+# at most three times longer percent-encoded, a few key headers): parse() refuses more.
+MAX_KEY_TEXT: Final = 256 * 1024
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2: methods, header names
+_DIGEST = re.compile(r"[0-9a-f]{32}")
+_KEYED_VALUE = re.compile(r"[0-9A-Za-z_.~%-]*|#[0-9a-f]{16}")  # quote(v, "") or _redact(v)
+_BODY = "body="
+_ANY_METHOD_AND_UPSTREAM = "* * "  # url_glob's prefix: glob.MAX_EVENT_LENGTH allows for it
 
 
-def key_resource(key: str) -> str:
-    """The `upstream path?query` of a cache key: what every variant of one URL (its
-    key-header variants, its cached POST bodies) shares."""
-    return " ".join(key.split(" ", 3)[1:3])
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    """A cache key: `GET yahoo /v8/finance/chart/AAPL?range=5d accept-language=en`, and
+    ` body=` and a digest for a cached POST.
 
+    Space-separated fields: spaces cannot occur in an upstream's name, a normalised path or
+    query, and header values are percent-encoded (or hashed), so a key always splits back
+    into its parts. Its string form (`text`, `str(key)`) is built once, with the key: stores
+    are keyed by it, and Redis and the popularity sets hold it, so its grammar never changes.
+    Keys are equal when their texts are.
+    """
 
-def key_variant_of(key: str) -> str | None:
-    """For a key with header or body parts, the `upstream path?query` it is a variant of;
-    None for a key without them."""
-    parts = key.split(" ", 3)
-    return f"{parts[1]} {parts[2]}" if len(parts) == 4 else None
+    method: str = field(compare=False, repr=False)
+    upstream: str = field(compare=False, repr=False)
+    url: str = field(compare=False, repr=False)  # the normalised `path?query`
+    # (name, value as keyed: percent-encoded, or hashed for a credential), in config order
+    headers: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    body: str = field(default="", compare=False, repr=False)  # a cached POST's body digest
+    text: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        text = f"{self.method} {self.upstream} {self.url}"
+        if self.headers:
+            text += "".join(f" {name}={value}" for name, value in self.headers)
+        if self.body:
+            text += f" {_BODY}{self.body}"
+        object.__setattr__(self, "text", text)  # frozen: set once, here
+
+    def __str__(self) -> str:
+        return self.text
+
+    @classmethod
+    def of(
+        cls, method: str, upstream: str, target: Target, ignore: frozenset[str],
+        secret: frozenset[str],
+    ) -> CacheKey:  # fmt: skip
+        """The key of a request target, without its header part: the query sorted, ignored
+        parameters dropped, secret ones hashed. HEAD shares GET's entries."""
+        query = key_query(target, ignore, secret)
+        url = f"{target.path}?{query}" if query else target.path
+        return cls("GET" if method == "HEAD" else method, upstream, url)
+
+    @classmethod
+    def parse(cls, text: str) -> CacheKey:
+        """A key from its string form (read back from a store, or given to the admin API);
+        ValueError, saying what is wrong, for anything no request could have made.
+
+        A key header named `body` whose value looks like a digest reads back as a body
+        part: the text, so the key, is the same."""
+        if len(text) > MAX_KEY_TEXT:
+            raise ValueError(f"a cache key has at most {MAX_KEY_TEXT} characters")
+        if not text.isprintable():
+            raise ValueError("a cache key holds no control characters")
+        fields = text.split(" ")
+        if len(fields) < 3:
+            raise ValueError("a cache key is a method, an upstream and a URL: GET api /path")
+        method, upstream, url, *rest = fields
+        if not _TOKEN.fullmatch(method) or not upstream:
+            raise ValueError("a cache key starts with a method and an upstream: GET api /path")
+        if not url.startswith("/") or not url.isascii():
+            raise ValueError("a cache key's URL is a normalised path, such as /quote/AAPL")
+        body = ""
+        if rest and rest[-1].startswith(_BODY) and _DIGEST.fullmatch(rest[-1], len(_BODY)):
+            body = rest.pop()[len(_BODY) :]
+        headers: list[tuple[str, str]] = []
+        for part in rest:
+            name, eq, value = part.partition("=")
+            if not eq or not _TOKEN.fullmatch(name) or not _KEYED_VALUE.fullmatch(value):
+                raise ValueError(f"a cache key's header part is name=value, not {part[:40]!r}")
+            headers.append((name, value))
+        return cls(method, upstream, url, tuple(headers), body)
+
+    def with_headers(self, pairs: Iterable[tuple[str, str]]) -> CacheKey:
+        """This key with the key headers' values as the request sent them: percent-encoded,
+        and hashed for credential-like headers (Authorization, Cookie, X-Api-Key, ...), since
+        keys are shown by the admin API and must never carry a secret."""
+        headers = tuple(
+            (name, _redact(value) if _secret_header(name) else quote(_utf8(value), ""))
+            for name, value in pairs
+        )
+        if self.headers or self.body:
+            return CacheKey(self.method, self.upstream, self.url, headers, self.body)
+        return self._extended(headers, "", "".join([f" {n}={v}" for n, v in headers]))
+
+    def with_body(self, content_type: str, coding: str, body: bytes) -> CacheKey:
+        """This key for a cached POST's body (see body_digest)."""
+        digest = body_digest(content_type, coding, body)
+        if self.body:
+            return CacheKey(self.method, self.upstream, self.url, self.headers, digest)
+        return self._extended(self.headers, digest, f" {_BODY}{digest}")
+
+    def _extended(self, headers: tuple[tuple[str, str], ...], body: str, tail: str) -> CacheKey:
+        """What __init__ would make of this key with `tail` appended to its text, for under
+        half the cost: key-header routes and cached POSTs build a key on every hit."""
+        key, put = object.__new__(CacheKey), object.__setattr__
+        put(key, "method", self.method)
+        put(key, "upstream", self.upstream)
+        put(key, "url", self.url)
+        put(key, "headers", headers)
+        put(key, "body", body)
+        put(key, "text", self.text + tail)
+        return key
+
+    @property
+    def resource(self) -> str:
+        """`upstream path?query`: what every variant of one URL (its key-header variants,
+        its cached POST bodies) shares, and what a URL ban names."""
+        return f"{self.upstream} {self.url}"
+
+    def get_key(self) -> CacheKey:
+        """The plain GET key of the same resource (what an unsafe request invalidates)."""
+        return CacheKey("GET", self.upstream, self.url)
+
+    def exact_glob(self) -> str:
+        """A glob that matches this key and no other."""
+        return escape_glob(self.text)
+
+    def variants_glob(self) -> str:
+        """A glob that matches every key-header and body variant of this key's URL, of any
+        method, and neither the plain key nor any other URL's keys."""
+        return f"* {escape_glob(self.resource)} *"
+
+    @staticmethod
+    def variant_resource(text: str) -> str | None:
+        """For a key's text with header or body parts, the resource it is a variant of; None
+        for a key without them. Cheap, without parsing: bans ask it on every hit."""
+        parts = text.split(" ", 3)
+        return f"{parts[1]} {parts[2]}" if len(parts) == 4 else None
+
+    @staticmethod
+    def url_glob(pattern: str) -> str:
+        """A glob over URLs (`/v8/finance/chart/*`, as the admin API takes it) as a glob over
+        whole keys; ValueError for one too long to match (glob.bounded)."""
+        return "*" if pattern == "*" else _ANY_METHOD_AND_UPSTREAM + bounded(pattern)
 
 
 def upstream_target(target: Target, extra: Mapping[str, str]) -> str:

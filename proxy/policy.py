@@ -142,7 +142,8 @@ def classify_request(
     body_size: int | None = None,
     content_type: str = "",
 ) -> RequestVerdict:
-    """Whether a request may use the shared cache (DESIGN.md, Freshness and cost).
+    """Whether a request may use the shared cache (README: What is cached, and what the
+    proxy decided).
 
     POST only on routes that opt in (`cache_post`), keyed on the body, and only with a
     declared body of at most MAX_POST_KEY_BODY bytes. Never a multipart body: its boundary

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Final
 
 from aiohttp import web
@@ -20,7 +22,7 @@ from proxy.config import Config
 from proxy.deps import Deps
 from proxy.errors import BadRequest, UpstreamError
 from proxy.headers import end_to_end, forwarded_for
-from proxy.keys import cache_key, key_resource, parse_target, upstream_target
+from proxy.keys import CacheKey, parse_target, upstream_target
 from proxy.metrics import UNMATCHED
 from proxy.outcome import REFUSED, Outcome, failed, passed
 from proxy.policy import Bypass, classify_request
@@ -102,7 +104,7 @@ class ProxyHandler:
             return json_error(404, "no_route", "no route matches this request")
         rules = config.cache.keys
         route = match.route
-        key = cache_key(method, route.upstream, target, rules.ignore_params, rules.secret_params)
+        key = CacheKey.of(method, route.upstream, target, rules.ignore_params, rules.secret_params)
         resolved = Resolved(match, target, key, (*rules.headers, *route.key_headers))
         if len(raw) <= _MEMO_TARGET:  # long targets are rare; memoising them costs memory
             if len(self._memo) >= _MEMO_SIZE:
@@ -200,11 +202,10 @@ class ProxyHandler:
         so the next GET fetches what the change produced (every key-header variant and
         cached POST body too). A few Redis commands, however much L2 holds: the plain GET
         key is deleted, its variants are banned (lazily, as a tag purge is)."""
-        store = self.deps.store
-        resource = key_resource(resolved.key)
-        await store.purge_key(f"GET {resource}")
+        store, key = self.deps.store, resolved.key
+        await store.purge_key(key.get_key().text)
         if self.deps.config.makes_variants():  # each ban is a record kept for a while
-            await store.banning.url(resource)
+            await store.banning.url(key.resource)
 
 
 async def _expect(request: web.BaseRequest) -> web.Response | None:
@@ -303,23 +304,27 @@ class ProxyApp:
             "keepalive_timeout": self.deps.config.server.client_timeout,
         }  # fmt: skip
 
-    async def start(self) -> None:
-        """Open upstream sessions and start the background tasks; before listening."""
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[ProxyApp]:
+        """The proxy's resources, open for the block: upstream sessions and the background
+        tasks start on entering (before listening); on leaving (after the listener has
+        stopped), L2 writes in flight land, then tasks, sessions and stores close. A failure
+        part-way through the start closes what was opened (aiohttp's cleanup_ctx pattern:
+        there is no web.Application here to hold one)."""
         deps = self.deps
-        await deps.upstreams.start()
-        if deps.backplane is not None:
-            await deps.store.banning.load()
-            deps.tasks.spawn(deps.backplane.run(), "backplane")
-        every = deps.config.cache.redis.popularity_flush
-        if deps.store.shared.reaches_others and every > 0:
-            deps.tasks.spawn(deps.store.popularity.run(every), "popularity")
-        if deps.config.warm.urls or deps.config.warm.hottest:
-            deps.tasks.spawn(self.handler.warm_up(), "warm-start")
-
-    async def close(self) -> None:
-        """After the listener has stopped: land L2 writes in flight, then stop the rest."""
-        deps = self.deps
-        await deps.store.flush()  # before tasks are cancelled, so no write is cut short
-        await deps.tasks.close()
-        await deps.upstreams.close()
-        await deps.store.close()
+        async with AsyncExitStack() as opened:
+            opened.push_async_callback(deps.store.close)
+            opened.push_async_callback(deps.upstreams.close)  # also sessions opened part-way
+            await deps.upstreams.start()
+            opened.push_async_callback(deps.tasks.close)
+            # Runs first: before tasks are cancelled, so no write is cut short.
+            opened.push_async_callback(deps.store.flush)
+            if deps.backplane is not None:
+                await deps.store.banning.load()
+                deps.tasks.spawn(deps.backplane.run(), "backplane")
+            every = deps.config.cache.redis.popularity_flush
+            if deps.store.shared.reaches_others and every > 0:
+                deps.tasks.spawn(deps.store.popularity.run(every), "popularity")
+            if deps.config.warm.urls or deps.config.warm.hottest:
+                deps.tasks.spawn(self.handler.warm_up(), "warm-start")
+            yield self

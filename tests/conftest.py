@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,15 +189,13 @@ ProxyFactory = Callable[..., Awaitable[Proxy]]
 @pytest.fixture
 async def make_proxy(upstream: CountingUpstream) -> Any:
     clients: list[TestClient] = []
-    apps: list[ProxyApp] = []
+    running = AsyncExitStack()
 
     async def factory(**overrides: Any) -> Proxy:
         config = parse_config(base_config(upstream.url, **overrides), env={})
         clock = ManualClock()
         deps = build_deps(config, clock=clock, guard_clock=clock)
-        app = ProxyApp(deps)
-        await app.start()
-        apps.append(app)
+        app = await running.enter_async_context(ProxyApp(deps).running())
         # No cookie jar: a client that replays Set-Cookie would (rightly) bypass the cache.
         server = RawTestServer(app.handler.handle)
         # The listener's settings (auto_decompress=False, header limits) as `serve` has them:
@@ -212,8 +211,7 @@ async def make_proxy(upstream: CountingUpstream) -> Any:
     yield factory
     for c in reversed(clients):
         await c.close()
-    for app in reversed(apps):
-        await app.close()
+    await running.aclose()  # the proxies, last started first
 
 
 @pytest.fixture

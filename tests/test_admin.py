@@ -129,6 +129,17 @@ async def test_keys_lists_entries_with_route_size_and_ttl_left(proxy: Proxy) -> 
     assert by_url["/quote/MSFT"]["ttl_left"] == 3590
 
 
+async def test_keys_lists_a_key_the_proxy_did_not_write_without_a_url(proxy: Proxy) -> None:
+    await get(proxy, "/quote/AAPL")
+    found = await proxy.deps.store.lookup("GET api /quote/AAPL")
+    assert found is not None
+    await proxy.deps.store.set("garbage", found.entry)  # Redis is shared: anything may be there
+    status, body = await admin_json(proxy, "GET", "/keys")
+    assert status == 200
+    urls = {item["key"]: item["url"] for item in body["keys"]}
+    assert urls == {"GET api /quote/AAPL": "/quote/AAPL", "garbage": ""}
+
+
 async def test_keys_skips_expired_entries(proxy: Proxy) -> None:
     await get(proxy, "/v8/finance/chart/AAPL")  # 60 s
     await get(proxy, "/quote/AAPL")  # 1 h
@@ -253,6 +264,8 @@ async def test_purge_pattern_purges_only_matching(proxy: Proxy, upstream: Counti
         {"json": {"route": "no-such-route"}},
         {"json": {"tag": "symbol=AAPL", "soft": "yes"}},
         {"json": {"key": ""}},
+        {"json": {"key": "/quote/AAPL"}},  # a URL, not a key
+        {"json": {"key": "GET api /quote/AAPL\r\nX: y"}},
         {"json": {"url": 5}},
         {"json": {"pattern": ["/quote/*"]}},
         {"json": {"url": None}},

@@ -33,6 +33,7 @@ from conftest import RedisServer
 from redis.asyncio import Redis
 
 from proxy.entry import decode
+from proxy.keys import CacheKey
 
 pytestmark = pytest.mark.slow
 
@@ -285,7 +286,7 @@ async def stored_problems(redis_url: str) -> tuple[int, list[str]]:
             count += 1
             key = raw_key.decode()[len(PREFIX) + 2 :]
             entry = decode(raw)
-            path = key.split(" ")[2]
+            path = CacheKey.parse(key).url
             if (problem := body_problem(entry.body, path)) is not None:
                 problems.append(f"L2 holds a broken body for {key} ({entry.status}): {problem}")
     finally:

@@ -1,15 +1,23 @@
-"""proxy/cli.py: check-config validates without serving and exits 2 on a bad file."""
+"""proxy/cli.py: check-config validates without serving and exits 2 on a bad file; serve
+closes what it opened when it cannot listen."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 import yaml
+from conftest import CountingUpstream, base_config
 
+from proxy import cli
 from proxy.cli import EXIT_CONFIG, main
+from proxy.config import Config, parse_config
+from proxy.deps import Deps
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "proxy.yaml"
@@ -89,3 +97,36 @@ def test_python_dash_m_check_config_ok() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "chart_3mo_plus" in result.stdout
+
+
+async def test_serve_closes_what_it_opened_when_a_listener_cannot_start(
+    upstream: CountingUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[aiohttp.ClientSession] = []
+    build = cli.build_deps
+
+    def build_deps(config: Config, **kwargs: Any) -> Deps:
+        deps = build(config, **kwargs)
+        start = deps.upstreams.start
+
+        async def started() -> None:
+            await start()
+            opened.extend(deps.upstreams._sessions.values())
+
+        deps.upstreams.start = started  # type: ignore[method-assign]
+        return deps
+
+    monkeypatch.setattr(cli, "build_deps", build_deps)
+    with socket.socket() as taken, socket.socket() as free:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+        free.close()
+        server = {"host": "127.0.0.1", "port": port, "admin_port": taken.getsockname()[1]}
+        config = parse_config(base_config(upstream.url, server=server), env={})
+        with pytest.raises(OSError):
+            await cli.serve(config)  # the proxy listens, then the admin port is taken
+    assert opened and all(session.closed for session in opened)
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # the proxy's listener was closed too

@@ -500,6 +500,18 @@ def test_upstream_url_with_credentials_is_refused() -> None:
     assert "hunter2" not in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["my api", "", "api\t2", "api\n"])
+def test_upstream_names_that_cannot_go_into_a_cache_key_are_refused(name: str) -> None:
+    data = {
+        "upstreams": {name: {"url": "http://api.example"}},
+        "ttl_classes": {"t": 60},
+        "routes": [{"path": "/x", "upstream": name, "ttl_class": "t"}],
+    }
+    with pytest.raises(ConfigError, match="cache keys") as e:
+        parse_config(data, env={})
+    assert e.value.path == f"upstreams.{name}"
+
+
 # --- found by tests/test_fuzz.py ------------------------------------------------------------
 
 

@@ -34,13 +34,7 @@ from proxy.entry import CachedResponse, decode, encode
 from proxy.errors import BadRequest, ConfigError, CorruptEntry
 from proxy.glob import Glob
 from proxy.headers import end_to_end
-from proxy.keys import (
-    cache_key,
-    escape_glob,
-    header_suffix,
-    key_url,
-    parse_target,
-)
+from proxy.keys import CacheKey, Target, escape_glob, parse_target
 from proxy.policy import STORABLE_STATUS
 from proxy.routes import RouteTable, compile_template
 from proxy.units import parse_duration, parse_size
@@ -172,7 +166,14 @@ def spellings(draw: st.DrawFn, model: Model) -> str:
 
 
 def key_of(target: str, headers: tuple[tuple[str, str], ...] = ()) -> str:
-    return cache_key("GET", "api", parse_target(target), IGNORE, SECRET, headers)
+    return cache_key("GET", "api", parse_target(target), IGNORE, SECRET, headers).text
+
+
+def cache_key(
+    method: str, upstream: str, target: Target, ignore: frozenset[str], secret: frozenset[str],
+    headers: tuple[tuple[str, str], ...] | list[tuple[str, str]] = (),
+) -> CacheKey:  # fmt: skip
+    return CacheKey.of(method, upstream, target, ignore, secret).with_headers(headers)
 
 
 @st.composite
@@ -238,8 +239,8 @@ def test_parse_target_refuses_with_bad_request_only(raw: str) -> None:
     except BadRequest:
         return
     key = cache_key("HEAD", "api", target, IGNORE, frozenset())
-    method, upstream, url = key.split(" ")  # spaces never occur inside a field
-    assert (method, upstream, key_url(key)) == ("GET", "api", url)
+    method, upstream, url = key.text.split(" ")  # spaces never occur inside a field
+    assert (method, upstream, CacheKey.parse(key.text).url) == ("GET", "api", url)
     assert url.isascii() and url.isprintable()
     assert cache_key("GET", "api", parse_target(url), IGNORE, frozenset()) == key  # idempotent
 
@@ -263,7 +264,7 @@ def test_secret_query_values_never_appear_in_keys(
     else:
         spelled_name = data.draw(spell(name.encode(), _QUERY_LITERAL, query=True))
     target = parse_target(f"/q?{spelled_name}={value}&range=5d")
-    key = cache_key("GET", "api", target, IGNORE, frozenset(secret))
+    key = cache_key("GET", "api", target, IGNORE, frozenset(secret)).text
     assert value not in key, key
 
 
@@ -282,7 +283,10 @@ _header_values = st.text(max_size=12) | st.text(
 def test_header_suffix_is_injective_and_hides_credentials(
     headers: list[tuple[str, str]], data: st.DataObject | None
 ) -> None:
-    suffix = header_suffix(headers)
+    plain = CacheKey("GET", "api", "/x")
+    keyed = plain.with_headers(headers)
+    suffix = keyed.text.removeprefix(plain.text)
+    assert CacheKey.parse(keyed.text).headers == keyed.headers  # reads back into its parts
     assert suffix.isascii()
     fields = suffix.split(" ")[1:]  # splits back into its parts
     assert len(fields) == len(headers)
@@ -296,7 +300,7 @@ def test_header_suffix_is_injective_and_hides_credentials(
     i = data.draw(st.integers(0, len(headers) - 1))
     other_value = data.draw(_header_values.filter(lambda v: v != headers[i][1]))
     changed = [*headers[:i], (headers[i][0], other_value), *headers[i + 1 :]]
-    assert header_suffix(changed) != suffix
+    assert plain.with_headers(changed) != keyed
 
 
 @fuzz(300)

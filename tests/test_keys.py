@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import BadRequest
-from proxy.glob import Glob
+from proxy.glob import MAX_EVENT_LENGTH, MAX_LENGTH, Glob
 from proxy.keys import (
+    CacheKey,
     body_digest,
-    cache_key,
     escape_glob,
     is_secret_param,
     key_query,
-    key_url,
     parse_target,
     upstream_target,
 )
@@ -22,7 +21,7 @@ SECRET = frozenset({"apikey", "token"})
 
 
 def key(url: str, method: str = "GET", headers: tuple[tuple[str, str], ...] = ()) -> str:
-    return cache_key(method, "api", parse_target(url), IGNORE, SECRET, headers)
+    return CacheKey.of(method, "api", parse_target(url), IGNORE, SECRET).with_headers(headers).text
 
 
 # --- parse_target: refusals ----------------------------------------------------------------
@@ -135,7 +134,7 @@ def test_parse_target_decodes_params_for_route_conditions() -> None:
     )
 
 
-# --- cache_key -----------------------------------------------------------------------------
+# --- CacheKey.of and with_headers: the key's shape -----------------------------------------
 
 
 def test_key_shape() -> None:
@@ -197,7 +196,7 @@ def test_headers_are_part_of_the_key() -> None:
 
 def test_upstreams_separate_keys() -> None:
     target = parse_target("/x")
-    assert cache_key("GET", "a", target, IGNORE, SECRET) != cache_key(
+    assert CacheKey.of("GET", "a", target, IGNORE, SECRET) != CacheKey.of(
         "GET", "b", target, IGNORE, SECRET
     )
 
@@ -239,11 +238,10 @@ def test_key_query_drops_ignored_and_sorts() -> None:
         ("GET api /v8/finance/chart/AAPL?range=5d", "/v8/finance/chart/AAPL?range=5d"),
         ("GET api /x accept-language=en", "/x"),
         ("GET api /x?a=1 h=v h2=v2", "/x?a=1"),
-        ("garbage", ""),
     ],
 )
 def test_key_url(k: str, url: str) -> None:
-    assert key_url(k) == url
+    assert CacheKey.parse(k).url == url
 
 
 # --- upstream_target -----------------------------------------------------------------------
@@ -313,7 +311,7 @@ def test_a_target_that_is_not_utf8_is_a_bad_request(raw: str) -> None:
 
 
 def test_a_key_header_that_is_not_utf8_still_makes_a_key() -> None:
-    # A raw 0xFF byte in Accept-Language (a key header) reached header_suffix as "\udcff"
+    # A raw 0xFF byte in Accept-Language (a key header) reached the key's header part as "\udcff"
     # and raised UnicodeEncodeError: the proxy answered 500.
     raw = key("/x", headers=(("accept-language", "\udcff"),))
     assert raw == "GET api /x accept-language=%ED%B3%BF"
@@ -424,3 +422,184 @@ def test_body_digest_covers_every_header_that_says_how_to_read_the_body() -> Non
     }
     assert len(digests) == 11
     assert body_digest("application/json", "", body) == body_digest("application/json", "", body)
+
+
+# --- CacheKey: the key as a value ----------------------------------------------------------
+
+DIGEST = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("text", "method", "upstream", "url", "headers", "body"),
+    [
+        ("GET api /x", "GET", "api", "/x", (), ""),
+        ("GET yahoo /v8/finance/chart/AAPL?range=5d", "GET", "yahoo",
+         "/v8/finance/chart/AAPL?range=5d", (), ""),
+        ("GET api /x?a&b=&c=1", "GET", "api", "/x?a&b=&c=1", (), ""),
+        ("GET api /x accept-language=en", "GET", "api", "/x", (("accept-language", "en"),), ""),
+        ("GET api /x?q=1 accept-language=en%20x%3D1 x-region=eu", "GET", "api", "/x?q=1",
+         (("accept-language", "en%20x%3D1"), ("x-region", "eu")), ""),
+        ("GET api /x authorization=#0123456789abcdef", "GET", "api", "/x",
+         (("authorization", "#0123456789abcdef"),), ""),
+        ("GET api /x accept-language=", "GET", "api", "/x", (("accept-language", ""),), ""),
+        (f"POST api /xhr/ncp body={DIGEST}", "POST", "api", "/xhr/ncp", (), DIGEST),
+        (f"POST api /q?a=1 x-region=eu body={DIGEST}", "POST", "api", "/q?a=1",
+         (("x-region", "eu"),), DIGEST),
+        # glob metacharacters, sub-delims and percent-encodings are all kept as they are
+        ("GET api /a*b?c=[d]&e=%5C!$'()*,;:@/? x=%ED%B3%BF", "GET", "api",
+         "/a*b?c=[d]&e=%5C!$'()*,;:@/?", (("x", "%ED%B3%BF"),), ""),
+        ("GET api.v2_eu-1 /", "GET", "api.v2_eu-1", "/", (), ""),
+        ("GET börse /x", "GET", "börse", "/x", (), ""),  # an upstream's name is the config's
+        ("DELETE api /x", "DELETE", "api", "/x", (), ""),
+        ("GET api /x body=abc", "GET", "api", "/x", (("body", "abc"),), ""),  # not a digest
+    ],
+)  # fmt: skip
+def test_a_key_reads_back_into_its_parts_and_writes_the_same_text(
+    text: str, method: str, upstream: str, url: str, headers: tuple[tuple[str, str], ...],
+    body: str,
+) -> None:  # fmt: skip
+    parsed = CacheKey.parse(text)
+    assert (parsed.method, parsed.upstream, parsed.url, parsed.headers, parsed.body) == (
+        method, upstream, url, headers, body,
+    )  # fmt: skip
+    assert parsed.text == str(parsed) == text
+    built = CacheKey(method, upstream, url, headers, body)
+    assert built == parsed and hash(built) == hash(parsed)
+    assert CacheKey.parse(str(built)) == built
+    assert parsed.resource == f"{upstream} {url}"
+    assert CacheKey.variant_resource(text) == (parsed.resource if headers or body else None)
+
+
+@pytest.mark.parametrize(
+    ("url", "method", "headers", "body"),
+    [
+        ("/x", "GET", (), None),
+        ("/x", "HEAD", (), None),
+        ("/v8/finance/chart/%5EGSPC?range=5d&_=1", "GET", (("accept-language", "de-CH"),), None),
+        ("/q?apikey=SECRET&a=1", "GET", (("authorization", "Bearer t"), ("x-r", "a b")), None),
+        ("/x?q=a+b&q=%2B", "POST", (), b'{"s": 1}'),
+        ("/x", "POST", (("cookie", "\udcff"), ("accept-language", "=&? ")), b""),
+        ("/caf%C3%A9/*[a]?b=\\", "GET", (("x", "\x7f"),), None),
+    ],
+)
+def test_every_key_a_request_makes_reads_back_as_itself(
+    url: str, method: str, headers: tuple[tuple[str, str], ...], body: bytes | None
+) -> None:
+    made = CacheKey.of(method, "api", parse_target(url), IGNORE, SECRET).with_headers(headers)
+    if body is not None:
+        made = made.with_body("application/json", "", body)
+    parsed = CacheKey.parse(made.text)
+    assert parsed == made
+    assert (parsed.method, parsed.url, parsed.headers, parsed.body) == (
+        made.method, made.url, made.headers, made.body,
+    )  # fmt: skip
+    assert "SECRET" not in made.text and "Bearer" not in made.text
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("", "a method, an upstream and a URL"),
+        ("garbage", "a method, an upstream and a URL"),
+        ("GET api", "a method, an upstream and a URL"),
+        ("GET  /x", "starts with a method and an upstream"),  # no upstream
+        ("G(T api /x", "starts with a method and an upstream"),
+        (" api /x", "starts with a method and an upstream"),
+        ("GET api x", "normalised path"),
+        ("GET api ", "normalised path"),
+        ("GET api /é", "normalised path"),
+        ("GET api /x\n", "control characters"),
+        ("GET api /x\x00y", "control characters"),
+        ("GET\tapi /x", "control characters"),
+        ("GET api /\udcff", "control characters"),  # a lone surrogate
+        ("GET api /x ", "header part"),  # an empty part
+        ("GET api /x  h=v", "header part"),
+        ("GET api /x h", "header part"),
+        ("GET api /x =v", "header part"),
+        ("GET api /x h:1=v", "header part"),
+        ("GET api /x h=v=w", "header part"),  # keyed values are percent-encoded
+        ("GET api /x h=é", "header part"),
+        ("GET api /x authorization=#secret", "header part"),
+        ("GET api /x " + "h=v " * 10 + "h", "header part"),
+        ("GET api /" + "a" * 300_000, "at most"),
+    ],
+)
+def test_parse_refuses_what_no_request_makes(text: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        CacheKey.parse(text)
+
+
+def test_the_variants_glob_matches_every_variant_of_its_url_and_nothing_else() -> None:
+    for url in ("/x?a=1", "/a*b?c=[d]", "/x\\y?"):
+        base = CacheKey("GET", "api", url)
+        glob = Glob.parse(base.variants_glob())
+        variants = [
+            base.with_headers([("accept-language", "en")]),
+            base.with_headers([("accept-language", "en"), ("x-region", "eu")]),
+            base.with_body("application/json", "", b"{}"),
+            CacheKey("POST", "api", url).with_body("", "", b"x"),
+            CacheKey("POST", "api", url, (("x", "1"),)).with_body("", "", b"x"),
+        ]
+        others = [
+            base,  # the plain key is not a variant (it is deleted by name)
+            CacheKey("POST", "api", url),
+            CacheKey("GET", "api", url + "2", (("accept-language", "en"),)),
+            CacheKey("GET", "api", url[:-1], (("accept-language", "en"),)),
+            CacheKey("GET", "api", url + "&b=1", (("accept-language", "en"),)),
+            CacheKey("GET", "api2", url, (("accept-language", "en"),)),
+            CacheKey("GET", "ap", url, (("accept-language", "en"),)),
+            CacheKey("GET", "api", "/y", (("accept-language", "en"),)),
+        ]
+        assert all(glob.matches(v.text) for v in variants), url
+        assert not any(glob.matches(o.text) for o in others), url
+        assert {CacheKey.variant_resource(v.text) for v in variants} == {base.resource}
+
+
+def test_the_exact_glob_matches_only_its_key() -> None:
+    key_ = CacheKey("GET", "api", "/a*b?c=[d]", (("x", "1"),))
+    glob = Glob.parse(key_.exact_glob())
+    assert glob.matches(key_.text)
+    assert not glob.matches(CacheKey("GET", "api", "/axb?c=d", (("x", "1"),)).text)
+    assert not glob.matches(CacheKey("GET", "api", "/a*b?c=[d]").text)
+
+
+def test_get_key_is_the_plain_get_key_of_the_same_resource() -> None:
+    posted = CacheKey("POST", "api", "/x?a=1", (("x", "1"),)).with_body("", "", b"b")
+    assert posted.get_key().text == "GET api /x?a=1"
+    assert posted.get_key().resource == posted.resource == "api /x?a=1"
+
+
+def test_a_text_is_built_once_and_keys_compare_by_it() -> None:
+    made = CacheKey("GET", "api", "/x")
+    assert str(made) is made.text
+    assert repr(made) == "CacheKey(text='GET api /x')"
+    # A key header named `body` with a digest-like value writes what a body part writes:
+    # the same key, whichever way it was built.
+    header = CacheKey("GET", "api", "/x", (("body", DIGEST),))
+    assert header == CacheKey("GET", "api", "/x", (), DIGEST)
+    assert CacheKey("GET", "api", "/x") != CacheKey("GET", "api", "/x", (("h", ""),))
+
+
+def test_url_globs_cover_whole_keys_within_the_length_other_instances_take() -> None:
+    assert CacheKey.url_glob("*") == "*"
+    glob = CacheKey.url_glob("/v8/finance/chart/*")
+    assert Glob.parse(glob).matches("GET yahoo /v8/finance/chart/AAPL?range=5d x=1")
+    assert not Glob.parse(glob).matches("GET yahoo /quote/AAPL")
+    longest = CacheKey.url_glob("/" + "*" * (MAX_LENGTH - 1))
+    assert len(longest) == MAX_EVENT_LENGTH  # glob.py allows for exactly this prefix
+    with pytest.raises(ValueError, match="at most"):
+        CacheKey.url_glob("/" + "*" * MAX_LENGTH)
+
+
+def test_with_headers_and_with_body_replace_what_the_key_had() -> None:
+    posted = CacheKey("POST", "api", "/x", (("h", "old"),), DIGEST)
+    assert posted.with_headers([("h", "new v")]).text == f"POST api /x h=new%20v body={DIGEST}"
+    assert posted.with_headers([]).text == f"POST api /x body={DIGEST}"
+    other = posted.with_body("", "", b"other")
+    assert other.text == f"POST api /x h=old body={body_digest('', '', b'other')}"
+    # Built by appending to the text (the hit path's way) or whole, the same key.
+    appended = CacheKey("GET", "api", "/x").with_headers([("h", "v")]).with_body("", "", b"b")
+    whole = CacheKey("GET", "api", "/x", (("h", "v"),), body_digest("", "", b"b"))
+    assert (appended.method, appended.upstream, appended.url, appended.headers, appended.body,
+            appended.text) == (whole.method, whole.upstream, whole.url, whole.headers,
+            whole.body, whole.text)  # fmt: skip

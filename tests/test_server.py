@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import CountingUpstream, Proxy, ProxyFactory, Reply
+from conftest import CountingUpstream, Proxy, ProxyFactory, Reply, base_config
+
+from proxy.config import parse_config
+from proxy.deps import build_deps
+from proxy.server import ProxyApp
 
 
 async def test_second_identical_get_is_a_hit_without_upstream_call(
@@ -534,3 +539,58 @@ async def test_an_unsafe_request_costs_a_few_redis_commands_however_large_l2_is(
     assert "scan" not in spent
     assert sum(spent.values()) <= 6, spent  # UNLINK, HSET, two PUBLISH: whatever `filler`
     assert refetched == 2  # the key-header variant and the cached POST went upstream again
+
+
+# --- ProxyApp.running(): start and cleanup as one context ----------------------------------
+
+
+async def test_leaving_running_lands_l2_writes_then_closes_tasks_sessions_and_stores(
+    upstream: CountingUpstream,
+) -> None:
+    deps = build_deps(parse_config(base_config(upstream.url), env={}))
+    calls: list[str] = []
+    _record(deps.store, "store", "flush", calls)
+    _record(deps.tasks, "tasks", "close", calls)
+    _record(deps.upstreams, "upstreams", "close", calls)
+    _record(deps.store, "store", "close", calls)
+    async with ProxyApp(deps).running() as app:
+        assert app.deps is deps
+        sessions = list(deps.upstreams._sessions.values())
+        assert sessions and not any(s.closed for s in sessions)
+        assert calls == []
+    # (The store's close flushes again on its own, after: nothing is left by then.)
+    assert calls[:4] == ["store.flush", "tasks.close", "upstreams.close", "store.close"]
+    assert all(s.closed for s in sessions)
+
+
+async def test_a_failure_part_way_through_the_start_closes_what_was_opened(
+    upstream: CountingUpstream,
+) -> None:
+    config = parse_config(base_config(upstream.url, warm={"urls": ["/quote/AAPL"]}), env={})
+    deps = build_deps(config)
+    calls: list[str] = []
+    _record(deps.upstreams, "upstreams", "close", calls)
+    _record(deps.store, "store", "close", calls)
+    opened: list[aiohttp.ClientSession] = []
+
+    def refuse(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        coro.close()
+        opened.extend(deps.upstreams._sessions.values())
+        raise RuntimeError(f"cannot start {name}")
+
+    deps.tasks.spawn = refuse  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="cannot start warm-start"):
+        async with ProxyApp(deps).running():
+            pytest.fail("the block ran although the start failed")
+    assert calls == ["upstreams.close", "store.close"]
+    assert opened and all(session.closed for session in opened)
+
+
+def _record(owner: object, label: str, method: str, calls: list[str]) -> None:
+    original = getattr(owner, method)
+
+    async def recorded() -> None:
+        calls.append(f"{label}.{method}")
+        await original()
+
+    setattr(owner, method, recorded)
