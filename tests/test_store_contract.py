@@ -662,9 +662,9 @@ async def test_a_lookup_during_a_pattern_purge_does_not_bring_the_entry_back(
     monkeypatch.setattr(memory, "SLICE", 0.0)  # the L1 walk lets the loop run after each key
     store = layered(l2, tasks, clock)
     store.l1 = MemoryStore(10_000, BIG, clock)
-    for i in range(2000):
-        await store.set(f"/doomed/{i}", entry(clock, body=b"old"))
-    await store.flush()
+    for i in range(2000):  # in both layers, one write at a time: no write may time out
+        await store.l1.set(f"/doomed/{i}", entry(clock, body=b"old"))
+        await l2.set(f"/doomed/{i}", entry(clock, body=b"old"))
     looked: list[Found | None] = []
     done = False
 
