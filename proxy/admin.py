@@ -14,7 +14,7 @@ from proxy.adminauth import admin_guard
 from proxy.bans import valid_tag
 from proxy.deps import DEPS, Deps
 from proxy.errors import BadRequest, StoreUnavailable
-from proxy.keys import CacheKey, parse_target
+from proxy.keys import MAX_KEY_TEXT, CacheKey, parse_target
 from proxy.listing import page
 from proxy.openapi import document
 from proxy.reload import reload
@@ -217,9 +217,15 @@ async def purge(request: web.Request) -> web.Response:
             return _bad(f"pattern: {e}")
     elif kind == "key":
         try:
-            counts = await deps.store.purge_key(CacheKey.parse(value).text)
+            key = CacheKey.parse(value).text
         except ValueError as e:
-            return _bad(f"key: {e}")
+            # Not a key this version writes, but one Redis may hold (another version wrote
+            # it, or anyone with access): purged by its exact text, as /keys lists it. A URL
+            # or a control character is a mistake, said as one.
+            if value.startswith("/") or len(value) > MAX_KEY_TEXT or not value.isprintable():
+                return _bad(f"key: {e}")
+            key = value
+        counts = await deps.store.purge_key(key)
     else:
         try:
             counts = await _purge_url(deps, value)

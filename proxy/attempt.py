@@ -43,8 +43,8 @@ class Attempt:
     previous: CachedResponse | None = None  # what we hold, however old (its validators)
     stale: CachedResponse | None = None  # what may stand in if the upstream fails
     body: bytes | None = None  # a cached POST's body (part of its key)
-    # Request headers (lower-case) in `headers` but not in the key: an answer that varies on
-    # one of them is this client's alone (policy.storability).
+    # Request headers (lower-case) that go upstream (headers()) but are not in the key: an
+    # answer that varies on one of them is this client's alone (policy.storability).
     unkeyed: frozenset[str] = NONE
 
     def headers(self) -> dict[str, str]:

@@ -24,7 +24,6 @@ from proxy.bodies import GZIP_WBITS, inflate_limit
 from proxy.coalesce import Flight
 from proxy.decisions import (
     Failed,
-    Fetch,
     Private,
     Revalidate,
     Serve,
@@ -120,8 +119,6 @@ class CachedPath:
         if isinstance(decision, Revalidate):
             stale = entry if decision.stand_in else None
             return await self._miss(replace(attempt, previous=entry, stale=stale))
-        if isinstance(decision, Fetch):
-            return await self._miss(attempt)
         assert_never(decision)
 
     # --- misses ------------------------------------------------------------------------
@@ -208,7 +205,8 @@ class CachedPath:
         judged = judge(resp.status, verdict, api, revalidated, stand_in)
         if isinstance(judged, Stored):
             await self.deps.store.set(attempt.key, entry)
-            self.deps.store.popularity.count(attempt.key)
+            if not background:  # a request asked for it; a refresh or warm start did not
+                self.deps.store.popularity.count(attempt.key)
             return said.fetched(True, revalidated=revalidated), entry
         if isinstance(judged, Uncached):
             return said.fetched(False, judged.reason, revalidated), entry
@@ -224,8 +222,8 @@ class CachedPath:
     async def _upstream(
         self, attempt: Attempt, headers: dict[str, str], wait: float | None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """GET the target from its upstream, conditionally when we hold an entry (HEAD misses
-        fill the entry too). `wait` bounds the wait for a rate-limit token."""
+        """GET (or a cached POST) the target from its upstream, conditionally when we hold an
+        entry (HEAD misses fill the entry too). `wait` bounds the wait for a rate-limit token."""
         route = attempt.resolved.match.route
         upstream = self.deps.upstreams.upstream(route.upstream)
         target = upstream_target(attempt.resolved.target, upstream.query)

@@ -1,6 +1,7 @@
-"""What the cached path does, decided from data (pure): with a lookup's entry, serve, serve
-and refresh, revalidate or fetch (decide); with an upstream's answer, store, serve uncached,
-hand to one client only, or let what we hold stand in (judge). cached.py acts on these."""
+"""What the cached path does, decided from data (pure): with the entry a lookup found, serve,
+serve and refresh, or revalidate (decide; nothing found is a fetch); with an upstream's
+answer, store, serve uncached, hand to one client only, or let what we hold stand in (judge).
+cached.py acts on these."""
 
 from __future__ import annotations
 
@@ -40,12 +41,7 @@ class Revalidate:
     stand_in: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Fetch:
-    """Nothing held: go upstream."""
-
-
-Decision = Serve | ServeStale | Revalidate | Fetch
+Decision = Serve | ServeStale | Revalidate
 
 
 def decide(

@@ -322,17 +322,16 @@ async def relay(
         out.content_length = resp.content_length
     if close:
         out.force_close()
-    await out.prepare(request)
-    if request.method == "HEAD":
-        await out.write_eof()  # a body after HEAD would be read as the next response
-        return out
     try:
-        async with contextlib.aclosing(_body(resp, prefix, inflater)) as body:
-            async for data in body:
-                await out.write(data)
+        await out.prepare(request)
+        if request.method != "HEAD":  # a body after HEAD would be read as the next response
+            async with contextlib.aclosing(_body(resp, prefix, inflater)) as body:
+                async for data in body:
+                    await out.write(data)
+        await out.write_eof()
     except aiohttp.ClientError as e:
-        # Writing to the client failed (it went away): not the upstream's failure, so not a
-        # ClientError, which request() would count against the upstream.
-        raise ConnectionResetError(f"client went away mid-body: {e!r}") from e
-    await out.write_eof()
+        # Writing to the client failed (it went away; reading the upstream fails as BodyBroke
+        # instead): not the upstream's failure, so not a ClientError, which request() would
+        # count against the upstream and turn into an error response no one can receive.
+        raise ConnectionResetError(f"client went away mid-response: {e!r}") from e
     return out

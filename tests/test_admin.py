@@ -138,6 +138,10 @@ async def test_keys_lists_a_key_the_proxy_did_not_write_without_a_url(proxy: Pro
     assert status == 200
     urls = {item["key"]: item["url"] for item in body["keys"]}
     assert urls == {"GET api /quote/AAPL": "/quote/AAPL", "garbage": ""}
+    # ... and a key purge removes it by the text listed (nothing else could).
+    status, body = await admin_json(proxy, "POST", "/purge", json={"key": "garbage"})
+    assert (status, body["purged"]) == (200, 1)
+    assert await proxy.deps.store.lookup("garbage") is None
 
 
 async def test_keys_skips_expired_entries(proxy: Proxy) -> None:

@@ -166,10 +166,10 @@ def spellings(draw: st.DrawFn, model: Model) -> str:
 
 
 def key_of(target: str, headers: tuple[tuple[str, str], ...] = ()) -> str:
-    return cache_key("GET", "api", parse_target(target), IGNORE, SECRET, headers).text
+    return make_key("GET", "api", parse_target(target), IGNORE, SECRET, headers).text
 
 
-def cache_key(
+def make_key(
     method: str, upstream: str, target: Target, ignore: frozenset[str], secret: frozenset[str],
     headers: tuple[tuple[str, str], ...] | list[tuple[str, str]] = (),
 ) -> CacheKey:  # fmt: skip
@@ -238,11 +238,11 @@ def test_parse_target_refuses_with_bad_request_only(raw: str) -> None:
         target = parse_target(raw)
     except BadRequest:
         return
-    key = cache_key("HEAD", "api", target, IGNORE, frozenset())
+    key = make_key("HEAD", "api", target, IGNORE, frozenset())
     method, upstream, url = key.text.split(" ")  # spaces never occur inside a field
     assert (method, upstream, CacheKey.parse(key.text).url) == ("GET", "api", url)
     assert url.isascii() and url.isprintable()
-    assert cache_key("GET", "api", parse_target(url), IGNORE, frozenset()) == key  # idempotent
+    assert make_key("GET", "api", parse_target(url), IGNORE, frozenset()) == key  # idempotent
 
 
 _secret_names = st.text(min_size=1, max_size=8).filter(lambda s: s not in IGNORE)
@@ -264,7 +264,7 @@ def test_secret_query_values_never_appear_in_keys(
     else:
         spelled_name = data.draw(spell(name.encode(), _QUERY_LITERAL, query=True))
     target = parse_target(f"/q?{spelled_name}={value}&range=5d")
-    key = cache_key("GET", "api", target, IGNORE, frozenset(secret)).text
+    key = make_key("GET", "api", target, IGNORE, frozenset(secret)).text
     assert value not in key, key
 
 
@@ -280,7 +280,7 @@ _header_values = st.text(max_size=12) | st.text(
 @given(st.lists(st.tuples(_header_names, _header_values), max_size=4), st.data())
 @example([("accept-language", "\udcff")], None).via("a raw 0xFF byte in a key header")
 @example([("authorization", "\udcff")], None)
-def test_header_suffix_is_injective_and_hides_credentials(
+def test_key_header_parts_are_injective_and_hide_credentials(
     headers: list[tuple[str, str]], data: st.DataObject | None
 ) -> None:
     plain = CacheKey("GET", "api", "/x")

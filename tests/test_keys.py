@@ -240,7 +240,7 @@ def test_key_query_drops_ignored_and_sorts() -> None:
         ("GET api /x?a=1 h=v h2=v2", "/x?a=1"),
     ],
 )
-def test_key_url(k: str, url: str) -> None:
+def test_cache_key_url(k: str, url: str) -> None:
     assert CacheKey.parse(k).url == url
 
 

@@ -159,3 +159,20 @@ async def test_hits_and_stored_misses_are_counted_errors_are_not(
     assert (await proxy.client.get("/quote/A")).status == 200  # a hit
     assert (await proxy.client.get("/dead/B")).status == 502
     assert await proxy.deps.store.popularity.hottest(10) == [("GET api /quote/A", 2.0)]
+
+
+async def test_background_refreshes_are_not_requests(
+    make_proxy: Any, upstream: CountingUpstream
+) -> None:
+    # The one fetcher (misses, refreshes, warm start) counted every store: a refresh no client
+    # asked for made its key look busier, and warm start reads the counts back.
+    short = {"ttl": 60, "stale_while_revalidate": 60}
+    proxy = await make_proxy(ttl_classes={"short": short, "long": "1h"})
+    path = "/v8/finance/chart/AAPL"
+    assert (await proxy.client.get(path)).status == 200  # a miss that stored: 1
+    proxy.clock.advance(61)
+    stale = await proxy.client.get(path)  # a stale hit: 2, and a background refresh
+    assert "stale-while-revalidate" in stale.headers["Cache-Status"]
+    await proxy.deps.tasks.wait()
+    assert upstream.calls[path] == 2  # the refresh went upstream and stored
+    assert await proxy.deps.store.popularity.hottest(5) == [(f"GET api {path}", 2.0)]

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from conftest import CountingUpstream, Proxy, ProxyFactory, Reply
 
 from proxy.entry import CachedResponse
@@ -215,3 +218,27 @@ async def test_a_gzip_bomb_is_served_as_stored_to_clients_without_gzip(
     raw = await exchange(proxy, b"GET /quote/B HTTP/1.1\r\nHost: x\r\n\r\n")
     assert fields(raw)["content-encoding"] == "gzip"  # labelled: no client misreads it
     assert raw.split(b"\r\n\r\n", 1)[1] == bomb
+
+
+async def test_a_client_gone_when_a_relay_starts_is_not_the_upstreams_failure(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Too large to store, so relayed: the client's going away surfaced from prepare() as
+    # aiohttp's ClientConnectionResetError, which the upstream's request() took for a broken
+    # upstream (counted against its breaker) and turned into an error response for no one.
+    proxy = await make_proxy(cache={"backend": "memory", "max_object_size": 100})
+    upstream.replies["/v8/finance/chart/BIG"] = Reply(body=b"x" * 10_000)
+    prepare = web.StreamResponse.prepare
+
+    async def gone(self: web.StreamResponse, request: web.BaseRequest) -> Any:
+        if type(self) is web.StreamResponse:  # the relay's
+            raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+        return await prepare(self, request)
+
+    monkeypatch.setattr(web.StreamResponse, "prepare", gone)
+    # (The client is really still there, so it hears what aiohttp's server says next.)
+    await proxy.client.get("/v8/finance/chart/BIG")
+    monkeypatch.undo()
+    metrics = await (await proxy.admin.get("/metrics")).text()
+    assert 'cacheproxy_upstream_errors_total{kind="protocol",upstream="api"}' not in metrics
+    assert (await proxy.client.get("/v8/finance/chart/BIG")).status == 200  # relayed whole
