@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import json
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,7 +26,8 @@ from proxy.config import RedisConfig
 from proxy.entry import CachedResponse
 from proxy.errors import StoreUnavailable
 from proxy.glob import Glob
-from proxy.listing import page
+from proxy.listing import MAX_PENDING, page
+from proxy.store.guarded import Guarded
 from proxy.store.layered import LayeredStore
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
@@ -91,6 +95,10 @@ async def test_route_and_pattern_filters_and_redaction(
     assert [item["url"] for item in charts] == ["/v8/finance/chart/AAPL"]
 
 
+def _cursor(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
+
+
 @pytest.mark.parametrize(
     "cursor",
     [
@@ -98,6 +106,11 @@ async def test_route_and_pattern_filters_and_redaction(
         "WyJsMyIsIDBd",
         "WyJsMiIsICJ4Il0",
         base64.urlsafe_b64encode(b"[" * 5000).decode(),  # a RecursionError: 500 before
+        _cursor(["l2", [0, 0]]),  # the SCAN step and offset cursors gave out before
+        _cursor(["l2", [2**64, ""]]),
+        _cursor(["l2", [0, "AAAA"]]),  # not whole digests
+        _cursor(["l2", [0, base64.urlsafe_b64encode(bytes(16 * 65)).decode()]]),  # too many
+        _cursor(["l2", [0, "\u00e9" * 16]]),
     ],
 )
 async def test_a_bad_cursor_is_400(proxy: Proxy, cursor: str) -> None:
@@ -187,3 +200,216 @@ async def test_listing_reaches_redis_only_through_its_breaker(
         assert l2.stats.errors == 1  # Redis was not asked again
     finally:
         await l2.close()
+
+
+# --- the L2 walk against a keyspace that changes under it -------------------------------
+
+_M64 = 2**64 - 1
+
+
+def _rev64(v: int) -> int:
+    return int(f"{v:064b}"[::-1], 2)
+
+
+class RehashingKeyspace:
+    """Redis' keyspace as SCAN sees it (dict.c): a hash table of 2^n chained buckets, new keys
+    at the head of their chain, visited in reverse-binary cursor order; it doubles when full
+    and shrinks when `shrink` says. Only keys under `GET ` are entries; the rest (leases,
+    counters, other applications' keys) still count toward COUNT, as in Redis. Deterministic:
+    a key's hash is its blake2b."""
+
+    def __init__(self, size: int, clock: ManualClock) -> None:
+        self.buckets: list[list[str]] = [[] for _ in range(size)]
+        self.entries: dict[str, CachedResponse] = {}
+        self.clock = clock
+        self.count = 0
+
+    @staticmethod
+    def _hash(key: str) -> int:
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+    def _place(self, key: str) -> None:
+        self.buckets[self._hash(key) & (len(self.buckets) - 1)].insert(0, key)
+
+    def resize(self, size: int) -> None:
+        old, self.buckets = self.buckets, [[] for _ in range(size)]
+        for chain in old:
+            for key in chain:
+                self._place(key)
+
+    def add(self, key: str, entry: CachedResponse | None = None) -> None:
+        if entry is not None:
+            self.entries[key] = entry
+        self._place(key)
+        self.count += 1
+        if self.count > len(self.buckets):  # load factor 1: grow
+            self.resize(len(self.buckets) * 2)
+
+    async def scan_page(
+        self, pattern: str, cursor: int, count: int
+    ) -> tuple[int, list[tuple[str, CachedResponse]]]:
+        keys: list[str] = []
+        mask = len(self.buckets) - 1
+        budget = count * 10
+        while True:  # scanGenericCommand's loop around dictScan
+            keys.extend(self.buckets[cursor & mask])
+            cursor = _rev64((_rev64(cursor | (~mask & _M64)) + 1) & _M64)
+            budget -= 1
+            if not (cursor and budget and len(keys) < count):
+                break
+        glob = Glob.parse(pattern, max_length=None)
+        return cursor, [(k, self.entries[k]) for k in keys if k in self.entries and glob.matches(k)]
+
+    async def exists_many(self, keys: list[str]) -> list[bool]:
+        return [k in self.entries for k in keys]
+
+
+def _keyspace_store(keyspace: RehashingKeyspace, clock: ManualClock, tasks: Tasks) -> LayeredStore:
+    breaker = CircuitBreaker(3, 60.0, 60.0, clock=clock)
+    l1 = MemoryStore(1000, 10**9, clock)
+    return LayeredStore(l1, [Guarded(keyspace, breaker)], tasks, "i", clock)  # type: ignore[arg-type]
+
+
+async def _walk(store: LayeredStore, limit: int, between: Callable[[int], None]) -> list[str]:
+    listed: list[str] = []
+    cursor: str | None = None
+    for turn in range(2000):
+        items, cursor = await page(store, "*", None, cursor, limit)
+        assert len(items) <= limit
+        listed.extend(item.key for item in items)
+        if cursor is None:
+            return listed
+        between(turn)
+    raise AssertionError("the walk did not end")
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 7, 25])
+async def test_l2_keys_listed_once_while_the_keyspace_grows_and_rehashes(
+    clock: ManualClock, tasks: Tasks, limit: int
+) -> None:
+    # A page that ended inside a SCAN step was resumed as "the same step again, at an
+    # offset"; but new keys (leases, counters, other writers) change what the same cursor
+    # returns, and a rehash more so: keys were listed twice or never (1 run in 12 of the
+    # test above). Here keys arrive between every two pages and the table doubles twice.
+    keyspace = RehashingKeyspace(256, clock)
+    entries = [f"GET api /q/{i:03d}" for i in range(200)]
+    for key in entries:
+        keyspace.add(key, CachedResponse(200, (), b"x", clock(), 600.0))
+    store = _keyspace_store(keyspace, clock, tasks)
+
+    def traffic(turn: int) -> None:
+        for i in range(3):  # new keys at the head of their chains: steps end sooner
+            keyspace.add(f"lease:{turn}:{i}")
+        if turn in (1, 4):  # enough more to double the table
+            while len(keyspace.buckets) < 512 * turn:
+                keyspace.add(f"other:{keyspace.count}")
+
+    listed = await _walk(store, limit, traffic)
+    assert len(keyspace.buckets) >= 2048  # it rehashed mid-walk, twice or more
+    assert sorted(listed) == sorted(entries)  # each key exactly once
+
+
+async def test_l2_keys_are_never_missed_when_the_table_shrinks_mid_walk(
+    clock: ManualClock, tasks: Tasks
+) -> None:
+    # A shrink makes SCAN itself return keys again (it revisits merged buckets); nothing is
+    # missed, and that is all the listing promises then.
+    keyspace = RehashingKeyspace(1024, clock)
+    entries = [f"GET api /q/{i:03d}" for i in range(200)]
+    for key in entries:
+        keyspace.add(key, CachedResponse(200, (), b"x", clock(), 600.0))
+    store = _keyspace_store(keyspace, clock, tasks)
+    listed = await _walk(store, 3, lambda turn: keyspace.resize(256) if turn == 20 else None)
+    assert set(listed) == set(entries)
+
+
+class ScriptedTier:
+    """A remote tier whose SCAN steps are scripted per cursor: each call takes the next
+    answer for that cursor (the last one repeats)."""
+
+    def __init__(self, steps: dict[int, list[tuple[int, list[str]]]], clock: ManualClock) -> None:
+        self.steps = steps
+        self.entry = CachedResponse(200, (), b"x", clock(), 600.0)
+
+    async def scan_page(
+        self, pattern: str, cursor: int, count: int
+    ) -> tuple[int, list[tuple[str, CachedResponse]]]:
+        answers = self.steps[cursor]
+        next_cursor, keys = answers.pop(0) if len(answers) > 1 else answers[0]
+        return next_cursor, [(k, self.entry) for k in keys]
+
+    async def exists_many(self, keys: list[str]) -> list[bool]:
+        return [True] * len(keys)
+
+
+async def test_keys_a_split_step_listed_stay_out_when_asking_again_moves_them_later(
+    clock: ManualClock, tasks: Tasks
+) -> None:
+    # Cursor 0 first covers a and b; asked again (a page later), it covers neither, and the
+    # step after it has both: a, listed from the first answer, must not come again.
+    tier = ScriptedTier({0: [(0, ["a", "b"]), (5, [])], 5: [(0, ["b", "a"])]}, clock)
+    store = _keyspace_store(tier, clock, tasks)  # type: ignore[arg-type]
+    assert await _walk(store, 1, lambda turn: None) == ["a", "b"]
+
+
+async def test_l2_keys_listed_once_while_other_writers_grow_redis_between_pages(
+    redis_proc: RedisServer, clock: ManualClock, tasks: Tasks
+) -> None:
+    # The same on a real Redis of this test's own: between pages, a few unrelated keys land
+    # in its chains, and every 40 pages enough to double its keyspace (Redis rehashes into a
+    # table twice the size). Its hash seed is random: the old cursors failed 10 runs in 12.
+    config = RedisConfig(url=redis_proc.url, key_prefix="t:", command_timeout=1.0)
+    l2 = RedisStore(config, tasks, clock)
+    breaker = CircuitBreaker(3, 60.0, 60.0, clock=clock)
+    store = layered_store(MemoryStore(1000, 10**9, clock), l2, breaker, tasks, "i", clock)
+    entries = [f"GET api /q/{i:03d}" for i in range(120)]
+    try:
+        for key in entries:
+            await l2.set(key, CachedResponse(200, (), b"x", clock(), 600.0))
+        written = 0
+        listed: list[str] = []
+        cursor: str | None = None
+        for turn in range(1000):  # about 160 pages
+            items, cursor = await page(store, "*", None, cursor, 2)
+            listed.extend(item.key for item in items)
+            if cursor is None:
+                break
+            size = written + len(entries)
+            batch = size if turn % 40 == 0 and size < 2000 else 3  # double it now and then
+            await l2.client.mset({f"other:{written + i}": b"" for i in range(batch)})
+            written += batch
+        assert cursor is None
+        assert written >= 1500  # doubled four times
+        assert sorted(listed) == sorted(entries)  # each key exactly once
+    finally:
+        await l2.close()
+
+
+async def test_a_walk_ends_even_when_one_step_holds_more_than_a_cursor_remembers(
+    clock: ManualClock, tasks: Tasks
+) -> None:
+    # A cursor remembers MAX_PENDING listed keys; beyond that, the rest of the step is
+    # skipped rather than the same keys listed round and round.
+    keys = [f"k{i:03d}" for i in range(MAX_PENDING + 10)]
+    store = _keyspace_store(ScriptedTier({0: [(0, keys)]}, clock), clock, tasks)  # type: ignore[arg-type]
+    listed = await _walk(store, 1, lambda turn: None)
+    assert listed == keys[: MAX_PENDING + 1]
+
+
+async def test_a_cursor_forgets_the_oldest_keys_gone_from_its_step_first(
+    clock: ManualClock, tasks: Tasks
+) -> None:
+    # Keys listed from a split step and then removed are never seen again; they must not
+    # crowd out the keys of the step at hand (y, without which z would be skipped).
+    gone = [f"g{i:03d}" for i in range(MAX_PENDING)]
+    first = (0, [*gone, "z"])  # asked twice: with COUNT 48, then with COUNT 1
+    steps = {0: [first, first, (7, [])], 7: [(0, ["y", "z"])]}
+    store = _keyspace_store(ScriptedTier(steps, clock), clock, tasks)  # type: ignore[arg-type]
+    cursor: str | None = None
+    listed: list[str] = []
+    while True:
+        items, cursor = await page(store, "*", None, cursor, MAX_PENDING if not listed else 1)
+        listed.extend(item.key for item in items)
+        if cursor is None:
+            break
+    assert listed == [*gone, "y", "z"]
