@@ -88,7 +88,7 @@ from bench.common import (
 )
 from proxy.config import Config, load_config
 from proxy.demo import _RANGE_WEIGHTS, _RANGES, _REAL, Workload
-from proxy.keys import cache_key, parse_target
+from proxy.keys import CacheKey, parse_target
 from proxy.policy import TTLClass
 from proxy.sim import articles
 from proxy.sim.data import BUCKET_S
@@ -130,8 +130,8 @@ class Resolver:
         assert match is not None and match.route.ttl_class is not None, url
         rules = self.config.cache.keys
         route = match.route
-        key = cache_key("GET", route.upstream, target, rules.ignore_params, rules.secret_params)
-        info = KeyInfo(key, route.name, match.route.ttl_class)
+        key = CacheKey.of("GET", route.upstream, target, rules.ignore_params, rules.secret_params)
+        info = KeyInfo(key.text, route.name, match.route.ttl_class)
         self._memo[url] = info
         return info
 
