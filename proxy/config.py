@@ -13,9 +13,9 @@ from yarl import URL
 
 from proxy.confnode import Node, expand_tree
 from proxy.errors import ConfigError
-from proxy.guard import Rate
 from proxy.market import Market
 from proxy.policy import TTLClass
+from proxy.quota import QuotaReset, Window, parse_windows
 from proxy.routes import Route, RouteTable, compile_template
 from proxy.serverconfig import ServerConfig
 from proxy.warm import WarmConfig
@@ -38,7 +38,8 @@ class Upstream:
     idle_timeout: float = 4.0
     headers: Mapping[str, str] = field(default_factory=dict)
     query: Mapping[str, str] = field(default_factory=dict)
-    rate_limit: Rate | None = None  # e.g. 20/s; None: unlimited
+    rate_limit: tuple[Window, ...] = ()  # e.g. (8/min, 800/day): every one must have room
+    quota_reset: QuotaReset = field(default_factory=QuotaReset)  # when day windows start over
     rate_limit_wait: float = 2.0  # with nothing stale to serve, wait this long for a token
     retries: int = 2  # idempotent requests, on connection errors only
     breaker_failures: int = 5  # consecutive failures that stop calls for a while
@@ -128,7 +129,8 @@ def _upstream(name: str, node: Node) -> Upstream:
         idle_timeout=node.child("idle_timeout").duration(4.0),
         headers=node.child("headers").string_map(),
         query=node.child("query").string_map(),
-        rate_limit=node.child("rate_limit").convert(Rate.parse, None),
+        rate_limit=parse_windows(node.child("rate_limit")),
+        quota_reset=node.child("quota_reset").convert(QuotaReset.parse, QuotaReset()),
         rate_limit_wait=node.child("rate_limit_wait").duration(2.0),
         retries=node.child("retries").integer(2),
         breaker_failures=node.child("breaker_failures").integer(5, minimum=1),

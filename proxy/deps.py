@@ -50,8 +50,13 @@ def build_deps(
     metrics: Metrics | None = None,
     instance: str | None = None,
     guard_clock: Clock = time.monotonic,
+    quota_clock: Clock | None = None,
 ) -> Deps:
     """Wire stores, breaker, backplane, metrics and upstream sessions for a config.
+
+    `guard_clock` times rate windows, 429 pauses and upstream breakers; `clock` (wall time)
+    day windows; `quota_clock` the windows Redis counts (None: Redis's own clock, so that
+    instances with skewed clocks agree; tests pass theirs).
 
     Nothing connects here: sessions open and the backplane subscribes when the app starts.
     """
@@ -87,11 +92,16 @@ def build_deps(
             cache.redis, instance, store.apply, store.resync,
             on_subscribed=lambda: tasks.spawn(store.banning.load(), "load-bans"),
         )  # fmt: skip
+    upstreams = UpstreamPool(
+        config.upstreams, metrics, guard_clock, wall=clock, shared=store.shared,
+        shared_clock=quota_clock,
+    )  # fmt: skip
+    metrics.watch_quotas(upstreams.quota_usage)
     return Deps(
         config=config,
         store=store,
         metrics=metrics,
-        upstreams=UpstreamPool(config.upstreams, metrics, guard_clock),
+        upstreams=upstreams,
         tasks=tasks,
         instance=instance,
         clock=clock,

@@ -1,4 +1,4 @@
-"""Upstream protection: a rate window, 429 pauses and a circuit breaker, per upstream.
+"""Upstream protection: quota windows, 429 pauses and a circuit breaker, per upstream.
 
 Market-data APIs bill and throttle per key: the proxy must never be the reason a key gets
 throttled, and must stop hammering an upstream that keeps failing.
@@ -6,116 +6,98 @@ throttled, and must stop hammering an upstream that keeps failing.
 
 from __future__ import annotations
 
-import math
-import re
+import contextlib
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 from proxy.breaker import CircuitBreaker
-from proxy.errors import UpstreamError
+from proxy.errors import StoreUnavailable, UpstreamError
+from proxy.quota import Admitted, Answer, LocalQuota, QuotaAsk, QuotaReset, Window
+from proxy.store.base import Shared
 
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
-_PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
-
-
-@dataclass(frozen=True, slots=True)
-class Rate:
-    """`count` requests per `seconds`, e.g. 20/s or 5/min."""
-
-    count: float
-    seconds: float
-
-    @property
-    def per_second(self) -> float:
-        return self.count / self.seconds
-
-    @staticmethod
-    def parse(value: object) -> Rate:
-        if isinstance(value, str) and (m := _RATE.match(value)):
-            count = float(m.group(1))
-            if 0 < count < math.inf:  # "9" * 400 is a number too big for a float: inf
-                return Rate(count, float(_PER[m.group(2)]))
-        raise ValueError(f"expected a rate such as 20/s or 5/min, got {value!r}")
-
-
-class RateWindow:
-    """At most `rate.count` calls in any window of `rate.seconds` (a sliding log).
-
-    A token bucket holding one period's burst lets through that burst plus a period's
-    refill, up to twice the limit within one period, which a quota counting calls per
-    second or per minute answers with 429. Here a call may start only once the one
-    `count` calls before it is a whole period old. A reservation may lie in the future:
-    later callers queue behind it, each told exactly how long to wait for its own slot.
-    A fractional count (1.5/s) is kept as one call per seconds / count.
-    """
-
-    def __init__(self, rate: Rate, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self.count = max(1, int(rate.count))
-        self.period = self.count / rate.per_second
-        self._clock = clock
-        self._starts: deque[float] = deque()  # the last `count` reserved start times, ordered
-
-    def _slot(self) -> tuple[float, float]:
-        now = self._clock()
-        starts = self._starts
-        while starts and starts[0] <= now - self.period:
-            starts.popleft()
-        if len(starts) < self.count:
-            return now, now
-        return now, max(now, starts[-self.count] + self.period)
-
-    def reserve(self, max_wait: float) -> float | None:
-        """Seconds to wait for a slot now reserved, or None (nothing reserved) if that would
-        be longer than `max_wait`."""
-        now, slot = self._slot()
-        if slot - now > max_wait:
-            return None
-        self._starts.append(slot)
-        if len(self._starts) > self.count:
-            self._starts.popleft()
-        return slot - now
-
-    def next_token(self) -> float:
-        """Seconds until a call could start."""
-        now, slot = self._slot()
-        return slot - now
+DAILY_UTC = QuotaReset()
 
 
 class UpstreamGuard:
-    """Decides whether a call may go to one upstream now, and learns from its answers."""
+    """Decides whether a call may go to one upstream now, and learns from its answers.
+
+    Its quota windows are counted by `shared` for every instance (Redis), or in this process
+    when there is none (`Solo`) or it cannot be reached. Sliding windows count by `clock`
+    (monotonic), day windows by `wall`; `shared_clock` is the time the shared store counts
+    by (None: its own, see redisquota.py).
+    """
 
     def __init__(
         self,
         name: str,
-        rate: Rate | None,
+        windows: tuple[Window, ...],
         breaker: CircuitBreaker,
         clock: Callable[[], float] = time.monotonic,
+        reset: QuotaReset = DAILY_UTC,
+        wall: Callable[[], float] = time.time,
+        shared: Shared | None = None,
+        shared_clock: Callable[[], float] | None = None,
     ) -> None:
         self.name = name
-        self.bucket = RateWindow(rate, clock) if rate else None
+        self.quota = LocalQuota(windows, reset, clock, wall)
         self.breaker = breaker
         self.paused_until = 0.0
+        self.shared = shared
+        self.fallbacks = 0  # admissions counted here because the shared store failed
         self._clock = clock
+        self._wall = wall
+        self._shared_clock = shared_clock
+        self._shared_used: tuple[int, ...] | None = None  # what the shared store last counted
 
-    def admit(self, max_wait: float) -> float:
-        """Seconds to wait before calling (a token is then reserved), or UpstreamError
-        ("rate-limited" or "unavailable") with a retry_after when the call must not go."""
+    async def admit(self, max_wait: float) -> float:
+        """Seconds to wait before calling (a slot is then reserved in every window), or
+        UpstreamError ("rate-limited" or "unavailable") with a retry_after when the call
+        must not go."""
         self._refuse_if_paused()
         if not self.breaker.allow():  # takes the probe slot when one is due
             raise self._unavailable()
-        if self.bucket is None:
+        if not self.quota.windows:
             return 0.0
-        wait = self.bucket.reserve(max_wait)
-        if wait is None:
-            raise UpstreamError(
-                "rate-limited", f"rate limit for upstream {self.name} reached",
-                retry_after=self.bucket.next_token(),
-            )  # fmt: skip
-        return wait
+        answer = await self._reserve(max_wait)
+        if isinstance(answer, Admitted):
+            return answer.wait
+        if answer.paused:  # another instance's 429: held here too, no round trip meanwhile
+            self.paused_until = max(self.paused_until, self._clock() + answer.retry_after)
+            self._refuse_if_paused()
+        raise UpstreamError(
+            "rate-limited", f"rate limit for upstream {self.name} reached",
+            retry_after=answer.retry_after,
+        )  # fmt: skip
+
+    async def _reserve(self, max_wait: float) -> Answer:
+        if self.shared is not None:
+            wall, reset = self._wall(), self.quota.reset
+            now = None if self._shared_clock is None else self._shared_clock()
+            ask = QuotaAsk(self.quota.windows, max_wait, reset.day_start(wall),
+                           reset.next_reset(wall) - wall, now)  # fmt: skip
+            try:
+                answer = await self.shared.reserve_quota(self.name, ask)
+            except StoreUnavailable:
+                # Counted here alone until the shared store answers again. Issue 13 item 3
+                # goes here: spend only this instance's share of each window meanwhile.
+                self.fallbacks += 1
+                answer = None
+            if answer is not None:
+                if isinstance(answer, Admitted):
+                    self.quota.charge(answer.wait)  # what this process spent, for a fallback
+                self._shared_used = answer.used
+                return answer
+        self._shared_used = None
+        return self.quota.reserve(max_wait)
+
+    def usage(self) -> list[tuple[Window, int]]:
+        """Each window and the calls counted in it: fleet-wide as the shared store last
+        said, else this process's count."""
+        used = self._shared_used
+        if used is None or len(used) != len(self.quota.windows):
+            used = self.quota.used()
+        return list(zip(self.quota.windows, used, strict=True))
 
     def paused_for(self) -> float:
         """Seconds left of a 429 pause (0 when not paused)."""
@@ -141,10 +123,15 @@ class UpstreamGuard:
             retry_after=self.breaker.retry_in(),
         )  # fmt: skip
 
-    def answered(self, status: int, retry_after: str | None) -> None:
-        """Learn from a response: a 429 with Retry-After pauses, 5xx counts against the breaker."""
+    async def answered(self, status: int, retry_after: str | None) -> None:
+        """Learn from a response: a 429 with Retry-After pauses (every instance, when the
+        quota is shared), 5xx counts against the breaker."""
         if status == 429 and (pause := _retry_after(retry_after)) is not None:
             self.paused_until = max(self.paused_until, self._clock() + pause)
+            if self.shared is not None and self.quota.windows:
+                now = None if self._shared_clock is None else self._shared_clock()
+                with contextlib.suppress(StoreUnavailable):  # this instance pauses anyway
+                    await self.shared.pause_quota(self.name, pause, now)
         if status >= 500:
             self.breaker.failure(f"answered {status}")
         else:

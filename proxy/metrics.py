@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter as Tally
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from itertools import accumulate
 from typing import Final, Protocol
 
@@ -82,6 +82,29 @@ _STORE_COUNTERS: Final = (
 )
 
 
+class _QuotaCollector(Collector):
+    """Each upstream's quota windows, their limits and the calls counted, at scrape time."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[tuple[str, str, float, int]]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["upstream", "window"]
+        limit = GaugeMetricFamily(
+            "cacheproxy_upstream_quota_limit", "Calls an upstream's quota window allows",
+            labels=labels,
+        )  # fmt: skip
+        used = GaugeMetricFamily(
+            "cacheproxy_upstream_quota_used",
+            "Calls counted in an upstream's quota window (fleet-wide when shared)", labels=labels,
+        )  # fmt: skip
+        for upstream, window, allowed, counted in self.source() if self.source else ():
+            limit.add_metric([upstream, window], allowed)
+            used.add_metric([upstream, window], counted)
+        yield limit
+        yield used
+
+
 class _Buckets:
     """A lock-free histogram: one count per bucket (non-cumulative) and the sum."""
 
@@ -154,6 +177,8 @@ class Metrics:
         r.register(_RequestCollector(self))
         self._stores = _StoreCollector()
         r.register(self._stores)
+        self._quotas = _QuotaCollector()
+        r.register(self._quotas)
 
     def watch_store(self, layer: str, store: _Observable) -> None:
         """Export a store's size and counters under layer=<layer>."""
@@ -162,6 +187,10 @@ class Metrics:
     def watch_breaker(self, breaker: CircuitBreaker) -> None:
         """Export the L2 circuit breaker's state."""
         self._stores.breaker = breaker
+
+    def watch_quotas(self, source: Callable[[], Iterable[tuple[str, str, float, int]]]) -> None:
+        """Export upstream quotas: `source` yields (upstream, window, limit, used)."""
+        self._quotas.source = source
 
     def request(self, route: str, outcome: str, seconds: float) -> None:
         """Count one answered client request."""

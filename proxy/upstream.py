@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -22,6 +22,7 @@ from proxy.config import Upstream
 from proxy.errors import UpstreamError
 from proxy.guard import UpstreamGuard
 from proxy.metrics import Metrics
+from proxy.store.base import Shared
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # RFC 9110 9.2.2
 
@@ -67,7 +68,9 @@ async def read_limited(resp: aiohttp.ClientResponse, limit: int) -> tuple[list[b
 
 
 def _guard_settings(u: Upstream) -> tuple[object, ...]:
-    return (u.rate_limit, u.breaker_failures, u.breaker_backoff, u.breaker_max_backoff)
+    return (
+        u.rate_limit, u.quota_reset, u.breaker_failures, u.breaker_backoff, u.breaker_max_backoff,
+    )  # fmt: skip
 
 
 class UpstreamPool:
@@ -79,10 +82,18 @@ class UpstreamPool:
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        wall: Callable[[], float] = time.time,
+        shared: Shared | None = None,
+        shared_clock: Callable[[], float] | None = None,
     ) -> None:
+        """`clock` times sliding windows, pauses and breakers; `wall` day windows; `shared`
+        counts quotas for the fleet (by `shared_clock`, None: its own; see UpstreamGuard)."""
         self.upstreams = dict(upstreams)
         self.metrics = metrics
         self._clock = clock
+        self._wall = wall
+        self._shared = shared
+        self._shared_clock = shared_clock
         self.guards = {name: self._guard(u) for name, u in upstreams.items()}
         self._rng = rng or random.Random()
         self._sessions: dict[str, aiohttp.ClientSession] = {}
@@ -94,7 +105,16 @@ class UpstreamPool:
         breaker = CircuitBreaker(
             u.breaker_failures, u.breaker_backoff, u.breaker_max_backoff, self._clock
         )
-        return UpstreamGuard(u.name, u.rate_limit, breaker, self._clock)
+        return UpstreamGuard(
+            u.name, u.rate_limit, breaker, self._clock, u.quota_reset, self._wall, self._shared,
+            self._shared_clock,
+        )  # fmt: skip
+
+    def quota_usage(self) -> Iterator[tuple[str, str, float, int]]:
+        """(upstream, window label, limit, calls counted) for every configured window."""
+        for name, guard in self.guards.items():
+            for window, used in guard.usage():
+                yield name, window.label, window.count, used
 
     def update(self, upstreams: Mapping[str, Upstream]) -> list[aiohttp.ClientSession]:
         """Switch to a reloaded set of upstreams. New or changed ones get new sessions; an
@@ -189,7 +209,7 @@ class UpstreamPool:
         """
         upstream = self.upstream(upstream_name)
         guard = self.guard(upstream_name)
-        delay = guard.admit(upstream.rate_limit_wait if wait is None else wait)
+        delay = await guard.admit(upstream.rate_limit_wait if wait is None else wait)
         if delay > 0:
             await asyncio.sleep(delay)
             guard.recheck()  # a 429 pause or an open breaker may have come while we queued
@@ -214,7 +234,7 @@ class UpstreamPool:
             # Only now, body and all: a 200 whose body then broke must not count as a success,
             # or an upstream that always breaks mid-body never opens its breaker.
             if id(response) not in self._judged:
-                guard.answered(response.status, response.headers.get("Retry-After"))
+                await guard.answered(response.status, response.headers.get("Retry-After"))
         finally:
             self._judged.discard(id(response))
             response.release()
@@ -272,7 +292,7 @@ class UpstreamPool:
                 if attempt + 1 < attempts:
                     # Jittered exponential backoff, so retries from many requests spread out.
                     await asyncio.sleep(0.05 * 2**attempt * self._rng.uniform(0.5, 1.5))
-                    guard.admit(0.0)  # a retry is a call too: it needs a token of its own
+                    await guard.admit(0.0)  # a retry is a call too: it needs a token of its own
                     attempt += 1
                     continue
                 guard.failed("connect")

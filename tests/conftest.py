@@ -194,7 +194,7 @@ async def make_proxy(upstream: CountingUpstream) -> Any:
     async def factory(**overrides: Any) -> Proxy:
         config = parse_config(base_config(upstream.url, **overrides), env={})
         clock = ManualClock()
-        deps = build_deps(config, clock=clock, guard_clock=clock)
+        deps = build_deps(config, clock=clock, guard_clock=clock, quota_clock=clock)
         app = await running.enter_async_context(ProxyApp(deps).running())
         # No cookie jar: a client that replays Set-Cookie would (rightly) bypass the cache.
         server = RawTestServer(app.handler.handle)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from proxy.breaker import CircuitBreaker
 from proxy.clock import ManualClock
 from proxy.errors import UpstreamError
-from proxy.guard import Rate, RateWindow, UpstreamGuard
+from proxy.guard import UpstreamGuard
+from proxy.quota import RateWindow, Window
 
 
 @pytest.mark.parametrize(
@@ -20,18 +21,20 @@ from proxy.guard import Rate, RateWindow, UpstreamGuard
     [("20/s", 20.0), ("5/min", 5 / 60), ("1.5/sec", 1.5), ("3600/hour", 1.0), (" 10 / m ", 1 / 6)],
 )
 def test_rate_parse(text: str, per_second: float) -> None:
-    assert Rate.parse(text).per_second == pytest.approx(per_second)
+    assert Window.parse(text).per_second == pytest.approx(per_second)
 
 
-@pytest.mark.parametrize("text", ["20", "0/s", "-1/s", "5/day", "fast", 20, None, "9" * 400 + "/s"])
+@pytest.mark.parametrize(
+    "text", ["20", "0/s", "-1/s", "5/week", "fast", 20, None, "9" * 400 + "/s"]
+)
 def test_rate_parse_rejects(text: object) -> None:
     with pytest.raises(ValueError, match="rate"):
-        Rate.parse(text)
+        Window.parse(text)
 
 
 def test_window_bursts_then_queues_reservations_a_period_later() -> None:
     clock = ManualClock()
-    window = RateWindow(Rate(2, 1.0), clock)  # 2/s, burst 2
+    window = RateWindow(Window(2, "s"), clock)  # 2/s, burst 2
     assert window.reserve(0) == 0.0
     assert window.reserve(0) == 0.0
     assert window.reserve(0) is None  # both slots of this second taken, no waiting allowed
@@ -57,7 +60,7 @@ def test_window_never_admits_more_than_count_in_any_period(
     # Found by bench/market.py: a token bucket holding one period's burst let a market-open
     # burst through at 1.4x the limit in one clock second (its burst plus a second's refill).
     clock = ManualClock(0.0)
-    window = RateWindow(Rate(count, 1.0), clock)
+    window = RateWindow(Window(count, "s"), clock)
     starts: list[float] = []
     for gap in gaps:
         clock.advance(gap)
@@ -70,34 +73,34 @@ def test_window_never_admits_more_than_count_in_any_period(
         assert starts[i + count] - starts[i] >= 1.0 - 1e-9  # count + 1 calls span a period
 
 
-def test_guard_pauses_on_429_with_retry_after_only() -> None:
+async def test_guard_pauses_on_429_with_retry_after_only() -> None:
     clock = ManualClock()
-    guard = UpstreamGuard("api", None, CircuitBreaker(5, 1, 60, clock), clock)
-    guard.answered(429, None)
-    assert guard.admit(0) == 0.0  # no Retry-After: no pause
-    guard.answered(429, "30")
+    guard = UpstreamGuard("api", (), CircuitBreaker(5, 1, 60, clock), clock)
+    await guard.answered(429, None)
+    assert await guard.admit(0) == 0.0  # no Retry-After: no pause
+    await guard.answered(429, "30")
     with pytest.raises(UpstreamError) as e:
-        guard.admit(0)
+        await guard.admit(0)
     assert e.value.kind == "rate-limited"
     assert e.value.retry_after == pytest.approx(30)
     clock.advance(30)
-    assert guard.admit(0) == 0.0
+    assert await guard.admit(0) == 0.0
 
 
-def test_guard_breaker_opens_on_repeated_failures_and_probes_later() -> None:
+async def test_guard_breaker_opens_on_repeated_failures_and_probes_later() -> None:
     clock = ManualClock()
-    guard = UpstreamGuard("api", None, CircuitBreaker(3, 1.0, 60, clock), clock)
-    guard.answered(503, None)
+    guard = UpstreamGuard("api", (), CircuitBreaker(3, 1.0, 60, clock), clock)
+    await guard.answered(503, None)
     guard.failed("timeout")
-    guard.answered(500, None)
+    await guard.answered(500, None)
     with pytest.raises(UpstreamError) as e:
-        guard.admit(0)
+        await guard.admit(0)
     assert e.value.kind == "unavailable"
     assert e.value.status == 503
     clock.advance(1.0)
-    assert guard.admit(0) == 0.0  # the probe
-    guard.answered(200, None)
-    assert guard.admit(0) == 0.0
+    assert await guard.admit(0) == 0.0  # the probe
+    await guard.answered(200, None)
+    assert await guard.admit(0) == 0.0
 
 
 async def test_rate_limit_serves_stale_then_503_with_retry_after(

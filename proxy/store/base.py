@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from proxy.entry import CachedResponse
+from proxy.quota import Answer, QuotaAsk
 
 Layer = Literal["l1", "l2"]  # a tier's name: in-process, or shared by every instance
 
@@ -85,8 +86,8 @@ class PagedStore(Store, Protocol):
 
 class Shared(Protocol):
     """What only a store every instance shares can do: leases (who fetches a key), ban
-    records, request counts, and the channel the backplane listens on. Redis implements it;
-    a Sentinel or Cluster store would too; a lone instance has `Solo`."""
+    records, request counts, upstream quotas, and the channel the backplane listens on.
+    Redis implements it; a Sentinel or Cluster store would too; a lone instance has `Solo`."""
 
     @property
     def reaches_others(self) -> bool:
@@ -123,4 +124,14 @@ class Shared(Protocol):
 
     async def publish(self, channel: str, message: bytes) -> None:
         """Send one backplane message to every instance."""
+        ...
+
+    async def reserve_quota(self, upstream: str, ask: QuotaAsk) -> Answer | None:
+        """Reserve a slot in every window of the upstream's quota, counted for every instance,
+        or in none (one round trip). None: not counted here, the caller counts in process."""
+        ...
+
+    async def pause_quota(self, upstream: str, seconds: float, now: float | None) -> None:
+        """Pause calls to the upstream for every instance (a 429's Retry-After), unless a
+        longer pause is on. `now`: as in QuotaAsk."""
         ...

@@ -11,6 +11,7 @@ from typing import TypeVar
 from proxy.breaker import CircuitBreaker
 from proxy.entry import CachedResponse
 from proxy.errors import StoreUnavailable
+from proxy.quota import Answer, QuotaAsk
 from proxy.store.base import Layer, PagedStore, Shared, StoreStats
 
 T = TypeVar("T")
@@ -133,3 +134,11 @@ class GuardedShared:
     async def publish(self, channel: str, message: bytes) -> None:
         """Send one backplane message."""
         await _through(self.breaker, lambda: self._shared.publish(channel, message))
+
+    async def reserve_quota(self, upstream: str, ask: QuotaAsk) -> Answer | None:
+        """Reserve a slot in every window of the upstream's shared quota, or in none."""
+        return await _through(self.breaker, lambda: self._shared.reserve_quota(upstream, ask))
+
+    async def pause_quota(self, upstream: str, seconds: float, now: float | None) -> None:
+        """Pause the upstream for every instance."""
+        await _through(self.breaker, lambda: self._shared.pause_quota(upstream, seconds, now))

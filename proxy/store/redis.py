@@ -21,7 +21,9 @@ from proxy.errors import CorruptEntry, StoreUnavailable
 from proxy.glob import Glob
 from proxy.keys import escape_glob
 from proxy.popularity import POPULAR_KEEP, countable
+from proxy.quota import Answer, QuotaAsk
 from proxy.store.base import StoreStats
+from proxy.store.redisquota import RedisQuota
 from proxy.tasks import Tasks
 from proxy.walk import sliced
 
@@ -94,6 +96,7 @@ class RedisStore:
         self.leases = config.key_prefix + "lease:"
         self.popular = config.key_prefix + "popular"
         self.bans = config.key_prefix + "bans"
+        self.quota = RedisQuota(self.client, config.key_prefix)
         self._tasks = tasks
         self._clock = clock
         self._pending: dict[str, list[asyncio.Future[_Read]]] = {}
@@ -318,6 +321,18 @@ class RedisStore:
     async def publish(self, channel: str, message: bytes) -> None:
         """Send one backplane message."""
         await self._call(self.client.publish(self.config.key_prefix + channel, message))
+
+    async def reserve_quota(self, upstream: str, ask: QuotaAsk) -> Answer:
+        """Reserve a slot in every window of the upstream's fleet-wide quota, or in none."""
+        try:
+            return await self._call(self.quota.reserve(upstream, ask))
+        except ValueError as e:  # a reply that is not the script's: Redis is not ours to trust
+            self.stats.errors += 1
+            raise StoreUnavailable(f"redis: {e}") from e
+
+    async def pause_quota(self, upstream: str, seconds: float, now: float | None) -> None:
+        """Pause the upstream for every instance (a 429's Retry-After)."""
+        await self._call(self.quota.pause(upstream, seconds, now))
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from proxy.quota import Answer, QuotaAsk
+
 
 class Solo:
     """The no-op `Shared`: leases always granted, nothing kept, nothing sent."""
@@ -42,3 +44,10 @@ class Solo:
 
     async def publish(self, channel: str, message: bytes) -> None:
         """Nobody listens."""
+
+    async def reserve_quota(self, upstream: str, ask: QuotaAsk) -> Answer | None:
+        """Not counted here: this instance alone spends the quota, and counts it itself."""
+        return None
+
+    async def pause_quota(self, upstream: str, seconds: float, now: float | None) -> None:
+        """Nobody else to pause: the guard pauses this instance."""

@@ -1,0 +1,304 @@
+"""Upstream quotas: rate windows as values, the daily reset, and counting in this process.
+
+A quota is one or more windows (`[8/min, 800/day]`): a call goes only when every window has
+room. Windows of up to an hour slide (at most `count` calls in any span of that length); a
+day window counts calls between two resets at `quota_reset`, as providers count days. The
+same windows are counted fleet-wide by a shared store (see `Shared.reserve_quota`); this
+module counts them for one process, which is also what an instance falls back to when the
+shared store cannot be reached.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from bisect import insort
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from datetime import time as daytime
+from typing import Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from proxy.confnode import Node
+
+# Spellings of each unit, and the canonical one (the window's string form uses it).
+_UNITS: Final = {
+    "s": "s", "sec": "s", "second": "s",
+    "m": "min", "min": "min", "minute": "min",
+    "h": "h", "hour": "h",
+    "d": "day", "day": "day",
+}  # fmt: skip
+UNIT_SECONDS: Final = {"s": 1.0, "min": 60.0, "h": 3600.0, "day": 86400.0}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
+MAX_WINDOWS: Final = 8  # config is untrusted: a bounded list, ...
+MAX_SLIDING: Final = 100_000  # ... a sliding window keeps one time per call it allows, ...
+MAX_DAILY: Final = 10_000_000  # ... a day window only a counter
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """`count` calls per `unit` (s, min, h: sliding; day: between two resets)."""
+
+    count: float
+    unit: str
+
+    @staticmethod
+    def parse(value: object) -> Window:
+        """`20/s`, `5/min`, `1.5/sec`, `3600/hour`, `800/day` (also s/sec/second, m/min/minute,
+        h/hour, d/day)."""
+        if isinstance(value, str) and (m := _RATE.match(value.lower())) and m[2] in _UNITS:
+            count, unit = float(m[1]), _UNITS[m[2]]
+            if not 0 < count < math.inf:  # "9" * 400 is a number too big for a float: inf
+                raise ValueError(f"a rate needs a positive count, got {value!r}")
+            bound = MAX_DAILY if unit == "day" else MAX_SLIDING
+            if count > bound:
+                raise ValueError(f"at most {bound} calls per {unit}, got {value!r}")
+            if unit == "day" and not count.is_integer():
+                raise ValueError(f"a day window counts whole calls, got {value!r}")
+            return Window(count, unit)
+        raise ValueError(f"expected a rate such as 20/s, 5/min or 800/day, got {value!r}")
+
+    def __str__(self) -> str:
+        return f"{self.count:g}/{self.unit}"
+
+    @property
+    def label(self) -> str:
+        """The window's span, as metrics label it: `1s`, `1min`, `1h`, `1day`."""
+        return f"1{self.unit}"
+
+    @property
+    def sliding(self) -> bool:
+        """Sliding (up to an hour), or reset once a day."""
+        return self.unit != "day"
+
+    @property
+    def seconds(self) -> float:
+        """The unit's span."""
+        return UNIT_SECONDS[self.unit]
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.seconds
+
+    @property
+    def calls(self) -> int:
+        """Calls allowed per `period`: a fractional count (1.5/s) is kept as one call per
+        seconds / count."""
+        return max(1, int(self.count))
+
+    @property
+    def period(self) -> float:
+        """The span in which at most `calls` calls may start."""
+        return self.calls / self.per_second
+
+
+def parse_windows(node: Node) -> tuple[Window, ...]:
+    """`rate_limit`: one rate or a list of them (empty: unlimited). Errors name the item."""
+    items = node.sequence() if isinstance(node.value, list) else [node]
+    if len(items) > MAX_WINDOWS:
+        raise node.error(f"at most {MAX_WINDOWS} windows, got {len(items)}")
+    windows = tuple(w for item in items if (w := item.convert(Window.parse, None)) is not None)
+    units = [w.unit for w in windows]
+    if len(set(units)) != len(units):
+        raise node.error(f"one window per unit, got {', '.join(map(str, windows))}")
+    return windows
+
+
+_RESET = re.compile(r"^\s*(\d{1,2}):(\d{2})(?:\s+(\S+))?\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaReset:
+    """When day windows start afresh: a time of day in a time zone (`00:00 UTC`)."""
+
+    hour: int = 0
+    minute: int = 0
+    zone: str = "UTC"
+
+    @staticmethod
+    def parse(value: object) -> QuotaReset:
+        """`HH:MM` with an IANA zone (`00:00 America/New_York`); UTC when none is given."""
+        m = _RESET.match(value) if isinstance(value, str) else None
+        if m is None or int(m[1]) > 23 or int(m[2]) > 59:
+            raise ValueError(
+                f"expected a time of day and a zone such as '00:00 UTC', got {value!r}"
+            )
+        zone = m[3] or "UTC"
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"unknown time zone {zone!r}") from e
+        return QuotaReset(int(m[1]), int(m[2]), zone)
+
+    def __str__(self) -> str:
+        return f"{self.hour:02d}:{self.minute:02d} {self.zone}"
+
+    def _resets_around(self, now: float) -> list[float]:
+        zone = ZoneInfo(self.zone)
+        today = datetime.fromtimestamp(now, zone).date()
+        at = daytime(self.hour, self.minute)
+        days = (today - timedelta(days=1), today, today + timedelta(days=1))
+        # zoneinfo resolves a time a DST change skips or repeats (fold=0): still one per day.
+        return [datetime.combine(d, at, zone).timestamp() for d in days]
+
+    def day_start(self, now: float) -> float:
+        """The last reset at or before `now` (epoch seconds)."""
+        return max(t for t in self._resets_around(now) if t <= now)
+
+    def next_reset(self, now: float) -> float:
+        """The first reset after `now` (epoch seconds)."""
+        return min(t for t in self._resets_around(now) if t > now)
+
+
+def day_of(stamp: float) -> date:
+    """The UTC date of an epoch time (for logs)."""
+    return datetime.fromtimestamp(stamp, ZoneInfo("UTC")).date()
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """The call may go after `wait` seconds: a slot is reserved in every window. `used`:
+    calls counted per window (as configured, in order) once this one is."""
+
+    wait: float
+    used: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The call may not go within the wait allowed: nothing was reserved. `paused`: an
+    upstream's 429 Retry-After, not a window, refused it."""
+
+    retry_after: float
+    paused: bool = False
+    used: tuple[int, ...] = ()
+
+
+Answer = Admitted | Refused
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaAsk:
+    """One admission asked of a shared counter, for one upstream's windows."""
+
+    windows: tuple[Window, ...]
+    max_wait: float
+    day_start: float  # the current day's start (this instance's wall clock, the reset's zone)
+    until_reset: float  # seconds from now to the next reset: no call may wait past it
+    # The time sliding windows count by; None: the shared store's own clock, so instances
+    # with skewed clocks agree (tests pass theirs, to move time without sleeping).
+    now: float | None = None
+
+
+class RateWindow:
+    """At most `window.calls` calls in any span of `window.period` (a sliding log).
+
+    A token bucket holding one period's burst lets through that burst plus a period's
+    refill, up to twice the limit within one period, which a quota counting calls per
+    second or per minute answers with 429. Here a call may start only once the one
+    `count` calls before it is a whole period old. A reservation may lie in the future:
+    later callers queue behind it, each told exactly how long to wait for its own slot.
+    """
+
+    def __init__(self, window: Window, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.count = window.calls
+        self.period = window.period
+        self._clock = clock
+        self._starts: deque[float] = deque()  # the last `count` reserved start times, ordered
+
+    def slot(self, now: float) -> float:
+        """The earliest time at or after `now` a call could start."""
+        starts = self._starts
+        while starts and starts[0] <= now - self.period:
+            starts.popleft()
+        if len(starts) < self.count:
+            return now
+        return max(now, starts[-self.count] + self.period)
+
+    def take(self, slot: float) -> None:
+        """Count a call starting at `slot`."""
+        insort(self._starts, slot)  # a slot another window pushed back may not come last
+        while len(self._starts) > self.count:
+            self._starts.popleft()
+
+    def used(self, now: float) -> int:
+        """Calls counted in the span ending now, and those queued after it."""
+        self.slot(now)
+        return len(self._starts)
+
+    def reserve(self, max_wait: float) -> float | None:
+        """Seconds to wait for a slot now reserved, or None (nothing reserved) if that would
+        be longer than `max_wait`."""
+        now = self._clock()
+        slot = self.slot(now)
+        if slot - now > max_wait:
+            return None
+        self.take(slot)
+        return slot - now
+
+    def next_token(self) -> float:
+        """Seconds until a call could start."""
+        now = self._clock()
+        return self.slot(now) - now
+
+
+class LocalQuota:
+    """One upstream's windows counted in this process: sliding ones by `clock` (monotonic),
+    day ones by `wall` (the reset is a wall-clock time)."""
+
+    def __init__(
+        self,
+        windows: tuple[Window, ...],
+        reset: QuotaReset,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.windows = windows
+        self.reset = reset
+        self._clock = clock
+        self._wall = wall
+        self._logs = {w: RateWindow(w, clock) for w in windows if w.sliding}
+        self._days: dict[float, int] = {}  # day start -> calls counted in that day
+
+    def _day_used(self, day: float) -> int:
+        for old in [d for d in self._days if d < day]:
+            del self._days[old]
+        return self._days.get(day, 0)
+
+    def reserve(self, max_wait: float) -> Answer:
+        """Reserve a slot in every window, or in none: the wait, or when to retry."""
+        now, wall = self._clock(), self._wall()
+        slot = max([now, *(log.slot(now) for log in self._logs.values())])
+        wait = slot - now
+        day, until_reset = self.reset.day_start(wall), self.reset.next_reset(wall) - wall
+        for window in self.windows:
+            if not window.sliding and self._day_used(day) >= window.count:
+                return Refused(until_reset, used=self.used())
+        if wait > max_wait:
+            return Refused(wait, used=self.used())
+        if wait >= until_reset and not all(w.sliding for w in self.windows):
+            # It would go in the next day, counted in this one: retry once that day began.
+            return Refused(wait, used=self.used())
+        self.charge(wait)
+        return Admitted(wait, self.used())
+
+    def charge(self, wait: float) -> None:
+        """Count a call going in `wait` seconds, unchecked: another counter admitted it (the
+        shared one), and this process keeps what it spent for when that one is gone."""
+        now, wall = self._clock(), self._wall()
+        for log in self._logs.values():
+            log.take(now + wait)
+        if not all(w.sliding for w in self.windows):
+            day = self.reset.day_start(wall)
+            self._days[day] = self._day_used(day) + 1
+
+    def used(self) -> tuple[int, ...]:
+        """Calls counted per window, in order."""
+        now, day = self._clock(), self.reset.day_start(self._wall())
+        return tuple(
+            self._logs[w].used(now) if w.sliding else self._day_used(day) for w in self.windows
+        )
