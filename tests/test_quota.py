@@ -8,7 +8,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import CountingUpstream, ProxyFactory, base_config
+from conftest import CountingUpstream, ProxyFactory, RedisServer, base_config, layered_cache
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.clock import ManualClock
 from proxy.config import parse_config
@@ -250,3 +252,60 @@ async def test_three_per_second_and_twenty_a_day_in_process(
     proxy.clock.now = reset
     assert (await proxy.client.get("/v8/finance/chart/NEW")).status == 200
     assert upstream.total == 21
+
+
+async def test_quota_gauges_by_upstream_and_window(
+    make_proxy: ProxyFactory, upstream: CountingUpstream
+) -> None:
+    proxy = await make_proxy(
+        upstreams={"api": {"url": upstream.url, "rate_limit": ["3/s", "20/day"],
+                           "rate_limit_wait": 0}},
+    )  # fmt: skip
+    for symbol in ("A", "B", "A"):  # two calls: the second A is a hit
+        await proxy.client.get(f"/v8/finance/chart/{symbol}")
+    text = generate_latest(proxy.deps.metrics.registry).decode()
+    samples = {
+        (s.name, s.labels["window"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("cacheproxy_upstream_quota") and s.labels["upstream"] == "api"
+    }
+    assert samples == {
+        ("cacheproxy_upstream_quota_limit", "1s"): 3, ("cacheproxy_upstream_quota_used", "1s"): 2,
+        ("cacheproxy_upstream_quota_limit", "1day"): 20,
+        ("cacheproxy_upstream_quota_used", "1day"): 2,
+    }  # fmt: skip
+    proxy.clock.advance(1)
+    text = generate_latest(proxy.deps.metrics.registry).decode()
+    assert 'cacheproxy_upstream_quota_used{upstream="api",window="1s"} 0.0' in text
+
+
+async def test_redis_killed_mid_burst_calls_go_on_under_local_limits(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, redis_proc: RedisServer
+) -> None:
+    proxy = await make_proxy(
+        upstreams={"api": {"url": upstream.url, "rate_limit": "5/s", "rate_limit_wait": 0}},
+        cache=layered_cache(redis_proc.url, command_timeout="200ms"),
+    )
+    statuses: list[int] = []
+
+    async def get(path: str) -> None:
+        response = await proxy.client.get(path)
+        statuses.append(response.status)
+        if response.status != 200:  # refused by the quota, never failed by Redis
+            assert (await response.json())["error"] == "upstream_rate-limited"
+            assert "Retry-After" in response.headers
+
+    for i in range(3):
+        await get(f"/v8/finance/chart/A{i}")  # counted in Redis, and here
+    redis_proc.stop()
+    for i in range(10):
+        await get(f"/v8/finance/chart/B{i}")
+    assert upstream.total == 5  # the second's 5, counted here once Redis was gone
+    proxy.clock.advance(1)
+    for i in range(10):
+        await get(f"/v8/finance/chart/C{i}")
+    assert upstream.total == 10
+    assert statuses.count(200) == 10
+    assert set(statuses) == {200, 503}
+    assert proxy.deps.upstreams.guard("api").fallbacks >= 1
