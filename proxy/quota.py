@@ -96,7 +96,11 @@ class Window:
 
 
 def parse_windows(node: Node) -> tuple[Window, ...]:
-    """`rate_limit`: one rate or a list of them (empty: unlimited). Errors name the item."""
+    """`rate_limit`: one rate or a list of them (empty: unlimited), also written as one
+    string (`8/min, 800/day`, the form an environment variable gives). Errors name the item."""
+    if isinstance(node.value, str) and "," in node.value:
+        text = node.value.strip().removeprefix("[").removesuffix("]")
+        node = Node([part.strip() for part in text.split(",")], node.path)
     items = node.sequence() if isinstance(node.value, list) else [node]
     if len(items) > MAX_WINDOWS:
         raise node.error(f"at most {MAX_WINDOWS} windows, got {len(items)}")

@@ -87,6 +87,9 @@ def test_window_fractional_count_is_one_call_per_share_of_the_unit() -> None:
         ([], ()),
         ("5/s", (Window(5, "s"),)),
         (["8/min", "800/day"], (Window(8, "min"), Window(800, "day"))),
+        # As an environment variable gives it (${RATE:-...} is a string, not a YAML list):
+        ("8/min, 800/day", (Window(8, "min"), Window(800, "day"))),
+        ("[8/min,800/day]", (Window(8, "min"), Window(800, "day"))),
     ],
 )
 def test_rate_limit_takes_one_rate_or_a_list(value: object, expected: tuple[Window, ...]) -> None:
@@ -100,6 +103,7 @@ def test_rate_limit_takes_one_rate_or_a_list(value: object, expected: tuple[Wind
         (["8/min", "10/m"], "upstreams.api.rate_limit", "one window per unit"),
         ([f"{n}/s" for n in range(1, MAX_WINDOWS + 2)], "upstreams.api.rate_limit", "at most 8"),
         ({"a": 1}, "upstreams.api.rate_limit", "rate"),
+        ("8/min, fast", "upstreams.api.rate_limit[1]", "rate"),
     ],
 )
 def test_rate_limit_errors_name_their_place(value: object, path: str, message: str) -> None:
