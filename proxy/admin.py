@@ -70,7 +70,10 @@ def _backplane(deps: Deps) -> dict[str, Any]:
 
 def _upstream_health(deps: Deps, name: str, url: str) -> dict[str, Any]:
     guard = deps.upstreams.guard(name)
-    return {"url": url, "breaker": guard.breaker.state, "paused_for": round(guard.paused_for(), 1)}
+    body = {"url": url, "breaker": guard.breaker.state, "paused_for": round(guard.paused_for(), 1)}
+    if (standing := guard.standing()) is not None:  # a quota shared by the fleet
+        body["quota"] = {"shared": standing.shared, "share": standing.share}
+    return body
 
 
 def vars_of(obj: object) -> dict[str, Any]:
@@ -85,7 +88,13 @@ async def health(request: web.Request) -> web.Response:
     status, reason = deps.store.health()
     if status == "ok" and deps.backplane is not None and not deps.backplane.connected:
         status, reason = "degraded", "backplane not subscribed: purges from other instances miss"
+    alone = [(name, s.share) for name, s in deps.upstreams.quota_standing() if not s.shared]
+    if status == "ok" and alone:
+        spends = ", ".join(f"{name} ({share})" for name, share in alone)
+        status, reason = "degraded", f"Redis unreachable: quotas counted alone, in shares: {spends}"
     body: dict[str, Any] = {"status": status, "instance": deps.instance}
+    if deps.fleet is not None:
+        body["instances"] = deps.fleet.live()
     if reason:
         body["reason"] = reason
     l1 = deps.store.l1

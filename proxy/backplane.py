@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -19,8 +19,12 @@ from proxy.stamp import parse_stamp
 
 log = logging.getLogger(__name__)
 CHANNEL = "events"
-Op = Literal["set", "del", "match", "clear", "ban", "softban", "unban"]
-_OPS: frozenset[str] = frozenset({"set", "del", "match", "clear", "ban", "softban", "unban"})
+# "alive": an instance announcing itself (proxy/fleet.py), with no argument.
+Op = Literal["set", "del", "match", "clear", "ban", "softban", "unban", "alive"]
+_OPS: frozenset[str] = frozenset(
+    {"set", "del", "match", "clear", "ban", "softban", "unban", "alive"}
+)
+MAX_ORIGIN: Final = 64  # an instance id is 12 hex digits; a longer origin is not one of ours
 _PING_EVERY = 2.0  # seconds between liveness pings on the subscription
 _DEAD_AFTER = 3 * _PING_EVERY  # silence (not even a pong) after which we reconnect
 
@@ -52,6 +56,10 @@ class Event:
             return None
         if stamp is None:  # not a finite time (1e999, 10**400, "1", true)
             return None
+        if len(origin) > MAX_ORIGIN:
+            return None
+        if op == "alive" and (arg or not origin):
+            return None
         return Event(op, arg, origin, stamp)
 
 
@@ -66,12 +74,14 @@ class Backplane:
         on_event: Callable[[Event], None],
         on_resync: Callable[[], None],
         on_subscribed: Callable[[], object] | None = None,
+        on_connection: Callable[[bool], object] | None = None,
     ) -> None:
         self.config = config
         self.instance = instance
         self.on_event = on_event
         self.on_resync = on_resync
         self.on_subscribed = on_subscribed
+        self.on_connection = on_connection  # told True on each subscribe, False on each loss
         self.connected = False
         self.received = 0
         self.failed = 0  # messages whose handling raised (skipped)
@@ -100,6 +110,8 @@ class Backplane:
             except Exception:  # a bug must not deafen the instance for good: start over
                 log.exception("backplane failed; reconnecting (and resyncing)")
             finally:
+                if self.connected and self.on_connection is not None:
+                    self.on_connection(False)
                 self.connected = False
                 await _close_quietly(client)
             if (task := asyncio.current_task()) is not None and task.cancelling():
@@ -117,6 +129,8 @@ class Backplane:
             while (await pubsub.get_message(timeout=_DEAD_AFTER)) is None:
                 pass  # wait for the subscribe confirmation
         self.connected = True
+        if self.on_connection is not None:
+            self.on_connection(True)
         if not first:
             self.reconnects += 1
             self.on_resync()

@@ -13,7 +13,8 @@ from email.utils import parsedate_to_datetime
 
 from proxy.breaker import CircuitBreaker
 from proxy.errors import StoreUnavailable, UpstreamError
-from proxy.quota import Admitted, Answer, LocalQuota, QuotaAsk, QuotaReset, Window
+from proxy.quota import Admitted, Answer, LocalQuota, QuotaAsk, QuotaReset, Refused, Window
+from proxy.quotashare import Alone, Standing
 from proxy.store.base import Shared
 
 DAILY_UTC = QuotaReset()
@@ -25,7 +26,9 @@ class UpstreamGuard:
     Its quota windows are counted by `shared` for every instance (Redis), or in this process
     when there is none (`Solo`) or it cannot be reached. Sliding windows count by `clock`
     (monotonic), day windows by `wall`; `shared_clock` is the time the shared store counts
-    by (None: its own, see redisquota.py).
+    by (None: its own, see redisquota.py). While the shared store cannot be reached, each
+    window allows this instance its share among the `live()` instances (quotashare.py), and
+    for `resume_grace` seconds after (plus a period) a call needs room in both.
     """
 
     def __init__(
@@ -38,6 +41,8 @@ class UpstreamGuard:
         wall: Callable[[], float] = time.time,
         shared: Shared | None = None,
         shared_clock: Callable[[], float] | None = None,
+        live: Callable[[], int] = lambda: 1,
+        resume_grace: float = 0.0,
     ) -> None:
         self.name = name
         self.quota = LocalQuota(windows, reset, clock, wall)
@@ -49,6 +54,8 @@ class UpstreamGuard:
         self._wall = wall
         self._shared_clock = shared_clock
         self._shared_used: tuple[int, ...] | None = None  # what the shared store last counted
+        self.alone = Alone(windows, resume_grace)
+        self._live = live
 
     async def admit(self, max_wait: float) -> float:
         """Seconds to wait before calling (a slot is then reserved in every window), or
@@ -72,24 +79,44 @@ class UpstreamGuard:
 
     async def _reserve(self, max_wait: float) -> Answer:
         if self.shared is not None:
-            wall, reset = self._wall(), self.quota.reset
+            wall, reset, mono = self._wall(), self.quota.reset, self._clock()
+            day_start = reset.day_start(wall)
+            checked = self.alone.in_grace(mono)
+            if checked and isinstance(
+                refused := self.alone.check(self.quota, max_wait, self._live()), Refused
+            ):
+                return refused
             now = None if self._shared_clock is None else self._shared_clock()
-            ask = QuotaAsk(self.quota.windows, max_wait, reset.day_start(wall),
-                           reset.next_reset(wall) - wall, now)  # fmt: skip
+            ask = QuotaAsk(self.quota.windows, max_wait, day_start, reset.next_reset(wall) - wall,
+                           now, self.alone.spent(mono, day_start))  # fmt: skip
+            self.alone.asked(max_wait)
+            unreachable = False
             try:
                 answer = await self.shared.reserve_quota(self.name, ask)
             except StoreUnavailable:
-                # Counted here alone until the shared store answers again. Issue 13 item 3
-                # goes here: spend only this instance's share of each window meanwhile.
+                # Counted here alone, in this instance's share, until the shared store
+                # answers again (which adds what was spent meanwhile: ask.spent).
                 self.fallbacks += 1
-                answer = None
+                answer, unreachable = None, True
             if answer is not None:
-                if isinstance(answer, Admitted):
+                self.alone.answered(self._clock())
+                if isinstance(answer, Admitted) and not checked:
                     self.quota.charge(answer.wait)  # what this process spent, for a fallback
                 self._shared_used = answer.used
                 return answer
+            if unreachable:  # not Solo's None, which means: count in process, all of it
+                self._shared_used = None
+                live, now_alone = self._live(), self._clock()  # the failure took its time
+                return self.alone.reserve(self.quota, max_wait, live, now_alone, day_start)
         self._shared_used = None
         return self.quota.reserve(max_wait)
+
+    def standing(self) -> Standing | None:
+        """Whether the quota is counted for the fleet or alone (None: no shared store is
+        configured, or no window)."""
+        if self.shared is None or not self.shared.reaches_others or not self.quota.windows:
+            return None
+        return self.alone.standing
 
     def usage(self) -> list[tuple[Window, int]]:
         """Each window and the calls counted in it: fleet-wide as the shared store last

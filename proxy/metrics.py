@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from proxy.breaker import STATE_VALUES, CircuitBreaker
 from proxy.outcome import CACHEABLE_OUTCOMES, OUTCOMES, SAVED_OUTCOMES
+from proxy.quotashare import Standing
 from proxy.store.base import StoreStats
 
 UNMATCHED: Final = "unmatched"
@@ -87,6 +88,8 @@ class _QuotaCollector(Collector):
 
     def __init__(self) -> None:
         self.source: Callable[[], Iterable[tuple[str, str, float, int]]] | None = None
+        self.standing: Callable[[], Iterable[tuple[str, Standing]]] | None = None
+        self.live: Callable[[], int] | None = None
 
     def collect(self) -> Iterator[Metric]:
         labels = ["upstream", "window"]
@@ -103,6 +106,21 @@ class _QuotaCollector(Collector):
             used.add_metric([upstream, window], counted)
         yield limit
         yield used
+        alone = GaugeMetricFamily(
+            "cacheproxy_upstream_quota_alone",
+            "1 while an upstream's shared quota is counted by this instance alone, in its share"
+            " (Redis unreachable)", labels=["upstream"],
+        )  # fmt: skip
+        for upstream, standing in self.standing() if self.standing else ():
+            alone.add_metric([upstream], 0 if standing.shared else 1)
+        yield alone
+        if self.live is not None:
+            live = GaugeMetricFamily(
+                "cacheproxy_fleet_instances",
+                "Live instances this one knows of, itself included (quota shares divide by it)",
+            )
+            live.add_metric([], self.live())
+            yield live
 
 
 class _Buckets:
@@ -191,6 +209,13 @@ class Metrics:
     def watch_quotas(self, source: Callable[[], Iterable[tuple[str, str, float, int]]]) -> None:
         """Export upstream quotas: `source` yields (upstream, window, limit, used)."""
         self._quotas.source = source
+
+    def watch_fleet(
+        self, standing: Callable[[], Iterable[tuple[str, Standing]]], live: Callable[[], int]
+    ) -> None:
+        """Export whether each shared quota is counted alone, and the live instances."""
+        self._quotas.standing = standing
+        self._quotas.live = live
 
     def request(self, route: str, outcome: str, seconds: float) -> None:
         """Count one answered client request."""

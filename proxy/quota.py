@@ -195,6 +195,10 @@ class QuotaAsk:
     # The time sliding windows count by; None: the shared store's own clock, so instances
     # with skewed clocks agree (tests pass theirs, to move time without sleeping).
     now: float | None = None
+    # Calls this instance admitted alone while the shared counter was unreachable, to add
+    # before admitting this one (issue 13 item 3), per window: for a sliding window how long
+    # ago each started (negative: not yet), for a day window one number, their count today.
+    spent: tuple[tuple[float, ...], ...] = ()
 
 
 class RateWindow:
@@ -214,14 +218,16 @@ class RateWindow:
         self._clock = clock
         self._starts: deque[float] = deque()  # the last `count` reserved start times, ordered
 
-    def slot(self, now: float) -> float:
-        """The earliest time at or after `now` a call could start."""
+    def slot(self, now: float, count: int | None = None) -> float:
+        """The earliest time at or after `now` a call could start, `count` (at least 1, at
+        most the window's; default the window's) calls a period allowed."""
         starts = self._starts
         while starts and starts[0] <= now - self.period:
             starts.popleft()
-        if len(starts) < self.count:
+        count = self.count if count is None else count
+        if len(starts) < count:
             return now
-        return max(now, starts[-self.count] + self.period)
+        return max(now, starts[-count] + self.period)
 
     def take(self, slot: float) -> None:
         """Count a call starting at `slot`."""
@@ -273,14 +279,21 @@ class LocalQuota:
             del self._days[old]
         return self._days.get(day, 0)
 
-    def reserve(self, max_wait: float) -> Answer:
-        """Reserve a slot in every window, or in none: the wait, or when to retry."""
+    def reserve(
+        self, max_wait: float, shares: tuple[int, ...] = (), not_before: float = -math.inf
+    ) -> Answer:
+        """Reserve a slot in every window, or in none: the wait, or when to retry. `shares`:
+        calls allowed per window (each at least 1) instead of its limit (see quotashare.py);
+        `not_before`: no slot earlier than that (the clock's time)."""
         now, wall = self._clock(), self._wall()
-        slot = max([now, *(log.slot(now) for log in self._logs.values())])
+        limits = shares or tuple(w.calls if w.sliding else int(w.count) for w in self.windows)
+        pairs = zip(self.windows, limits, strict=True)
+        slots = (self._logs[w].slot(now, k) for w, k in pairs if w.sliding)
+        slot = max([now, not_before, *slots])
         wait = slot - now
         day, until_reset = self.reset.day_start(wall), self.reset.next_reset(wall) - wall
-        for window in self.windows:
-            if not window.sliding and self._day_used(day) >= window.count:
+        for window, limit in zip(self.windows, limits, strict=True):
+            if not window.sliding and self._day_used(day) >= limit:
                 return Refused(until_reset, used=self.used())
         if wait > max_wait:
             return Refused(wait, used=self.used())

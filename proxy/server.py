@@ -322,6 +322,8 @@ class ProxyApp:
             if deps.backplane is not None:
                 await deps.store.banning.load()
                 deps.tasks.spawn(deps.backplane.run(), "backplane")
+            if deps.fleet is not None:
+                deps.tasks.spawn(deps.fleet.announce(deps.store.publish), "announce")
             every = deps.config.cache.redis.popularity_flush
             if deps.store.shared.reaches_others and every > 0:
                 deps.tasks.spawn(deps.store.popularity.run(every), "popularity")

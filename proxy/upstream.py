@@ -22,6 +22,7 @@ from proxy.config import Upstream
 from proxy.errors import UpstreamError
 from proxy.guard import UpstreamGuard
 from proxy.metrics import Metrics
+from proxy.quotashare import Standing
 from proxy.store.base import Shared
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # RFC 9110 9.2.2
@@ -85,15 +86,20 @@ class UpstreamPool:
         wall: Callable[[], float] = time.time,
         shared: Shared | None = None,
         shared_clock: Callable[[], float] | None = None,
+        live: Callable[[], int] = lambda: 1,
+        resume_grace: float = 0.0,
     ) -> None:
         """`clock` times sliding windows, pauses and breakers; `wall` day windows; `shared`
-        counts quotas for the fleet (by `shared_clock`, None: its own; see UpstreamGuard)."""
+        counts quotas for the fleet (by `shared_clock`, None: its own; see UpstreamGuard),
+        `live` says how many instances share them when it cannot be reached."""
         self.upstreams = dict(upstreams)
         self.metrics = metrics
         self._clock = clock
         self._wall = wall
         self._shared = shared
         self._shared_clock = shared_clock
+        self._live = live
+        self._resume_grace = resume_grace
         self.guards = {name: self._guard(u) for name, u in upstreams.items()}
         self._rng = rng or random.Random()
         self._sessions: dict[str, aiohttp.ClientSession] = {}
@@ -107,7 +113,7 @@ class UpstreamPool:
         )
         return UpstreamGuard(
             u.name, u.rate_limit, breaker, self._clock, u.quota_reset, self._wall, self._shared,
-            self._shared_clock,
+            self._shared_clock, self._live, self._resume_grace,
         )  # fmt: skip
 
     def quota_usage(self) -> Iterator[tuple[str, str, float, int]]:
@@ -115,6 +121,12 @@ class UpstreamPool:
         for name, guard in self.guards.items():
             for window, used in guard.usage():
                 yield name, window.label, window.count, used
+
+    def quota_standing(self) -> Iterator[tuple[str, Standing]]:
+        """(upstream, how its quota is counted) for every upstream with a shared quota."""
+        for name, guard in self.guards.items():
+            if (standing := guard.standing()) is not None:
+                yield name, standing
 
     def update(self, upstreams: Mapping[str, Upstream]) -> list[aiohttp.ClientSession]:
         """Switch to a reloaded set of upstreams. New or changed ones get new sessions; an

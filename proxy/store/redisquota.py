@@ -22,7 +22,8 @@ from redis.asyncio import Redis
 from proxy.quota import Admitted, Answer, QuotaAsk, Refused
 
 # KEYS[1]: the pause; KEYS[1 + i]: window i. ARGV: now ('' = Redis TIME), max_wait,
-# until_reset, token, then per window: kind ('s' sliding, 'd' day), calls, period.
+# until_reset, token, then per window: kind ('s' sliding, 'd' day), calls, period; then,
+# optionally, per window what was spent alone (QuotaAsk.spent: a count, then its numbers).
 # Returns {0, wait, used...} (admitted: a slot reserved in every window), {1, retry_after,
 # used...} (refused: nothing reserved), {2, retry_after} (paused by a 429). Times go out as
 # %.17g strings: Lua's own number formatting keeps 14 digits, 0.1 ms at today's epoch.
@@ -34,9 +35,33 @@ if not now then
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local max_wait, until_reset, token = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local n = #KEYS - 1
+-- What the caller spent alone while Redis was unreachable, added before anything else:
+-- per window a count m, then m numbers (sliding: seconds since each call started; day: m
+-- is 1 and the number is how many calls).
+local at = 5 + 3 * n
+if #ARGV >= at then
+  for i = 1, n do
+    local key, kind, period = KEYS[i + 1], ARGV[2 + 3 * i], tonumber(ARGV[4 + 3 * i])
+    local m = tonumber(ARGV[at])
+    for j = 1, m do
+      local v = tonumber(ARGV[at + j])
+      if kind == 's' then
+        redis.call('ZADD', key, f(now - v), f(now - v) .. ':' .. token .. ':' .. j)
+      elseif v > 0 then
+        redis.call('INCRBY', key, math.floor(v))
+        redis.call('PEXPIRE', key, math.ceil(until_reset * 1000) + 60000)
+      end
+    end
+    local keep = math.ceil((max_wait + period) * 1000) + 1000
+    if kind == 's' and m > 0 and redis.call('PTTL', key) < keep then
+      redis.call('PEXPIRE', key, keep)
+    end
+    at = at + m + 1
+  end
+end
 local paused = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 if paused > now then return {2, f(paused - now)} end
-local n = #KEYS - 1
 local slot, used, day_full, has_day = now, {}, false, false
 for i = 1, n do
   local key, kind = KEYS[i + 1], ARGV[2 + 3 * i]
@@ -121,6 +146,9 @@ class RedisQuota:
         ]  # fmt: skip
         for w in ask.windows:
             args += ["s" if w.sliding else "d", w.calls, repr(w.period if w.sliding else 0.0)]
+        if len(ask.spent) == len(ask.windows):
+            for spent in ask.spent:
+                args += [len(spent), *map(repr, spent)]
         reply = await self._reserve(keys=self.keys(upstream, ask), args=args)
         return _answer(reply, len(ask.windows))
 
