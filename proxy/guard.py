@@ -18,6 +18,7 @@ from proxy.quotashare import Alone, Standing
 from proxy.store.base import Shared
 
 DAILY_UTC = QuotaReset()
+_HAND_OVER_ONLY = -1.0  # a max_wait no slot meets: the shared store adds what was spent alone
 
 
 class UpstreamGuard:
@@ -78,38 +79,56 @@ class UpstreamGuard:
         )  # fmt: skip
 
     async def _reserve(self, max_wait: float) -> Answer:
-        if self.shared is not None:
-            wall, reset, mono = self._wall(), self.quota.reset, self._clock()
-            day_start = reset.day_start(wall)
-            checked = self.alone.in_grace(mono)
-            if checked and isinstance(
-                refused := self.alone.check(self.quota, max_wait, self._live()), Refused
-            ):
-                return refused
-            now = None if self._shared_clock is None else self._shared_clock()
-            ask = QuotaAsk(self.quota.windows, max_wait, day_start, reset.next_reset(wall) - wall,
-                           now, self.alone.spent(mono, day_start))  # fmt: skip
-            self.alone.asked(max_wait)
-            unreachable = False
-            try:
-                answer = await self.shared.reserve_quota(self.name, ask)
-            except StoreUnavailable:
-                # Counted here alone, in this instance's share, until the shared store
-                # answers again (which adds what was spent meanwhile: ask.spent).
-                self.fallbacks += 1
-                answer, unreachable = None, True
-            if answer is not None:
-                self.alone.answered(self._clock())
-                if isinstance(answer, Admitted) and not checked:
-                    self.quota.charge(answer.wait)  # what this process spent, for a fallback
-                self._shared_used = answer.used
-                return answer
-            if unreachable:  # not Solo's None, which means: count in process, all of it
-                self._shared_used = None
-                live, now_alone = self._live(), self._clock()  # the failure took its time
-                return self.alone.reserve(self.quota, max_wait, live, now_alone, day_start)
-        self._shared_used = None
-        return self.quota.reserve(max_wait)
+        if self.shared is None:
+            return self.quota.reserve(max_wait)
+        mono = self._clock()
+        gate: Admitted | None = None  # alone or just back: this instance's share first
+        if self.alone.gated(mono):
+            local = self.alone.gate(self.quota, max_wait, self._live())
+            if isinstance(local, Refused):
+                if self.alone.since is not None:  # still find out whether Redis is back
+                    await self._ask(mono, _HAND_OVER_ONLY)
+                return local
+            gate = local
+        answer = await self._ask(mono, max_wait)
+        if answer is None and self.alone.since is not None:  # unreachable
+            self._shared_used = None
+            if gate is not None:  # still alone: the share's slot is taken already
+                self.alone.record(mono + gate.wait, self.quota.reset.day_start(self._wall()))
+                return gate
+            day_start = self.quota.reset.day_start(self._wall())
+            live, now = self._live(), self._clock()  # the failure took its time
+            return self.alone.reserve(self.quota, max_wait, live, now, day_start)
+        if answer is None:  # Solo: counted in process, all of it
+            self._shared_used = None
+            return self.quota.reserve(max_wait)
+        if isinstance(answer, Admitted) and gate is None:
+            self.quota.charge(answer.wait)  # what this process spent, for a fallback
+        self._shared_used = answer.used
+        return answer
+
+    async def _ask(self, mono: float, max_wait: float) -> Answer | None:
+        """The shared store's answer, handing over what was spent alone; None from Solo, or
+        when it cannot be reached (then `alone.since` is set)."""
+        assert self.shared is not None
+        wall, reset = self._wall(), self.quota.reset
+        day_start = reset.day_start(wall)
+        now = None if self._shared_clock is None else self._shared_clock()
+        ask = QuotaAsk(self.quota.windows, max_wait, day_start, reset.next_reset(wall) - wall,
+                       now, self.alone.spent(mono, day_start))  # fmt: skip
+        self.alone.asked(max_wait)
+        try:
+            answer = await self.shared.reserve_quota(self.name, ask)
+        except StoreUnavailable:
+            # Counted here alone, in this instance's share, until the shared store answers
+            # again (which adds what was spent meanwhile: ask.spent).
+            self.fallbacks += 1
+            if self.alone.since is None:
+                self.alone.since = self._clock()
+            return None
+        if answer is not None:
+            self.alone.answered(self._clock())
+        return answer
 
     def standing(self) -> Standing | None:
         """Whether the quota is counted for the fleet or alone (None: no shared store is

@@ -101,13 +101,25 @@ class Alone:
             self._resumed = None
         return self._resumed is not None
 
+    def gated(self, now: float) -> bool:
+        """Alone, or just back: a call needs room in this instance's share first."""
+        return self.since is not None or self.in_grace(now)
+
     def reserve(
         self, quota: LocalQuota, max_wait: float, live: int, now: float, day_start: float
     ) -> Answer:
-        """Reserve a slot in this instance's share of every window (`quota` counts what this
-        instance spent, through Redis too), or in none."""
+        """Redis was just found unreachable: reserve a slot in this instance's share of every
+        window, or in none, and keep it to hand over."""
         if self.since is None:
             self.since = now
+        answer = self.gate(quota, max_wait, live)
+        if not isinstance(answer, Refused):
+            self.record(now + answer.wait, day_start)
+        return answer
+
+    def gate(self, quota: LocalQuota, max_wait: float, live: int) -> Answer:
+        """Reserve a slot in this instance's share of every window (`quota` counts what it
+        spent, through Redis too), or in none."""
         self.live = live
         shares = tuple(share(w, live) for w in self.windows)
         if 0 in shares:
@@ -116,20 +128,12 @@ class Alone:
         # Others may hold every slot until their last granted wait, then a period more (alone
         # in the fleet, this instance's own log holds all the fleet spent).
         not_before = -math.inf
-        if live > 1 and self.longest:
+        if self.since is not None and live > 1 and self.longest:
             not_before = self.since + self._max_wait + self.longest
         answer = quota.reserve(max_wait, shares, not_before)
         if isinstance(answer, Refused):
             return Refused(min(answer.retry_after, SHARE_RETRY), answer.paused, answer.used)
-        self.record(now + answer.wait, day_start)
         return answer
-
-    def check(self, quota: LocalQuota, max_wait: float, live: int) -> Answer:
-        """During the grace: whether this instance's share has room (reserving it)."""
-        shares = tuple(share(w, live) for w in self.windows)
-        if 0 in shares:
-            return Refused(SHARE_RETRY, used=quota.used())
-        return quota.reserve(max_wait, shares)
 
     def record(self, start: float, day_start: float) -> None:
         """A call admitted alone, starting at `start`."""

@@ -195,3 +195,35 @@ async def test_redis_down_falls_back_to_local_windows_without_stalling(
     finally:
         await store.close()
         await tasks.close()
+
+
+async def test_what_was_spent_alone_is_added_to_the_shared_count(
+    stores: list[RedisStore],
+) -> None:
+    windows = _windows("6/s", "100/day")
+    now, day = 1_700_000_000.0, 1_699_920_000.0
+    store = stores[0]
+    ask = QuotaAsk(windows, 5.0, day, 3600.0, now)
+    assert await store.reserve_quota("api", ask) == Admitted(0.0, (1, 1))
+    # Redis was gone; meanwhile this instance started 3 calls (0.9, 0.5 and 0.1 s ago in
+    # this second, 4 today): the next reservation adds them first, then counts itself.
+    spent = QuotaAsk(windows, 5.0, day, 3600.0, now + 2.0, ((0.9, 0.5, 0.1), (4.0,)))
+    assert await store.reserve_quota("api", spent) == Admitted(0.0, (4, 6))
+    # The fleet's count includes them: another instance finds 4 of this second's 6 taken.
+    after = QuotaAsk(windows, 0.0, day, 3600.0, now + 2.0)
+    assert await stores[1].reserve_quota("api", after) == Admitted(0.0, (5, 7))
+    assert await stores[2].reserve_quota("api", after) == Admitted(0.0, (6, 8))
+    refused = await stores[3].reserve_quota("api", after)
+    assert refused == Refused(pytest.approx(0.1), used=(6, 8))  # 1.1 s, the oldest's end
+
+
+async def test_a_reservation_refused_still_adds_what_was_spent_alone(
+    stores: list[RedisStore],
+) -> None:
+    windows = _windows("2/s", "10/day")
+    now, day = 1_700_000_000.0, 1_699_920_000.0
+    spent = QuotaAsk(windows, 0.0, day, 3600.0, now, ((0.3, 0.2), (9.0,)))
+    assert await stores[0].reserve_quota("api", spent) == Refused(pytest.approx(0.7), used=(2, 9))
+    last = QuotaAsk(windows, 0.0, day, 3600.0, now + 1.0)
+    assert await stores[1].reserve_quota("api", last) == Admitted(0.0, (1, 10))
+    assert isinstance(await stores[1].reserve_quota("api", last), Refused)  # the day is spent
