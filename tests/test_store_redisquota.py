@@ -227,3 +227,14 @@ async def test_a_reservation_refused_still_adds_what_was_spent_alone(
     last = QuotaAsk(windows, 0.0, day, 3600.0, now + 1.0)
     assert await stores[1].reserve_quota("api", last) == Admitted(0.0, (1, 10))
     assert isinstance(await stores[1].reserve_quota("api", last), Refused)  # the day is spent
+
+
+async def test_a_hand_over_only_adds_what_was_spent_and_reserves_nothing(
+    stores: list[RedisStore],
+) -> None:
+    windows = _windows("6/s", "100/day")
+    now, day = 1_700_000_000.0, 1_699_920_000.0
+    hand_over = QuotaAsk(windows, -1.0, day, 3600.0, now, ((0.5, 0.25), (2.0,)))
+    assert await stores[0].reserve_quota("api", hand_over) == Refused(0.0, used=(2, 2))
+    again = QuotaAsk(windows, 0.0, day, 3600.0, now)
+    assert await stores[1].reserve_quota("api", again) == Admitted(0.0, (3, 3))
