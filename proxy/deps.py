@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from proxy.clock import Clock, system_clock
 from proxy.coalesce import Coalescer
 from proxy.config import Config
 from proxy.metrics import Metrics
+from proxy.quotastate import QuotaStateFile, state_directory
 from proxy.store.base import Shared
 from proxy.store.guarded import Guarded, GuardedShared
 from proxy.store.layered import LayeredStore
@@ -42,6 +44,7 @@ class Deps:
     # Shutdown began: responses not yet started say Connection: close, so a client sends no
     # further request on a connection that closes once its response is out.
     closing: bool = False
+    quota_state: QuotaStateFile | None = None  # quota counts across restarts (memory backend)
 
 
 def build_deps(
@@ -97,6 +100,12 @@ def build_deps(
         shared_clock=quota_clock,
     )  # fmt: skip
     metrics.watch_quotas(upstreams.quota_usage)
+    quota_state = None
+    if cache.backend == "memory":  # a shared backend's counts live in Redis
+        quota_state = QuotaStateFile(
+            state_directory(config.server.state_dir, os.environ),
+            lambda: {name: guard.quota for name, guard in upstreams.guards.items()}, clock,
+        )  # fmt: skip
     return Deps(
         config=config,
         store=store,
@@ -106,6 +115,7 @@ def build_deps(
         instance=instance,
         clock=clock,
         backplane=backplane,
+        quota_state=quota_state,
     )
 
 
