@@ -5,7 +5,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip install '.[fast]' && useradd --system --uid 10001 --no-create-home cacheproxy
+RUN pip install '.[fast]' && useradd --system --uid 10001 --no-create-home cacheproxy \
+  && install -d -o cacheproxy -g cacheproxy -m 0700 /var/lib/cacheproxy
+# Quota counts across restarts (memory backend): server.state_dir's default,
+# $XDG_STATE_HOME/cacheproxy. Mount a volume here to keep them across containers.
+ENV XDG_STATE_HOME=/var/lib
 COPY config/proxy.yaml /etc/cacheproxy/proxy.yaml
 
 USER cacheproxy

@@ -16,6 +16,7 @@ from proxy.errors import ConfigError
 from proxy.market import Market
 from proxy.policy import TTLClass
 from proxy.quota import QuotaReset, Window, parse_windows
+from proxy.quotaheaders import QuotaHeaders
 from proxy.routes import Route, RouteTable, compile_template
 from proxy.serverconfig import ServerConfig
 from proxy.warm import WarmConfig
@@ -40,6 +41,7 @@ class Upstream:
     query: Mapping[str, str] = field(default_factory=dict)
     rate_limit: tuple[Window, ...] = ()  # e.g. (8/min, 800/day): every one must have room
     quota_reset: QuotaReset = field(default_factory=QuotaReset)  # when day windows start over
+    quota_headers: QuotaHeaders | None = None  # what the upstream says is left of a window
     rate_limit_wait: float = 2.0  # with nothing stale to serve, wait this long for a token
     retries: int = 2  # idempotent requests, on connection errors only
     breaker_failures: int = 5  # consecutive failures that stop calls for a while
@@ -120,6 +122,7 @@ def _upstream(name: str, node: Node) -> Upstream:
         )
     if url.query_string or url.fragment:
         raise url_node.error("must not carry a query or fragment (use 'query:' to add parameters)")
+    rate_limit = parse_windows(node.child("rate_limit"))
     return Upstream(
         name=name,
         url=url,
@@ -129,8 +132,9 @@ def _upstream(name: str, node: Node) -> Upstream:
         idle_timeout=node.child("idle_timeout").duration(4.0),
         headers=node.child("headers").string_map(),
         query=node.child("query").string_map(),
-        rate_limit=parse_windows(node.child("rate_limit")),
+        rate_limit=rate_limit,
         quota_reset=node.child("quota_reset").convert(QuotaReset.parse, QuotaReset()),
+        quota_headers=QuotaHeaders.parse(node.child("quota_headers"), rate_limit),
         rate_limit_wait=node.child("rate_limit_wait").duration(2.0),
         retries=node.child("retries").integer(2),
         breaker_failures=node.child("breaker_failures").integer(5, minimum=1),

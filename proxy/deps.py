@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from proxy.coalesce import Coalescer
 from proxy.config import Config
 from proxy.fleet import ANNOUNCE_EVERY, Fleet
 from proxy.metrics import Metrics
+from proxy.quotastate import QuotaStateFile, state_directory
 from proxy.store.base import Shared
 from proxy.store.guarded import Guarded, GuardedShared
 from proxy.store.layered import LayeredStore
@@ -45,6 +47,7 @@ class Deps:
     # Shutdown began: responses not yet started say Connection: close, so a client sends no
     # further request on a connection that closes once its response is out.
     closing: bool = False
+    quota_state: QuotaStateFile | None = None  # quota counts across restarts (memory backend)
 
 
 def build_deps(
@@ -109,6 +112,12 @@ def build_deps(
     )  # fmt: skip
     metrics.watch_quotas(upstreams.quota_usage)
     metrics.watch_fleet(upstreams.quota_standing, fleet.live if fleet else lambda: 1)
+    quota_state = None
+    if cache.backend == "memory":  # a shared backend's counts live in Redis
+        quota_state = QuotaStateFile(
+            state_directory(config.server.state_dir, os.environ),
+            lambda: {name: guard.quota for name, guard in upstreams.guards.items()}, clock,
+        )  # fmt: skip
     return Deps(
         config=config,
         store=store,
@@ -119,6 +128,7 @@ def build_deps(
         clock=clock,
         backplane=backplane,
         fleet=fleet,
+        quota_state=quota_state,
     )
 
 

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 
 from proxy.breaker import CircuitBreaker
 from proxy.errors import StoreUnavailable, UpstreamError
-from proxy.quota import Admitted, Answer, LocalQuota, QuotaAsk, QuotaReset, Refused, Window
+from proxy.quota import (
+    Admitted,
+    Answer,
+    LocalQuota,
+    QuotaAsk,
+    QuotaReport,
+    QuotaReset,
+    Refused,
+    Window,
+)
+from proxy.quotaheaders import QuotaHeaders
 from proxy.quotashare import Alone, Standing
 from proxy.store.base import Shared
 
@@ -44,8 +54,10 @@ class UpstreamGuard:
         shared_clock: Callable[[], float] | None = None,
         live: Callable[[], int] = lambda: 1,
         resume_grace: float = 0.0,
+        quota_headers: QuotaHeaders | None = None,
     ) -> None:
         self.name = name
+        self.quota_headers = quota_headers
         self.quota = LocalQuota(windows, reset, clock, wall)
         self.breaker = breaker
         self.paused_until = 0.0
@@ -169,9 +181,13 @@ class UpstreamGuard:
             retry_after=self.breaker.retry_in(),
         )  # fmt: skip
 
-    async def answered(self, status: int, retry_after: str | None) -> None:
+    async def answered(
+        self, status: int, retry_after: str | None, headers: Mapping[str, str] | None = None
+    ) -> None:
         """Learn from a response: a 429 with Retry-After pauses (every instance, when the
-        quota is shared), 5xx counts against the breaker."""
+        quota is shared), 5xx counts against the breaker, `quota_headers` raise a count."""
+        if headers is not None:
+            await self.learn(headers)
         if status == 429 and (pause := _retry_after(retry_after)) is not None:
             self.paused_until = max(self.paused_until, self._clock() + pause)
             if self.shared is not None and self.quota.windows:
@@ -182,6 +198,25 @@ class UpstreamGuard:
             self.breaker.failure(f"answered {status}")
         else:
             self.breaker.success()
+
+    async def learn(self, headers: Mapping[str, str]) -> None:
+        """When an answer's `quota_headers` say the upstream counted more calls in a window
+        than we did, so do we: here and, when the quota is shared, for every instance."""
+        wall = self._wall()
+        if self.quota_headers is None:
+            return
+        if (reported := self.quota_headers.read(headers, wall)) is None:
+            return
+        window = reported.window
+        self.quota.raise_used(window, reported.used, reported.resets_in)
+        if self.shared is not None:
+            expires = window.period if reported.resets_in is None else reported.resets_in
+            reset = self.quota.reset
+            now = None if self._shared_clock is None else self._shared_clock()
+            report = QuotaReport(window, reported.used, expires, reset.day_start(wall),
+                                 reset.next_reset(wall) - wall, now)  # fmt: skip
+            with contextlib.suppress(StoreUnavailable):  # counted here in any case
+                await self.shared.learn_quota(self.name, report)
 
     def failed(self, kind: str) -> None:
         """Learn from a call that got no answer (timeout, refused, broken)."""

@@ -95,6 +95,11 @@ class Window:
         return self.calls / self.per_second
 
 
+def parse_unit(text: str) -> str | None:
+    """A unit's canonical name (`s`, `min`, `h`, `day`) from any of its spellings."""
+    return _UNITS.get(text.strip().lower())
+
+
 def parse_windows(node: Node) -> tuple[Window, ...]:
     """`rate_limit`: one rate or a list of them (empty: unlimited), also written as one
     string (`8/min, 800/day`, the form an environment variable gives). Errors name the item."""
@@ -201,6 +206,20 @@ class QuotaAsk:
     spent: tuple[tuple[float, ...], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaReport:
+    """What an upstream said it counted in one window: at least `used` calls (fleet-wide
+    counts rise to it, never fall). Sliding: those calls leave the window `expires` seconds
+    from now. Day: they count in the day starting at `day_start`."""
+
+    window: Window
+    used: int
+    expires: float
+    day_start: float
+    until_reset: float
+    now: float | None = None  # as in QuotaAsk
+
+
 class RateWindow:
     """At most `window.calls` calls in any span of `window.period` (a sliding log).
 
@@ -234,6 +253,11 @@ class RateWindow:
         insort(self._starts, slot)  # a slot another window pushed back may not come last
         while len(self._starts) > self.count:
             self._starts.popleft()
+
+    def starts(self, now: float) -> list[float]:
+        """The start times counted in the span ending now, and those queued after it."""
+        self.slot(now)
+        return list(self._starts)
 
     def used(self, now: float) -> int:
         """Calls counted in the span ending now, and those queued after it."""
@@ -273,6 +297,7 @@ class LocalQuota:
         self._wall = wall
         self._logs = {w: RateWindow(w, clock) for w in windows if w.sliding}
         self._days: dict[float, int] = {}  # day start -> calls counted in that day
+        self.changes = 0  # bumped by every change to a count (what a state file saves)
 
     def _day_used(self, day: float) -> int:
         for old in [d for d in self._days if d < day]:
@@ -312,6 +337,51 @@ class LocalQuota:
         if not all(w.sliding for w in self.windows):
             day = self.reset.day_start(wall)
             self._days[day] = self._day_used(day) + 1
+        self.changes += 1
+
+    def raise_used(self, window: Window, used: int, expires: float | None = None) -> None:
+        """Count at least `used` calls in `window` now, never fewer than already counted
+        (learned from the upstream, or the unknown treated as spent). Sliding: the calls
+        added leave the window `expires` seconds from now (default, and at most: a period)."""
+        if window not in self.windows:
+            return
+        used = max(0, min(used, window.calls))
+        if not window.sliding:
+            day = self.reset.day_start(self._wall())
+            if used > self._day_used(day):
+                self._days[day] = used
+                self.changes += 1
+            return
+        log, now = self._logs[window], self._clock()
+        period = log.period
+        expires = period if expires is None else max(0.0, min(expires, period))
+        for _ in range(used - log.used(now)):
+            log.take(now + expires - period)
+            self.changes += 1
+
+    def spend(self) -> None:
+        """Treat every window as spent until its reset (what it counted is unknown)."""
+        for window in self.windows:
+            self.raise_used(window, window.calls)
+
+    def day(self) -> tuple[float, float, int]:
+        """The current day: its start, its end (the next reset), and the calls it counted."""
+        wall = self._wall()
+        start = self.reset.day_start(wall)
+        return start, self.reset.next_reset(wall), self._day_used(start)
+
+    def held(self, window: Window) -> list[float]:
+        """A sliding window's counted call times, as wall-clock times (what a restart can
+        carry over: the monotonic clock starts again)."""
+        now, shift = self._clock(), self._wall() - self._clock()
+        return [t + shift for t in self._logs[window].starts(now)]
+
+    def hold(self, window: Window, starts: list[float]) -> None:
+        """Count calls at these wall-clock times in a sliding window (a saved state)."""
+        log, shift = self._logs[window], self._wall() - self._clock()
+        for start in starts:
+            log.take(start - shift)
+        self.changes += 1
 
     def used(self) -> tuple[int, ...]:
         """Calls counted per window, in order."""

@@ -308,7 +308,8 @@ class ProxyApp:
     async def running(self) -> AsyncIterator[ProxyApp]:
         """The proxy's resources, open for the block: upstream sessions and the background
         tasks start on entering (before listening); on leaving (after the listener has
-        stopped), L2 writes in flight land, then tasks, sessions and stores close. A failure
+        stopped), L2 writes in flight land, then tasks stop, quota counts are saved (memory
+        backend), and sessions and stores close. A failure
         part-way through the start closes what was opened (aiohttp's cleanup_ctx pattern:
         there is no web.Application here to hold one)."""
         deps = self.deps
@@ -316,6 +317,10 @@ class ProxyApp:
             opened.push_async_callback(deps.store.close)
             opened.push_async_callback(deps.upstreams.close)  # also sessions opened part-way
             await deps.upstreams.start()
+            if (state := deps.quota_state) is not None:
+                await state.load()  # before the first call: a restart keeps the day's count
+                opened.push_async_callback(state.save)  # the last counts, once tasks stopped
+                deps.tasks.spawn(state.run(), "quota-state")
             opened.push_async_callback(deps.tasks.close)
             # Runs first: before tasks are cancelled, so no write is cut short.
             opened.push_async_callback(deps.store.flush)

@@ -30,6 +30,9 @@ class ServerConfig:
     # its previous response (else it is closed: idle keep-alive, slowloris), and a body the
     # proxy reads within this long of its head (else 408).
     client_timeout: float = 75.0
+    # Where the memory backend keeps quota counts across restarts ("": $XDG_STATE_HOME/
+    # cacheproxy, i.e. ~/.local/state/cacheproxy; the image sets /var/lib/cacheproxy).
+    state_dir: str = ""
 
     @staticmethod
     def parse(node: Node) -> ServerConfig:
@@ -53,6 +56,7 @@ class ServerConfig:
             access_log=node.child("access_log").flag(False),
             shutdown_grace=node.child("shutdown_grace").duration(10.0),
             client_timeout=node.child("client_timeout").duration(75.0),
+            state_dir=node.child("state_dir").text(""),
         )
         if server.client_timeout <= 0:
             raise node.child("client_timeout").error("must be more than 0")

@@ -70,7 +70,8 @@ async def read_limited(resp: aiohttp.ClientResponse, limit: int) -> tuple[list[b
 
 def _guard_settings(u: Upstream) -> tuple[object, ...]:
     return (
-        u.rate_limit, u.quota_reset, u.breaker_failures, u.breaker_backoff, u.breaker_max_backoff,
+        u.rate_limit, u.quota_reset, u.quota_headers, u.breaker_failures, u.breaker_backoff,
+        u.breaker_max_backoff,
     )  # fmt: skip
 
 
@@ -113,7 +114,7 @@ class UpstreamPool:
         )
         return UpstreamGuard(
             u.name, u.rate_limit, breaker, self._clock, u.quota_reset, self._wall, self._shared,
-            self._shared_clock, self._live, self._resume_grace,
+            self._shared_clock, self._live, self._resume_grace, u.quota_headers,
         )  # fmt: skip
 
     def quota_usage(self) -> Iterator[tuple[str, str, float, int]]:
@@ -246,7 +247,8 @@ class UpstreamPool:
             # Only now, body and all: a 200 whose body then broke must not count as a success,
             # or an upstream that always breaks mid-body never opens its breaker.
             if id(response) not in self._judged:
-                await guard.answered(response.status, response.headers.get("Retry-After"))
+                retry_after = response.headers.get("Retry-After")
+                await guard.answered(response.status, retry_after, response.headers)
         finally:
             self._judged.discard(id(response))
             response.release()

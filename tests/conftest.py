@@ -121,6 +121,16 @@ class CountingUpstream:
         return app
 
 
+@pytest.fixture(autouse=True)
+def state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own XDG_STATE_HOME: a memory-backend proxy keeps its quota counts there
+    (server.state_dir's default), never in the home directory nor across tests. Spawned
+    `serve` processes inherit it."""
+    home = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    return home
+
+
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()

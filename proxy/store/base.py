@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from proxy.entry import CachedResponse
-from proxy.quota import Answer, QuotaAsk
+from proxy.quota import Answer, QuotaAsk, QuotaReport
 
 Layer = Literal["l1", "l2"]  # a tier's name: in-process, or shared by every instance
 
@@ -134,4 +134,9 @@ class Shared(Protocol):
     async def pause_quota(self, upstream: str, seconds: float, now: float | None) -> None:
         """Pause calls to the upstream for every instance (a 429's Retry-After), unless a
         longer pause is on. `now`: as in QuotaAsk."""
+        ...
+
+    async def learn_quota(self, upstream: str, report: QuotaReport) -> None:
+        """Raise one window's count, for every instance, to at least what the upstream said
+        it counted (never lower it)."""
         ...

@@ -11,7 +11,7 @@ from typing import TypeVar
 from proxy.breaker import CircuitBreaker
 from proxy.entry import CachedResponse
 from proxy.errors import StoreUnavailable
-from proxy.quota import Answer, QuotaAsk
+from proxy.quota import Answer, QuotaAsk, QuotaReport
 from proxy.store.base import Layer, PagedStore, Shared, StoreStats
 
 T = TypeVar("T")
@@ -142,3 +142,7 @@ class GuardedShared:
     async def pause_quota(self, upstream: str, seconds: float, now: float | None) -> None:
         """Pause the upstream for every instance."""
         await _through(self.breaker, lambda: self._shared.pause_quota(upstream, seconds, now))
+
+    async def learn_quota(self, upstream: str, report: QuotaReport) -> None:
+        """Raise a window's fleet-wide count to what the upstream reported."""
+        await _through(self.breaker, lambda: self._shared.learn_quota(upstream, report))

@@ -21,7 +21,7 @@ from proxy.errors import CorruptEntry, StoreUnavailable
 from proxy.glob import Glob
 from proxy.keys import escape_glob
 from proxy.popularity import POPULAR_KEEP, countable
-from proxy.quota import Answer, QuotaAsk
+from proxy.quota import Answer, QuotaAsk, QuotaReport
 from proxy.store.base import StoreStats
 from proxy.store.redisquota import RedisQuota
 from proxy.tasks import Tasks
@@ -333,6 +333,10 @@ class RedisStore:
     async def pause_quota(self, upstream: str, seconds: float, now: float | None) -> None:
         """Pause the upstream for every instance (a 429's Retry-After)."""
         await self._call(self.quota.pause(upstream, seconds, now))
+
+    async def learn_quota(self, upstream: str, report: QuotaReport) -> None:
+        """Raise a window's fleet-wide count to what the upstream reported."""
+        await self._call(self.quota.learn(upstream, report))
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -19,7 +19,7 @@ from typing import Final
 
 from redis.asyncio import Redis
 
-from proxy.quota import Admitted, Answer, QuotaAsk, Refused
+from proxy.quota import Admitted, Answer, QuotaAsk, QuotaReport, Refused
 
 # KEYS[1]: the pause; KEYS[1 + i]: window i. ARGV: now ('' = Redis TIME), max_wait,
 # until_reset, token, then per window: kind ('s' sliding, 'd' day), calls, period; then,
@@ -116,6 +116,39 @@ end
 return 0
 """
 
+# KEYS[1]: one window. ARGV: now ('' = Redis TIME), kind ('s' or 'd'), calls, period, used,
+# expires, until_reset, token. Raises the window's count to at least `used` (what the
+# upstream says it counted), never lowers it; sliding: the calls added leave the window
+# `expires` seconds from now. Returns the count.
+LEARN: Final = """
+local function f(x) return string.format('%.17g', x) end
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local key, kind, calls, period = KEYS[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local used, expires = math.min(tonumber(ARGV[5]), calls), tonumber(ARGV[6])
+local until_reset, token = tonumber(ARGV[7]), ARGV[8]
+if kind == 'd' then
+  local held = tonumber(redis.call('GET', key) or '0') or 0
+  if held >= used then return held end
+  redis.call('SET', key, used, 'PX', math.ceil(until_reset * 1000) + 60000)
+  return used
+end
+redis.call('ZREMRANGEBYSCORE', key, '-inf', f(now - period))
+local held = redis.call('ZCARD', key)
+if held >= used then return held end
+local at = now + expires - period
+for i = held + 1, used do
+  redis.call('ZADD', key, f(at), f(at) .. ':' .. token .. ':' .. i)
+end
+redis.call('ZREMRANGEBYRANK', key, 0, -calls - 1)
+local ttl = math.ceil(period * 1000) + 1000
+if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+return redis.call('ZCARD', key)
+"""
+
 _MAX_SECONDS: Final = 2 * 86400.0  # no answer of the script means a longer wait than this
 
 
@@ -126,6 +159,7 @@ class RedisQuota:
         self.prefix = prefix + "quota:"
         self._reserve = client.register_script(RESERVE)
         self._pause = client.register_script(PAUSE)
+        self._learn = client.register_script(LEARN)
         self._tokens = itertools.count()
         self._instance = uuid.uuid4().hex[:12]  # tokens tell apart calls reserved at one time
 
@@ -156,6 +190,19 @@ class RedisQuota:
         """Pause the upstream for every instance, unless a longer pause is on."""
         key = f"{self.prefix}{upstream}:pause"
         await self._pause(keys=[key], args=["" if now is None else repr(now), repr(seconds)])
+
+    async def learn(self, upstream: str, report: QuotaReport) -> None:
+        """Raise one window's fleet-wide count to what the upstream said it counted."""
+        w = report.window
+        key = f"{self.prefix}{upstream}:{w.label}"
+        if not w.sliding:
+            key += f":{int(report.day_start)}"
+        args: list[str | float | int] = [
+            "" if report.now is None else repr(report.now), "s" if w.sliding else "d",
+            w.calls, repr(w.period if w.sliding else 0.0), report.used, repr(report.expires),
+            repr(report.until_reset), f"{self._instance}:{next(self._tokens)}",
+        ]  # fmt: skip
+        await self._learn(keys=[key], args=args)
 
 
 def _answer(reply: object, windows: int) -> Answer:

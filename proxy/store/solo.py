@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from proxy.quota import Answer, QuotaAsk
+from proxy.quota import Answer, QuotaAsk, QuotaReport
 
 
 class Solo:
@@ -51,3 +51,6 @@ class Solo:
 
     async def pause_quota(self, upstream: str, seconds: float, now: float | None) -> None:
         """Nobody else to pause: the guard pauses this instance."""
+
+    async def learn_quota(self, upstream: str, report: QuotaReport) -> None:
+        """Nobody else counts: the guard raises this instance's own count."""
