@@ -28,6 +28,7 @@ from typing import Final
 
 from proxy.clock import Clock, system_clock
 from proxy.quota import MAX_DAILY, LocalQuota
+from proxy.tasks import Tasks
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,8 @@ class QuotaStateFile:
         self._wall = wall
         self._saved: dict[str, int] | None = None  # each quota's `changes` when last saved
         self._lock = asyncio.Lock()
+        # Its own: the app's tasks are awaited to finish (Tasks.wait), and this one never does.
+        self._tasks = Tasks()
         self.failing = False  # the last write failed (logged once until one succeeds)
 
     async def load(self) -> None:
@@ -201,8 +204,17 @@ class QuotaStateFile:
             self._saved = changes
             return True
 
+    def start(self, every: float = 1.0) -> None:
+        """Save every `every` seconds when something changed, in a named background task."""
+        self._tasks.spawn(self.run(every), "quota-state")
+
+    async def close(self) -> None:
+        """Stop saving in the background, then save the last counts."""
+        await self._tasks.close()
+        await self.save()
+
     async def run(self, every: float = 1.0) -> None:
-        """Save every `every` seconds when something changed (a named background task)."""
+        """Save every `every` seconds when something changed."""
         while True:
             await asyncio.sleep(every)
             # Shielded: a write cut short by shutdown would land after the final one.

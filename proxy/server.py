@@ -319,8 +319,8 @@ class ProxyApp:
             await deps.upstreams.start()
             if (state := deps.quota_state) is not None:
                 await state.load()  # before the first call: a restart keeps the day's count
-                opened.push_async_callback(state.save)  # the last counts, once tasks stopped
-                deps.tasks.spawn(state.run(), "quota-state")
+                opened.push_async_callback(state.close)  # the last counts, once tasks stopped
+                state.start()
             opened.push_async_callback(deps.tasks.close)
             # Runs first: before tasks are cancelled, so no write is cut short.
             opened.push_async_callback(deps.store.flush)

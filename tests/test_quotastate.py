@@ -257,7 +257,7 @@ async def test_the_background_task_writes_at_most_once_per_period(tmp_path: Path
         return await save(force)
 
     state.save = counted  # type: ignore[method-assign]
-    task = asyncio.create_task(state.run(every=0.05))
+    state.start(every=0.05)
     try:
         for _ in range(10):  # ten calls in a burst: one write
             quotas["api"].charge(0)
@@ -268,7 +268,7 @@ async def test_the_background_task_writes_at_most_once_per_period(tmp_path: Path
             await asyncio.sleep(0.01)  # waiting for the task, not for time to pass
         assert writes == 1
     finally:
-        task.cancel()
+        await state.close()
 
 
 # --- real `serve` processes, restarted ----------------------------------------------------
