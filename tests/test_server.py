@@ -579,7 +579,7 @@ async def test_a_failure_part_way_through_the_start_closes_what_was_opened(
         raise RuntimeError(f"cannot start {name}")
 
     deps.tasks.spawn = refuse  # type: ignore[method-assign]
-    with pytest.raises(RuntimeError, match="cannot start quota-state"):  # the first task
+    with pytest.raises(RuntimeError, match="cannot start warm-start"):
         async with ProxyApp(deps).running():
             pytest.fail("the block ran although the start failed")
     assert calls == ["upstreams.close", "store.close"]
