@@ -27,13 +27,20 @@ from proxy.quota import Admitted, Answer, QuotaAsk, QuotaReport, Refused
 # Returns {0, wait, used...} (admitted: a slot reserved in every window), {1, retry_after,
 # used...} (refused: nothing reserved), {2, retry_after} (paused by a 429). Times go out as
 # %.17g strings: Lua's own number formatting keeps 14 digits, 0.1 ms at today's epoch.
-RESERVE: Final = """
+# Every script starts so: `f` writes a time with all its digits, `now` is ARGV[1] or Redis's
+# own clock (TIME).
+_NOW: Final = """
 local function f(x) return string.format('%.17g', x) end
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
+"""
+
+RESERVE: Final = (
+    _NOW
+    + """
 local max_wait, until_reset, token = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local n = #KEYS - 1
 -- What the caller spent alone while Redis was unreachable, added before anything else:
@@ -100,6 +107,7 @@ for i = 1, n do
 end
 return {0, f(wait), unpack(used)}
 """
+)
 
 # KEYS[1]: the pause. ARGV: now ('' = Redis TIME), seconds. The later end of a pause wins.
 PAUSE: Final = """
@@ -120,13 +128,9 @@ return 0
 # expires, until_reset, token. Raises the window's count to at least `used` (what the
 # upstream says it counted), never lowers it; sliding: the calls added leave the window
 # `expires` seconds from now. Returns the count.
-LEARN: Final = """
-local function f(x) return string.format('%.17g', x) end
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
+LEARN: Final = (
+    _NOW
+    + """
 local key, kind, calls, period = KEYS[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local used, expires = math.min(tonumber(ARGV[5]), calls), tonumber(ARGV[6])
 local until_reset, token = tonumber(ARGV[7]), ARGV[8]
@@ -148,6 +152,7 @@ local ttl = math.ceil(period * 1000) + 1000
 if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
 return redis.call('ZCARD', key)
 """
+)
 
 _MAX_SECONDS: Final = 2 * 86400.0  # no answer of the script means a longer wait than this
 
