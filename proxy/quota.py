@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from bisect import insort
+from bisect import bisect_right, insort
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -254,6 +254,15 @@ class RateWindow:
         while len(self._starts) > self.count:
             self._starts.popleft()
 
+    def take_many(self, slot: float, k: int) -> None:
+        """Count `k` calls starting at `slot`: one splice, not k insertions."""
+        if k <= 0:
+            return
+        starts = list(self._starts)
+        at = bisect_right(starts, slot)
+        starts[at:at] = [slot] * min(k, self.count)
+        self._starts = deque(starts[-self.count :])
+
     def starts(self, now: float) -> list[float]:
         """The start times counted in the span ending now, and those queued after it."""
         self.slot(now)
@@ -355,8 +364,8 @@ class LocalQuota:
         log, now = self._logs[window], self._clock()
         period = log.period
         expires = period if expires is None else max(0.0, min(expires, period))
-        for _ in range(used - log.used(now)):
-            log.take(now + expires - period)
+        if (more := used - log.used(now)) > 0:
+            log.take_many(now + expires - period, more)
             self.changes += 1
 
     def spend(self) -> None:
@@ -382,6 +391,18 @@ class LocalQuota:
         for start in starts:
             log.take(start - shift)
         self.changes += 1
+
+    def adopt(self, old: LocalQuota) -> None:
+        """Count what `old` counted (a reload replaced it): per window of the same length,
+        a day only when it resets at the same time. A reload may not respend a budget."""
+        was = {w.label: w for w in old.windows}
+        for window in self.windows:
+            if (before := was.get(window.label)) is None:
+                continue
+            if window.sliding:
+                self.hold(window, old.held(before))
+            elif old.reset == self.reset:
+                self.raise_used(window, old.day()[2])
 
     def used(self) -> tuple[int, ...]:
         """Calls counted per window, in order."""

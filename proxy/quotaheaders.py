@@ -77,6 +77,10 @@ class QuotaHeaders:
         resets_in = None
         if self.window.sliding and (reset := _count(headers.get(self.reset))) is not None:
             seconds = float(reset) if reset < _EPOCH else reset - now
+            if 0 <= seconds < 1:
+                # Gone within a second: nothing to hold back, and re-counting a whole window
+                # on every answer (`Reset: 0`) would be work for nothing.
+                return None
             if 0 <= seconds <= self.window.period:  # else: not this window's, ignored
                 resets_in = seconds
         return Reported(self.window, self.window.calls - remaining, resets_in)

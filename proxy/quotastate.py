@@ -97,9 +97,15 @@ def _no_constant(name: str) -> None:
 
 
 def _number(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{what}: expected a number, got {value!r:.40}")
-    return float(value)
+    try:
+        number = float(value)  # an int of 400 digits does not fit: OverflowError
+    except OverflowError:
+        raise ValueError(f"{what}: a number too large") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{what}: expected a number, got {value!r:.40}")
+    return number
 
 
 def _apply(entry: object, quota: LocalQuota, now: float) -> None:

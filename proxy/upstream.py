@@ -145,7 +145,11 @@ class UpstreamPool:
             if name not in self._sessions:
                 self._sessions[name] = self._open(new)
             if old_upstream is None or _guard_settings(old_upstream) != _guard_settings(new):
-                self.guards[name] = self._guard(new)
+                guard = self._guard(new)
+                if (previous := self.guards.get(name)) is not None:
+                    guard.quota.adopt(previous.quota)  # what was spent stays spent
+                    guard.paused_until = previous.paused_until
+                self.guards[name] = guard
         for name in set(self.guards) - set(upstreams):
             del self.guards[name]
         self.upstreams = dict(upstreams)

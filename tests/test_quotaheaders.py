@@ -75,6 +75,10 @@ def test_parse_needs_a_mapping_node() -> None:
         ("4", str(int(NOW) + 3600), Reported(MINUTE, 1)),  # not this window's reset: ignored
         ("4", str(int(NOW) - 5), Reported(MINUTE, 1)),  # in the past: ignored
         ("4", "soon", Reported(MINUTE, 1)),
+        # Gone within a second (`Reset: 0`): re-counting a whole window per answer cost
+        # 100 ms of loop each at 100000/min; nothing to hold back, so nothing learned.
+        ("0", "0", None),
+        ("0", str(int(NOW)), None),
         ("5", None, None),  # as many as the window allows: nothing to learn
         ("900", None, None),  # more than we allow: never lets us spend more
         ("", None, None),

@@ -153,6 +153,9 @@ BAD_ENTRIES: list[tuple[str, object]] = [
     ("too many times", {"sliding": {"1min": [NOON] * 1001}}),
     ("a time in the future", {"sliding": {"1min": [NOON + 3600]}}),
     ("infinite time", {"sliding": {"1min": [1e999]}}),
+    # An int too large for a float raised OverflowError, which stopped the start.
+    ("a 400-digit start", {"day": [10**400, NOON, 3]}),
+    ("a 400-digit time", {"sliding": {"1min": [10**400]}}),
 ]
 
 

@@ -158,3 +158,26 @@ async def test_requests_resolved_before_a_reload_finish_on_a_removed_upstream(
     upstream.gate.set()
     assert (await leader).status == 200
     assert (await waiter).status == 200  # fetched itself on the removed upstream's session
+
+
+async def test_a_reload_that_replaces_an_upstreams_guard_keeps_what_it_spent(
+    make_proxy: ProxyFactory, upstream: CountingUpstream, tmp_path: Path
+) -> None:
+    # The guard was rebuilt with a fresh count whenever a quota or breaker setting changed:
+    # a reload of `breaker_failures` gave a 3/day upstream three more calls that day.
+    path = tmp_path / "proxy.yaml"
+    data = base_config(upstream.url)
+    data["upstreams"]["api"].update(rate_limit="3/day", rate_limit_wait="0s")
+    write(path, data)
+    proxy = await make_proxy(**data)
+    proxy.deps.config_path = path
+    for n in range(3):
+        assert (await proxy.client.get(f"/v8/finance/chart/S{n}")).status == 200
+    before = proxy.deps.upstreams.guard("api")
+    data["upstreams"]["api"].update(breaker_failures=7, rate_limit="3/day, 10/min")
+    write(path, data)
+    assert (await proxy.admin.post("/reload")).status == 200
+    assert proxy.deps.upstreams.guard("api") is not before  # the guard was replaced ...
+    refused = await proxy.client.get("/v8/finance/chart/S9")
+    assert refused.status == 503  # ... and the day's 3 calls stay spent
+    assert upstream.calls["/v8/finance/chart/S9"] == 0

@@ -21,6 +21,7 @@ from proxy.guard import UpstreamGuard
 from proxy.quota import Admitted, QuotaAsk, QuotaReset, Refused, Window
 from proxy.store.guarded import GuardedShared
 from proxy.store.redis import RedisStore
+from proxy.store.redisquota import _answer
 from proxy.tasks import Tasks
 
 
@@ -238,3 +239,13 @@ async def test_a_hand_over_only_adds_what_was_spent_and_reserves_nothing(
     assert await stores[0].reserve_quota("api", hand_over) == Refused(0.0, used=(2, 2))
     again = QuotaAsk(windows, 0.0, day, 3600.0, now)
     assert await stores[1].reserve_quota("api", again) == Admitted(0.0, (3, 3))
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [[[b"0"], b"1"], [b"0", b"1", None], [b"0", [b"1"]], [b"x", b"1"], None, [b"0"]],
+)
+def test_a_reply_that_is_not_the_scripts_is_a_value_error(reply: object) -> None:
+    # A nested list or a nil raised TypeError, which only ValueError is caught for: a 500.
+    with pytest.raises(ValueError, match="unexpected quota reply"):
+        _answer(reply, 1)

@@ -144,8 +144,14 @@ redis.call('ZREMRANGEBYSCORE', key, '-inf', f(now - period))
 local held = redis.call('ZCARD', key)
 if held >= used then return held end
 local at = now + expires - period
-for i = held + 1, used do
-  redis.call('ZADD', key, f(at), f(at) .. ':' .. token .. ':' .. i)
+local batch = {}
+for i = held + 1, used do  -- one ZADD per thousand calls, not one per call
+  batch[#batch + 1] = f(at)
+  batch[#batch + 1] = f(at) .. ':' .. token .. ':' .. i
+  if #batch >= 2000 or i == used then
+    redis.call('ZADD', key, unpack(batch))
+    batch = {}
+  end
 end
 redis.call('ZREMRANGEBYRANK', key, 0, -calls - 1)
 local ttl = math.ceil(period * 1000) + 1000
@@ -214,10 +220,13 @@ def _answer(reply: object, windows: int) -> Answer:
     """The script's reply as a value; anything else Redis might hold or say is refused."""
     if not isinstance(reply, list) or len(reply) < 2:
         raise ValueError(f"unexpected quota reply {reply!r}")
-    code, seconds = int(reply[0]), float(reply[1])
+    try:
+        code, seconds = int(reply[0]), float(reply[1])
+        used = tuple(int(n) for n in reply[2 : 2 + windows])
+    except (TypeError, ValueError) as e:  # a nested list, a nil: not the script's
+        raise ValueError(f"unexpected quota reply {reply!r:.80}") from e
     if not 0.0 <= seconds <= _MAX_SECONDS:  # NaN too
         seconds = _MAX_SECONDS if not math.isnan(seconds) else 0.0
-    used = tuple(int(n) for n in reply[2 : 2 + windows])
     if code == 0:
         return Admitted(seconds, used)
     return Refused(seconds, paused=code == 2, used=used)
